@@ -1,0 +1,74 @@
+"""Model loading: pretrained weights by hub id or folder, and the two offline profiles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from spacy.language import Language
+
+from backend.models import random_full
+from backend.models.loading import (
+    CaptionerParts,
+    ClipParts,
+    ModelUnavailableError,
+    StableDiffusionParts,
+    load_captioner,
+    load_clip,
+    load_spacy,
+    load_stable_diffusion,
+)
+from backend.models.tiny import tiny_model_folder
+from backend.settings import Settings
+
+__all__ = ["ModelParts", "ModelUnavailableError", "load_model_parts", "resolve_device"]
+
+
+@dataclass
+class ModelParts:
+    """Every model the pipeline uses, loaded once per process, on one device."""
+
+    stable_diffusion: StableDiffusionParts
+    clip: ClipParts
+    captioner: CaptionerParts
+    nlp: Language
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(choice: str) -> tuple[torch.device, torch.dtype]:
+    """CUDA in fp16 when asked for or present (``auto``), else the CPU in float32."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("FREESEG_DEVICE=cuda but PyTorch sees no CUDA device")
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def load_model_parts(settings: Settings) -> ModelParts:
+    """Load (or, for the offline profiles, build) the models that ``settings`` names."""
+    device, dtype = resolve_device(settings.device)
+    nlp = load_spacy(settings.spacy_model)
+    if settings.models == "random-full":
+        tokenizer_folder = settings.model_dir / "random-full-clip-tokenizer"
+        return ModelParts(
+            stable_diffusion=random_full.build_stable_diffusion(tokenizer_folder, device, dtype),
+            clip=random_full.build_clip(device, dtype),
+            captioner=random_full.build_captioner(settings.captioner, device, dtype),
+            nlp=nlp, device=device, dtype=dtype,
+        )
+    if settings.models == "tiny":
+        folder = tiny_model_folder(settings.model_dir)
+        sd_source, clip_name, clip_weights = str(folder / "stable-diffusion"), str(folder / "clip"), ""
+        captioner_source = str(folder / settings.captioner)
+    else:
+        sd_source, clip_name, clip_weights = settings.sd_model, settings.clip_model, settings.clip_pretrained
+        captioner_source = settings.captioner_source
+    allow = settings.allow_downloads
+    return ModelParts(
+        stable_diffusion=load_stable_diffusion(sd_source, allow_downloads=allow, device=device, dtype=dtype),
+        clip=load_clip(clip_name, clip_weights, allow_downloads=allow, device=device, dtype=dtype),
+        captioner=load_captioner(settings.captioner, captioner_source, allow_downloads=allow, device=device, dtype=dtype),
+        nlp=nlp, device=device, dtype=dtype,
+    )

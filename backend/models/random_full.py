@@ -1,0 +1,107 @@
+"""The ``random-full`` profile: the real architectures at full size, with random weights.
+
+Speed does not depend on the weights' values, so this profile measures the real cost of
+every stage on a machine that cannot download the pretrained weights. It is built in
+memory on the target device (saving 15 GB of random numbers would teach nothing).
+Its masks are noise and every result made with it says so.
+"""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessor,
+    BlipProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+)
+
+from backend.models.loading import CaptionerParts, ClipParts, StableDiffusionParts
+from backend.models.tokenizers import build_caption_tokenizer, write_clip_tokenizer
+from backend.models.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+SEED = 20240102
+
+
+def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_stable_diffusion(tokenizer_folder, device: torch.device, dtype: torch.dtype) -> StableDiffusionParts:
+    """SD1.5's U-Net (859.5 M parameters), VAE and text encoder, randomly initialised."""
+    torch.manual_seed(SEED)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            )
+        )
+    write_clip_tokenizer(tokenizer_folder)
+    return StableDiffusionParts(
+        vae=_prepare(vae, device, dtype),
+        unet=_prepare(unet, device, dtype),
+        text_encoder=_prepare(text_encoder, device, dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_folder),
+    )
+
+
+def build_clip(device: torch.device, dtype: torch.dtype) -> ClipParts:
+    """open_clip's ViT-B-32 architecture with no pretrained weights."""
+    torch.manual_seed(SEED)
+    model = open_clip.create_model("ViT-B-32", pretrained=None, device=device, force_quick_gelu=True)
+    return ClipParts(
+        model=_prepare(model, device, dtype),
+        tokenizer=open_clip.get_tokenizer("ViT-B-32"),
+        mean=OPENAI_CLIP_MEAN,
+        std=OPENAI_CLIP_STD,
+    )
+
+
+def build_captioner(kind: str, device: torch.device, dtype: torch.dtype) -> CaptionerParts:
+    """BLIP base (224 M) or BLIP-2 OPT-2.7b (3.74 B), randomly initialised."""
+    torch.manual_seed(SEED)
+    if kind == "blip":
+        tokenizer = build_caption_tokenizer(vocab_size=30524)
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "sep_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id}
+        with torch.device(device):
+            model = BlipForConditionalGeneration(BlipConfig(text_config={"vocab_size": 30524, **ids}))
+        model.generation_config.update(**ids, decoder_start_token_id=tokenizer.bos_token_id)
+        image_size = 384
+    else:
+        tokenizer = build_caption_tokenizer(vocab_size=50272)
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+        opt_2_7b = {
+            "model_type": "opt", "vocab_size": 50272, "hidden_size": 2560, "word_embed_proj_dim": 2560,
+            "ffn_dim": 10240, "num_hidden_layers": 32, "num_attention_heads": 32, **ids,
+        }
+        config = Blip2Config(text_config=opt_2_7b, num_query_tokens=32,
+                             image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
+        with torch.device(device):
+            model = Blip2ForConditionalGeneration(config)
+        model.generation_config.update(**ids)
+        image_size = 224
+    processor = BlipProcessor(
+        BlipImageProcessor(size={"height": image_size, "width": image_size},
+                           image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD),
+        tokenizer,
+    )
+    return CaptionerParts(kind=kind, model=_prepare(model, device, dtype), processor=processor)

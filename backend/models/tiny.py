@@ -1,0 +1,210 @@
+"""The ``tiny`` profile: small, seeded, randomly initialised models of the real classes.
+
+They exist so that tests and smoke runs exercise the whole product (loading code
+included) on a machine with no model hub. Each model is built once from a fixed seed,
+written with ``save_pretrained`` in the layout of its pretrained counterpart, and then
+loaded back by :mod:`backend.models.loading` exactly like downloaded weights. Their
+output is meaningless as a segmentation; every result made with them says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import open_clip
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessor,
+    BlipProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+)
+
+from backend.models.tokenizers import build_caption_tokenizer, write_clip_tokenizer
+
+TINY_FORMAT = "tiny-v1"  # bump when the architectures below change
+SEED = 20240101
+CLIP_TOKEN_IDS = {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def tiny_model_folder(model_dir: Path) -> Path:
+    """Where the tiny models live; built on first use."""
+    folder = model_dir / TINY_FORMAT
+    if not (folder / "complete").exists():
+        _build_atomically(folder)
+    return folder
+
+
+def _build_atomically(folder: Path) -> None:
+    """Build in a temporary folder and rename, so concurrent processes never see half a model."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    try:
+        build_tiny_models(staging)
+        (staging / "complete").write_text("ok\n")
+        os.rename(staging, folder)
+    except OSError:
+        if not (folder / "complete").exists():  # not another process's finished copy
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_tiny_models(folder: Path) -> None:
+    """Write every tiny model under ``folder``: stable-diffusion/, clip/, blip/, blip2/."""
+    torch.manual_seed(SEED)
+    _save_stable_diffusion(folder / "stable-diffusion")
+    _save_clip(folder / "clip")
+    _save_blip(folder / "blip")
+    _save_blip2(folder / "blip2")
+
+
+def _save_stable_diffusion(folder: Path) -> None:
+    """SD1.x's layout at a tiny width: four levels, attention at the first three."""
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            **CLIP_TOKEN_IDS,
+        )
+    )
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    write_clip_tokenizer(folder / "tokenizer")
+
+
+def _save_clip(folder: Path) -> None:
+    """An open_clip ViT in the ``local-dir:`` layout (config JSON plus safetensors)."""
+    model_cfg = {
+        "embed_dim": 64,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    model = open_clip.CLIP(**{k: v for k, v in model_cfg.items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD},
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
+
+
+def _tiny_vision_config() -> dict:
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 64,
+        "patch_size": 16,
+    }
+
+
+def _caption_image_processor() -> BlipImageProcessor:
+    return BlipImageProcessor(
+        size={"height": 64, "width": 64}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
+    )
+
+
+def _save_blip(folder: Path) -> None:
+    """BLIP's captioning class, with the special token ids set inside the small vocabulary."""
+    tokenizer = build_caption_tokenizer()
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "encoder_hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        **ids,
+    }
+    config = BlipConfig(text_config=text_config, vision_config=_tiny_vision_config(), projection_dim=32)
+    model = BlipForConditionalGeneration(config)
+    model.generation_config.update(**ids, decoder_start_token_id=tokenizer.bos_token_id)
+    model.save_pretrained(folder)
+    BlipProcessor(_caption_image_processor(), tokenizer).save_pretrained(folder)
+
+
+def _save_blip2(folder: Path) -> None:
+    """BLIP-2 with a tiny OPT language model and Q-Former."""
+    tokenizer = build_caption_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[IMG]"]})
+    image_token_id = tokenizer.convert_tokens_to_ids("[IMG]")
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = Blip2Config(
+        vision_config=_tiny_vision_config(),
+        qformer_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "encoder_hidden_size": 32,
+            "vocab_size": len(tokenizer),
+        },
+        text_config={
+            "model_type": "opt",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "word_embed_proj_dim": 32,
+            "ffn_dim": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            **ids,
+        },
+        num_query_tokens=4,
+        image_token_index=image_token_id,
+    )
+    model = Blip2ForConditionalGeneration(config)
+    model.generation_config.update(**ids)
+    model.save_pretrained(folder)
+    processor = Blip2Processor(_caption_image_processor(), tokenizer, num_query_tokens=4)
+    processor.save_pretrained(folder)

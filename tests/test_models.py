@@ -1,0 +1,72 @@
+"""Model loading: real loading code, failing fast and clearly when weights are absent."""
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backend.models import load_model_parts
+from backend.models.loading import ModelUnavailableError, load_captioner, load_clip, load_spacy, load_stable_diffusion
+from backend.models.random_full import build_captioner, build_clip, build_stable_diffusion
+from backend.models.tiny import build_tiny_models, tiny_model_folder
+from backend.pipeline.segmenter import model_version
+from backend.settings import Settings
+
+CPU = {"allow_downloads": False, "device": torch.device("cpu"), "dtype": torch.float32}
+
+
+@pytest.mark.parametrize(
+    "load, setting",
+    [
+        (lambda: load_stable_diffusion("nobody/no-such-model", **CPU), "FREESEG_SD_MODEL"),
+        (lambda: load_captioner("blip", "nobody/no-such-captioner", **CPU), "FREESEG_CAPTIONER_MODEL"),
+        (lambda: load_clip("ViT-B-32", "openai", **CPU), "FREESEG_CLIP_PRETRAINED"),
+        (lambda: load_clip("ViT-B-32", "no-such-tag", **CPU), "FREESEG_CLIP_PRETRAINED"),
+        (lambda: load_spacy("xx_no_such_model"), "FREESEG_SPACY_MODEL"),
+    ],
+    ids=["stable-diffusion", "captioner", "clip-weights", "clip-tag", "spacy"],
+)
+def test_missing_weights_fail_at_once_naming_the_setting(load, setting):
+    start = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match=setting):
+        load()
+    assert time.perf_counter() - start < 10
+
+
+def test_pretrained_profile_without_weights_names_what_to_fetch(tmp_path):
+    settings = Settings(models="pretrained", device="cpu", model_dir=tmp_path, sd_model=str(tmp_path / "absent"))
+    with pytest.raises(ModelUnavailableError, match="hf download"):
+        load_model_parts(settings)
+
+
+def test_tiny_models_are_seeded_and_loaded_from_folders(tmp_path, tiny_settings):
+    build_tiny_models(tmp_path)
+    rebuilt = load_file(tmp_path / "clip" / "open_clip_model.safetensors")
+    original = load_file(tiny_model_folder(tiny_settings.model_dir) / "clip" / "open_clip_model.safetensors")
+    assert rebuilt.keys() == original.keys()
+    assert all(torch.equal(rebuilt[k], original[k]) for k in rebuilt)
+    parts = load_stable_diffusion(str(tmp_path / "stable-diffusion"), **CPU)  # the pretrained loading code
+    assert parts.unet.config.block_out_channels == [32, 32, 64, 64]
+    assert load_captioner("blip2", str(tmp_path / "blip2"), **CPU).model.config.num_query_tokens == 4
+
+
+def test_random_full_has_the_real_sizes(tmp_path):
+    meta = torch.device("meta")  # the architecture without allocating its weights
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    sd = build_stable_diffusion(tmp_path / "tokenizer", meta, torch.float16)
+    assert round(count(sd.unet) / 1e6, 1) == 859.5
+    assert round(count(build_captioner("blip2", meta, torch.float16).model) / 1e9, 2) == 3.74
+    assert round(count(build_captioner("blip", meta, torch.float16).model) / 1e6) == 224
+    assert 150e6 < count(build_clip(meta, torch.float16).model) < 152e6  # ViT-B/32
+
+
+def test_model_version_says_when_weights_are_random(tmp_path):
+    assert model_version(Settings(models="tiny", device="cpu", model_dir=tmp_path)).endswith("tiny-random-weights")
+    assert "random" not in model_version(Settings(models="pretrained", device="cpu", model_dir=tmp_path))
+    assert model_version(Settings(models="tiny", device="cpu", k=7, model_dir=tmp_path)) == model_version(
+        Settings(models="tiny", device="cpu", model_dir=tmp_path)
+    )
+    assert model_version(Settings(models="tiny", device="cpu", feature_grid=16, model_dir=tmp_path)) != model_version(
+        Settings(models="tiny", device="cpu", model_dir=tmp_path)
+    )
