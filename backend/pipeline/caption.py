@@ -1,0 +1,56 @@
+"""Stage 1: a caption that names what is in the image.
+
+BLIP-2 (``Salesforce/blip2-opt-2.7b``) is the paper's captioner and the default; BLIP base
+(``Salesforce/blip-image-captioning-base``) is the lighter option of the released code,
+prompted with "a picture of " (stripped from the output). Both use beam search with
+3 beams as the released code did, on a batch of images at once. The model is loaded once
+per process (the released code reloaded it for every image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from backend.models.loading import CaptionerParts
+
+BLIP_PROMPT = "a picture of"
+NUM_BEAMS = 3
+MAX_NEW_TOKENS = 30
+BLIP_MIN_LENGTH = 10  # counts the prompt, as in the released code
+
+
+class Captioner:
+    """Images in, one caption string per image out."""
+
+    def __init__(self, parts: CaptionerParts, device: torch.device, dtype: torch.dtype):
+        self.kind = parts.kind
+        self.model = parts.model
+        self.tokenizer = parts.processor.tokenizer
+        self.image_processor = parts.processor.image_processor
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray]) -> list[str]:
+        pixels = self.image_processor([Image.fromarray(image) for image in images], return_tensors="pt").pixel_values
+        pixels = pixels.to(self.device, self.dtype)
+        if self.kind == "blip":
+            prompt = self._blip_prompt(len(images))
+            output = self.model.generate(
+                pixel_values=pixels, input_ids=prompt, num_beams=NUM_BEAMS,
+                min_length=BLIP_MIN_LENGTH, max_length=prompt.shape[1] + MAX_NEW_TOKENS,
+            )
+            output = output[:, prompt.shape[1] - 1 :]  # generate() drops the prompt's final [SEP]
+        else:
+            output = self.model.generate(pixel_values=pixels, num_beams=NUM_BEAMS, max_new_tokens=MAX_NEW_TOKENS)
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    def _blip_prompt(self, batch: int) -> torch.Tensor:
+        """[BOS] prompt [SEP], the shape BLIP's generate() expects from its BERT tokenizer."""
+        config = self.model.config.text_config
+        words = self.tokenizer(BLIP_PROMPT, add_special_tokens=False).input_ids
+        row = [config.bos_token_id, *words, config.sep_token_id]
+        return torch.tensor([row] * batch, device=self.device)

