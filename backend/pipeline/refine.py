@@ -1,0 +1,171 @@
+"""Stage 6: sharpen the labelled cluster masks on the full-resolution image.
+
+The cluster masks come from a 32x32 feature grid upsampled with nearest-neighbour
+interpolation, so their edges are blocky and ignore the picture. Refinement pulls
+each edge onto the image's colour boundaries.
+
+- ``"crf"``: a binary fully connected CRF per mask (Kraehenbuehl and Koltun). It is
+  the paper's default, and its parameters are those of the authors' released code.
+  It runs on the CPU, one mask at a time.
+- ``"pamr"``: Pixel-Adaptive Mask Refinement (Araslanov and Roth, 2020), the paper's
+  alternative (52.82 mIoU on VOC against 53.27 for the CRF): a few dilated local
+  operations that refine all masks at once and run on the GPU when there is one.
+- ``"none"``: the masks as they are.
+
+Whatever the method, overlaps are resolved afterwards so that the first mask (the
+highest priority) wins: each pixel belongs to at most one mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import torch
+import torch.nn.functional as F
+from pydensecrf.utils import unary_from_labels
+
+from backend.settings import RefineMethod
+
+__all__ = ["RefineMethod", "refine_masks"]
+
+# CRF parameters, from the authors' released code.
+CRF_GT_PROB = 0.9  # confidence of the hard mask in the unary term
+CRF_GAUSSIAN_SXY = 20  # smoothness kernel, spatial standard deviation (pixels)
+CRF_GAUSSIAN_COMPAT = 5  # smoothness kernel, Potts weight
+CRF_BILATERAL_SXY = 20  # appearance kernel, spatial standard deviation (pixels)
+CRF_BILATERAL_SRGB = 20  # appearance kernel, colour standard deviation (0-255 units)
+CRF_BILATERAL_COMPAT = 100  # appearance kernel, Potts weight
+CRF_ITERATIONS = 10  # mean-field iterations
+
+# PAMR parameters: iterations and dilations from the paper (FreeSeg-Diff, after
+# Araslanov and Roth); the temperature and threshold are those of the original PAMR.
+PAMR_ITERATIONS = 10
+PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
+PAMR_TEMPERATURE = 0.1  # colour differences are divided by this times the local std
+PAMR_THRESHOLD = 0.5  # a refined soft mask keeps the pixels above this value
+_STD_EPS = 1e-8  # keeps 0 / 0 at 0 where a window is flat
+
+# Affinities and mask values below this are set to zero. They cannot move a pixel
+# across the threshold, and on the CPU their products underflow to subnormal floats,
+# whose arithmetic made the iterations hundreds of times slower.
+_NEGLIGIBLE = 1e-8
+
+# The 8 neighbours of a 3x3 window, as (row, column) steps of one dilation.
+_OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
+
+
+def refine_masks(
+    image: np.ndarray,
+    masks: np.ndarray,
+    method: RefineMethod,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Refine ``masks`` (R, H, W) on ``image`` (H, W, 3 uint8 RGB); first mask wins.
+
+    Returns an (R, H, W) bool array whose masks are pairwise disjoint. ``device`` is
+    used by ``"pamr"`` only; the CRF always runs on the CPU.
+    """
+    _check_inputs(image, masks)
+    masks = np.ascontiguousarray(masks, dtype=bool)
+    if masks.shape[0] == 0 or method == "none":
+        refined = masks
+    elif method == "crf":
+        refined = np.stack([_crf_refine(image, mask) for mask in masks])
+    elif method == "pamr":
+        refined = _pamr_refine(image, masks, torch.device(device))
+    else:
+        raise ValueError(f"unknown refinement method {method!r}")
+    return _resolve_overlaps(refined)
+
+
+def _resolve_overlaps(masks: np.ndarray) -> np.ndarray:
+    """Make (R, H, W) bool masks disjoint: a pixel stays only in the first mask holding it."""
+    taken = np.cumsum(masks, axis=0, dtype=np.int32) > 0
+    earlier = np.zeros_like(taken)
+    earlier[1:] = taken[:-1]
+    return masks & ~earlier
+
+
+def _check_inputs(image: np.ndarray, masks: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8, got {image.shape} {image.dtype}")
+    if masks.ndim != 3 or masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f"masks must be (R, {image.shape[0]}, {image.shape[1]}), got {masks.shape}")
+
+
+def _crf_refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """One binary dense CRF (labels: 0 outside, 1 inside) started from a hard mask."""
+    height, width = mask.shape
+    crf = dcrf.DenseCRF2D(width, height, 2)
+    unary = unary_from_labels(mask.astype(np.int32), 2, gt_prob=CRF_GT_PROB, zero_unsure=False)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary))
+    crf.addPairwiseGaussian(sxy=CRF_GAUSSIAN_SXY, compat=CRF_GAUSSIAN_COMPAT)
+    crf.addPairwiseBilateral(
+        sxy=CRF_BILATERAL_SXY,
+        srgb=CRF_BILATERAL_SRGB,
+        rgbim=np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]),  # pydensecrf needs both
+        compat=CRF_BILATERAL_COMPAT,
+    )
+    q = np.asarray(crf.inference(CRF_ITERATIONS)).reshape(2, height, width)
+    return q[1] > q[0]
+
+
+def _pamr_refine(image: np.ndarray, masks: np.ndarray, device: torch.device) -> np.ndarray:
+    """PAMR on all masks at once, each an independent binary soft mask.
+
+    The masks are the R channels of one tensor. The update is a per-channel weighted
+    average, so channels never interact: a background channel would change nothing
+    but the decision rule, and here each channel is binarised on its own at
+    ``PAMR_THRESHOLD``, as each mask gets its own binary CRF in the ``"crf"`` method.
+    The affinities are computed in float32; the iterations run in float16 on CUDA
+    and in float32 elsewhere.
+    """
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    rgb = torch.tensor(np.ascontiguousarray(image), device=device).permute(2, 0, 1)
+    weights = _pamr_affinities(rgb.float() / 255.0).to(dtype)
+    soft = torch.tensor(masks, device=device, dtype=dtype)
+    for _ in range(PAMR_ITERATIONS):
+        soft = _weighted_neighbour_average(soft, weights)
+    return (soft > PAMR_THRESHOLD).cpu().numpy()
+
+
+def _neighbours(x: torch.Tensor, dilation: int) -> torch.Tensor:
+    """The 8 neighbours at ``dilation`` of every pixel of x (C, H, W): (C, 8, H, W).
+
+    Borders are replicate-padded, so a pixel near the edge sees copies of the edge.
+    """
+    height, width = x.shape[-2:]
+    padded = F.pad(x[None], (dilation,) * 4, mode="replicate")[0]
+    shifted = []
+    for dy, dx in _OFFSETS:
+        top, left = dilation * (1 + dy), dilation * (1 + dx)
+        shifted.append(padded[:, top : top + height, left : left + width])
+    return torch.stack(shifted, dim=1)
+
+
+def _pamr_affinities(rgb: torch.Tensor) -> torch.Tensor:
+    """Affinity of each pixel to its neighbours over all dilations: (D, 8, H, W).
+
+    For each dilation, the absolute colour difference to each neighbour is divided by
+    the colour's standard deviation over that 3x3 window (times the temperature),
+    negated and averaged over the colour channels; a softmax over all D x 8
+    neighbours turns these logits into weights that sum to one at every pixel.
+    """
+    logits = []
+    for dilation in PAMR_DILATIONS:
+        neighbours = _neighbours(rgb, dilation)  # (3, 8, H, W)
+        window = torch.cat([rgb[:, None], neighbours], dim=1)  # (3, 9, H, W)
+        std = window.std(dim=1, keepdim=True)
+        difference = (neighbours - rgb[:, None]).abs()
+        logits.append((-difference / (_STD_EPS + PAMR_TEMPERATURE * std)).mean(dim=0))
+    stacked = torch.stack(logits)  # (D, 8, H, W)
+    weights = torch.softmax(stacked.flatten(0, 1), dim=0).view_as(stacked)
+    return weights.masked_fill_(weights < _NEGLIGIBLE, 0.0)
+
+
+def _weighted_neighbour_average(soft: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One PAMR step: each pixel of soft (R, H, W) becomes its neighbours' weighted mean."""
+    total = torch.zeros_like(soft)
+    for dilation, dilation_weights in zip(PAMR_DILATIONS, weights):
+        total += (_neighbours(soft, dilation) * dilation_weights).sum(dim=1)
+    return total.masked_fill_(total < _NEGLIGIBLE, 0.0)

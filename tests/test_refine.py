@@ -1,0 +1,190 @@
+"""Tests for backend.pipeline.refine on small synthetic images (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from backend.pipeline.refine import refine_masks
+
+METHODS = ("crf", "pamr", "none")
+REFINERS = ("crf", "pamr")
+HEIGHT, WIDTH = 200, 300
+CELL = 16  # grid step of the blocky mask, in pixels
+
+
+def disc_mask(cy: int = 100, cx: int = 150, radius: int = 60) -> np.ndarray:
+    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+
+
+def disc_image(disc: np.ndarray, noise: float = 10.0) -> np.ndarray:
+    """A bright disc on a dark background, a slight horizontal ramp, Gaussian noise."""
+    rng = np.random.default_rng(0)
+    ramp = 0.1 * np.arange(WIDTH)[None, :]
+    grey = np.where(disc, 200.0, 60.0) + ramp
+    pixels = grey[..., None] + rng.normal(0.0, noise, (HEIGHT, WIDTH, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def blocky(mask: np.ndarray) -> np.ndarray:
+    """``mask`` sampled at the centres of a CELL-pixel grid, upsampled with nearest."""
+    rows = np.minimum(np.arange(0, HEIGHT, CELL) + CELL // 2, HEIGHT - 1)
+    cols = np.minimum(np.arange(0, WIDTH, CELL) + CELL // 2, WIDTH - 1)
+    coarse = mask[rows][:, cols]
+    return np.repeat(np.repeat(coarse, CELL, axis=0), CELL, axis=1)[:HEIGHT, :WIDTH]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def two_rectangles(overlap: bool) -> np.ndarray:
+    masks = np.zeros((2, HEIGHT, WIDTH), dtype=bool)
+    masks[0, 40:140, 40:160] = True
+    masks[1, 60:180, 140:260] = True
+    if not overlap:
+        masks[1, :, :165] = False
+    return masks
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shape_and_dtype(method: str) -> None:
+    image = disc_image(disc_mask())
+    masks = np.stack([blocky(disc_mask()), ~disc_mask()])
+    out = refine_masks(image, masks, method)
+    assert out.shape == masks.shape
+    assert out.dtype == np.bool_
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_masks(method: str) -> None:
+    image = disc_image(disc_mask())
+    out = refine_masks(image, np.zeros((0, HEIGHT, WIDTH), dtype=bool), method)
+    assert out.shape == (0, HEIGHT, WIDTH)
+    assert out.dtype == np.bool_
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_overlaps_go_to_the_first_mask(method: str) -> None:
+    image = np.full((HEIGHT, WIDTH, 3), 90, dtype=np.uint8)
+    image[60:180, 140:260] = 30
+    image[40:140, 40:160] = 230  # painted last: the shared block looks like region 0
+    masks = two_rectangles(overlap=True)
+    out = refine_masks(image, masks, method)
+    assert not (out[0] & out[1]).any()
+    shared = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    shared[60:140, 140:160] = True
+    assert out[0][shared].mean() > 0.9
+    assert not out[1][shared].any()
+
+
+def test_none_applies_only_the_overlap_rule() -> None:
+    image = disc_image(disc_mask())
+    masks = two_rectangles(overlap=False)
+    assert np.array_equal(refine_masks(image, masks, "none"), masks)
+    overlapping = two_rectangles(overlap=True)
+    out = refine_masks(image, overlapping, "none")
+    assert np.array_equal(out[0], overlapping[0])
+    assert np.array_equal(out[1], overlapping[1] & ~overlapping[0])
+
+
+def test_masks_of_other_dtypes_are_read_as_bool() -> None:
+    image = disc_image(disc_mask())
+    masks = two_rectangles(overlap=True)
+    out = refine_masks(image, masks.astype(np.uint8), "none")
+    assert out.dtype == np.bool_
+    assert np.array_equal(out, refine_masks(image, masks, "none"))
+
+
+@pytest.mark.parametrize("method", REFINERS)
+@pytest.mark.parametrize("centre_radius", [(100, 150, 60), (93, 141, 53)])
+def test_blocky_mask_snaps_to_the_disc(method: str, centre_radius: tuple[int, int, int]) -> None:
+    cy, cx, radius = centre_radius
+    disc = disc_mask(cy, cx, radius)
+    coarse = blocky(disc)
+    before = iou(coarse, disc)
+    assert 0.85 < before < 0.9  # a deliberately poor start
+    after = iou(refine_masks(disc_image(disc), coarse[None], method)[0], disc)
+    # Measured: crf 0.983 / 0.975, pamr 0.991 / 0.986 from 0.888 / 0.872.
+    assert after > 0.96
+    assert after - before > 0.07
+
+
+@pytest.mark.parametrize("method", REFINERS)
+def test_refinement_uses_the_image(method: str) -> None:
+    """With no edge to follow, the same blocky mask does not turn into the disc."""
+    disc = disc_mask()
+    flat = np.full((HEIGHT, WIDTH, 3), 128, dtype=np.uint8)
+    out = refine_masks(flat, blocky(disc)[None], method)[0]
+    assert iou(out, disc) < 0.85
+
+
+@pytest.mark.parametrize("method", REFINERS)
+def test_a_mask_of_the_whole_image_stays_whole(method: str) -> None:
+    """Pixels at the border see copies of the border, not an outside of zeros.
+
+    On a black image, zero padding would look like more of the image, and the mask
+    would fade at the borders.
+    """
+    for image in (disc_image(disc_mask()), np.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8)):
+        out = refine_masks(image, np.ones((1, HEIGHT, WIDTH), dtype=bool), method)
+        assert out.all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_accepts_non_contiguous_inputs(method: str) -> None:
+    disc = disc_mask()
+    flipped = disc_image(disc)[:, ::-1]
+    masks = np.stack([blocky(disc), ~disc])[:, :, ::-1]
+    assert not flipped.flags.c_contiguous and not masks.flags.c_contiguous
+    out = refine_masks(flipped, masks, method)
+    expected = refine_masks(np.ascontiguousarray(flipped), np.ascontiguousarray(masks), method)
+    assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_accepts_read_only_inputs(method: str) -> None:
+    disc = disc_mask()
+    image = disc_image(disc)
+    masks = np.stack([blocky(disc), ~disc])
+    expected = refine_masks(image, masks, method)
+    image.flags.writeable = False
+    masks.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(refine_masks(image, masks, method), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic(method: str) -> None:
+    disc = disc_mask()
+    image = disc_image(disc)
+    masks = np.stack([blocky(disc), blocky(~disc), two_rectangles(overlap=True)[0]])
+    first = refine_masks(image, masks, method)
+    second = refine_masks(image.copy(), masks.copy(), method)
+    assert np.array_equal(first, second)
+
+
+def test_rejects_masks_of_another_size() -> None:
+    image = disc_image(disc_mask())
+    with pytest.raises(ValueError):
+        refine_masks(image, np.zeros((1, HEIGHT + 1, WIDTH), dtype=bool), "none")
+    with pytest.raises(ValueError):
+        refine_masks(image[..., 0], np.zeros((1, HEIGHT, WIDTH), dtype=bool), "none")
+    with pytest.raises(ValueError):
+        refine_masks(image, np.zeros((1, HEIGHT, WIDTH), dtype=bool), "bilateral")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pamr_on_cuda_agrees_with_cpu() -> None:
+    disc = disc_mask()
+    image = disc_image(disc)
+    masks = np.stack([blocky(disc), blocky(~disc)])
+    on_cpu = refine_masks(image, masks, "pamr", "cpu")
+    on_cuda = refine_masks(image, masks, "pamr", "cuda")
+    for a, b in zip(on_cpu, on_cuda):
+        assert iou(a, b) > 0.99
