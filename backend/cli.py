@@ -1,0 +1,122 @@
+"""The ``freesegdiff`` command: argument parsing only; the work is in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffusers.utils import logging as diffusers_logging
+from tqdm import tqdm
+from transformers.utils import logging as transformers_logging
+
+from backend.images import ImageError, ImageLimits, read_image_file
+from backend.labelstudio.results import brush_results, prediction
+from backend.models import ModelUnavailableError
+from backend.overlay import label_index_image, render_overlay
+from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
+from backend.pipeline.vocabulary import labels_from_names
+from backend.settings import Settings, get_settings
+
+log = logging.getLogger("freesegdiff")
+
+
+def _segment_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("segment", help="segment image files into Label Studio predictions")
+    parser.add_argument("images", nargs="+", type=Path, help="image files")
+    parser.add_argument("--labels", required=True, help='comma-separated labels, e.g. "cat,dog,person"')
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--k", type=int, help="number of K-means clusters (FREESEG_K)")
+    parser.add_argument("--refine", choices=["crf", "pamr", "none"], help="mask refinement (FREESEG_REFINE)")
+    parser.add_argument("--no-caption", action="store_true", help="every label is a candidate")
+    parser.add_argument("--strict", action="store_true",
+                        help="no fallback when the caption yields no label (the paper's behaviour)")
+    parser.add_argument("--from-name", default="label", help="BrushLabels name written in the results")
+    parser.add_argument("--to-name", default="image", help="Image name written in the results")
+
+
+def _options(args: argparse.Namespace, settings: Settings) -> SegmentOptions:
+    options = SegmentOptions.from_settings(settings)
+    changes = {"k": args.k, "refine": args.refine}
+    changes = {key: value for key, value in changes.items() if value is not None}
+    if args.no_caption:
+        changes["use_caption"] = False
+    if args.strict:
+        changes["caption_fallback"] = False
+    return dataclasses.replace(options, **changes)
+
+
+def _output_stems(paths: Sequence[Path]) -> list[str]:
+    """Output names from the image names, made unique when two images share a stem."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in paths:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        stems.append(path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}")
+    return stems
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    labels = labels_from_names(args.labels.split(","))
+    if not labels:
+        log.error("--labels names no label")
+        return 2
+    options = _options(args, settings)
+    segmenter = Segmenter.from_settings(settings)
+    version = model_version(settings)
+    warning = None if settings.models == "pretrained" else f"{settings.models} profile: random weights, not a real segmentation"
+    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    pairs = list(zip(args.images, _output_stems(args.images)))
+    for path, stem in tqdm(pairs, desc="segment", unit="image", disable=len(pairs) < 2, file=sys.stderr):
+        try:
+            image = read_image_file(path, limits)
+        except ImageError as error:
+            tqdm.write(f"freesegdiff: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        segmentation = segmenter.segment_image(image, labels, options)
+        results = brush_results(segmentation, args.from_name, args.to_name)
+        record = prediction(results, segmentation.score, version)
+        (args.out / f"{stem}.json").write_text(json.dumps(record))
+        label_index_image(segmentation.label_map).save(args.out / f"{stem}.png")
+        render_overlay(image, segmentation, warning).save(args.out / f"{stem}_overlay.png")
+    if failed:
+        log.error("%d of %d images could not be read", failed, len(pairs))
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freesegdiff", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _segment_parser(commands)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers at ``LOG_LEVEL``; the libraries' chatter (open_clip logs to the root) at warnings only."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("backend").setLevel(level.upper())
+    log.setLevel(level.upper())
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(get_settings().log_level)
+    try:
+        return {"segment": run_segment}[args.command](args)
+    except ModelUnavailableError as error:
+        log.error("%s", error)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Label maps to Label Studio results: brush RLE regions and the prediction around them.
+
+Translated here, at the edge, once. Each region carries a label taken from the
+project's config (an empty or unknown ``brushlabels`` renders as an unlabeled region)
+and the mask in the orientation the browser shows, sized exactly as the image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from label_studio_sdk.converter.brush import mask2rle
+
+from backend.pipeline.segmenter import Segmentation
+
+
+def region_id(from_name: str, label: str) -> str:
+    """A stable id: the same prediction twice has the same region ids."""
+    return hashlib.sha1(f"{from_name}\x00{label}".encode()).hexdigest()[:10]
+
+
+def brush_results(segmentation: Segmentation, from_name: str, to_name: str) -> list[dict]:
+    """One ``brushlabels`` result per labelled region."""
+    height, width = segmentation.label_map.shape
+    results = []
+    for region in segmentation.regions:
+        mask = np.where(segmentation.label_map == region.label + 1, 255, 0).astype(np.uint8)
+        results.append({
+            "id": region_id(from_name, region.name),
+            "from_name": from_name,
+            "to_name": to_name,
+            "type": "brushlabels",
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "score": round(region.score, 4),
+            "value": {"format": "rle", "rle": [int(v) for v in mask2rle(mask)], "brushlabels": [region.name]},
+        })
+    return results
+
+
+def prediction(results: list[dict], score: float, model_version: str) -> dict:
+    """A Label Studio prediction: its results, overall score and model version."""
+    return {"result": results, "score": round(score, 4), "model_version": model_version}
