@@ -1,0 +1,416 @@
+"""Task images fetched from local HTTP servers standing in for Label Studio and a cloud bucket."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from backend.images import ImageLimits
+from backend.labelstudio.images import (
+    ImageFetchError,
+    LabelStudioAccess,
+    authorization_header,
+    fetch_image_bytes,
+    task_image_url,
+)
+
+IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+TOKEN = "abc"
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJ1c2VyX2lkIjoxfQ.c2lnbmF0dXJlLXNlY3JldA"
+SECRET_QUERY = "X-Amz-Signature=s3cr3t"
+LIMITS = ImageLimits(max_bytes=2000)
+
+Route = Callable[[BaseHTTPRequestHandler], None]
+
+
+class RecordingServer(ThreadingHTTPServer):
+    """Answers GETs from ``routes`` (keyed by path without query) and records each request."""
+
+    daemon_threads = True
+    block_on_close = False  # a handler still sleeping must not hold up the test's teardown
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.routes: dict[str, Route] = {}
+        self.seen: list[tuple[str, dict[str, str]]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """The client hanging up on a refused body is expected here."""
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: RecordingServer
+
+    def do_GET(self) -> None:
+        self.server.seen.append((self.path, dict(self.headers)))
+        route = self.server.routes.get(urlsplit(self.path).path)
+        if route is None:
+            send(self, 404, b"not found")
+        else:
+            route(self)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+
+def send(handler: BaseHTTPRequestHandler, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+    handler.send_response(code)
+    for name, value in {"Content-Length": str(len(body)), "Connection": "close", **(headers or {})}.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body)
+    handler.close_connection = True
+
+
+def image(handler: BaseHTTPRequestHandler) -> None:
+    send(handler, 200, IMAGE, {"Content-Type": "image/png"})
+
+
+def redirect_to(url: str) -> Route:
+    return lambda handler: send(handler, 302, headers={"Location": url})
+
+
+def status(code: int) -> Route:
+    return lambda handler: send(handler, code, b"no")
+
+
+def chunked(total: int) -> Route:
+    def route(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        for start in range(0, total, 500):
+            piece = b"x" * min(500, total - start)
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        handler.wfile.write(b"0\r\n\r\n")
+        handler.close_connection = True
+
+    return route
+
+
+def declared_length(size: int) -> Route:
+    return lambda handler: send(handler, 200, b"x" * size)
+
+
+def slow_headers(handler: BaseHTTPRequestHandler) -> None:
+    time.sleep(3)
+    image(handler)
+
+
+def stalled_body(handler: BaseHTTPRequestHandler) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", "100")
+    handler.end_headers()
+    handler.wfile.write(b"x" * 10)
+    handler.wfile.flush()
+    time.sleep(3)
+
+
+def serve() -> Iterator[RecordingServer]:
+    server = RecordingServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def ls() -> Iterator[RecordingServer]:
+    """Stands in for Label Studio."""
+    yield from serve()
+
+
+@pytest.fixture
+def other() -> Iterator[RecordingServer]:
+    """Stands in for a cloud bucket or a public web server."""
+    yield from serve()
+
+
+def access_to(server: RecordingServer, api_key: str | None = TOKEN) -> LabelStudioAccess:
+    return LabelStudioAccess(url=server.url, api_key=api_key)
+
+
+def fetch_error(url: str, access: LabelStudioAccess, task_id: int | None = 1, timeout: float = 5.0) -> ImageFetchError:
+    with pytest.raises(ImageFetchError) as caught:
+        fetch_image_bytes(url, task_id, access, LIMITS, timeout=timeout)
+    message = str(caught.value)
+    assert "\n" not in message
+    for secret in (TOKEN, JWT, SECRET_QUERY, "?"):
+        assert secret not in message
+    return caught.value
+
+
+def test_plain_url_on_another_host_gets_no_token(ls: RecordingServer, other: RecordingServer) -> None:
+    other.routes["/img.png"] = image
+    assert fetch_image_bytes(f"{other.url}/img.png", 1, access_to(ls), LIMITS) == IMAGE
+    [(path, headers)] = other.seen
+    assert path == "/img.png"
+    assert "Authorization" not in headers
+    assert ls.seen == []
+
+
+def test_label_studio_path_gets_the_legacy_token(ls: RecordingServer) -> None:
+    ls.routes["/data/upload/x.png"] = image
+    assert fetch_image_bytes("/data/upload/x.png", 1, access_to(ls), LIMITS) == IMAGE
+    [(path, headers)] = ls.seen
+    assert path == "/data/upload/x.png"
+    assert headers["Authorization"] == "Token abc"
+
+
+def test_local_files_path_keeps_its_query_and_base_url_may_end_in_a_slash(ls: RecordingServer) -> None:
+    ls.routes["/data/local-files/"] = image
+    access = LabelStudioAccess(url=ls.url + "/", api_key=TOKEN)
+    assert fetch_image_bytes("/data/local-files/?d=images/cat%201.png", 1, access, LIMITS) == IMAGE
+    [(path, headers)] = ls.seen
+    assert path == "/data/local-files/?d=images/cat%201.png"
+    assert headers["Authorization"] == "Token abc"
+
+
+def test_absolute_url_to_label_studio_gets_the_token(ls: RecordingServer) -> None:
+    """Same scheme, host and port: the path under which Label Studio is served does not matter."""
+    ls.routes["/data/upload/x.png"] = image
+    access = LabelStudioAccess(url=f"{ls.url}/label-studio", api_key=TOKEN)
+    fetch_image_bytes(f"{ls.url}/data/upload/x.png", 1, access, LIMITS)
+    assert ls.seen[0][1]["Authorization"] == "Token abc"
+
+
+def test_jwt_key_is_sent_as_bearer(ls: RecordingServer) -> None:
+    ls.routes["/data/upload/x.png"] = image
+    fetch_image_bytes("/data/upload/x.png", 1, access_to(ls, JWT), LIMITS)
+    assert ls.seen[0][1]["Authorization"] == f"Bearer {JWT}"
+
+
+@pytest.mark.parametrize(
+    ("key", "header"),
+    [
+        ("abc", "Token abc"),
+        ("0123456789abcdef0123456789abcdef01234567", "Token 0123456789abcdef0123456789abcdef01234567"),
+        (f" {JWT}\n", f"Bearer {JWT}"),
+        ("a.b", "Token a.b"),
+        ("a..c", "Token a..c"),
+        ("a.b.c.d", "Token a.b.c.d"),
+        ("a+b.c/d.e", "Token a+b.c/d.e"),
+    ],
+)
+def test_authorization_scheme(key: str, header: str) -> None:
+    assert authorization_header(key) == header
+
+
+def test_no_key_means_no_header(ls: RecordingServer) -> None:
+    ls.routes["/data/upload/x.png"] = image
+    fetch_image_bytes("/data/upload/x.png", 1, access_to(ls, None), LIMITS)
+    assert "Authorization" not in ls.seen[0][1]
+
+
+def test_redirect_away_from_label_studio_drops_the_token(ls: RecordingServer, other: RecordingServer) -> None:
+    ls.routes["/data/upload/x.png"] = redirect_to(f"{other.url}/img.png?{SECRET_QUERY}")
+    other.routes["/img.png"] = image
+    assert fetch_image_bytes("/data/upload/x.png", 1, access_to(ls), LIMITS) == IMAGE
+    assert ls.seen[0][1]["Authorization"] == "Token abc"
+    [(path, headers)] = other.seen
+    assert path == f"/img.png?{SECRET_QUERY}"
+    assert "Authorization" not in headers
+
+
+def test_relative_redirect_within_label_studio_keeps_the_token(ls: RecordingServer) -> None:
+    ls.routes["/data/upload/x.png"] = redirect_to("/data/upload/y.png")
+    ls.routes["/data/upload/y.png"] = image
+    assert fetch_image_bytes("/data/upload/x.png", 1, access_to(ls), LIMITS) == IMAGE
+    assert [path for path, _ in ls.seen] == ["/data/upload/x.png", "/data/upload/y.png"]
+    assert all(headers["Authorization"] == "Token abc" for _, headers in ls.seen)
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://bucket/dir/cat 1.png", "gs://b/c.png", "azure-blob://c/d.png", "azure-spi://c/e.png"]
+)
+def test_cloud_uri_is_presigned_by_label_studio(ls: RecordingServer, other: RecordingServer, uri: str) -> None:
+    ls.routes["/tasks/7/presign/"] = redirect_to(f"{other.url}/bucket/cat.png?{SECRET_QUERY}")
+    other.routes["/bucket/cat.png"] = image
+    assert fetch_image_bytes(uri, 7, access_to(ls), LIMITS) == IMAGE
+    [(path, headers)] = ls.seen
+    parts = urlsplit(path)
+    assert parts.path == "/tasks/7/presign/"
+    [fileuri] = parse_qs(parts.query)["fileuri"]
+    assert base64.urlsafe_b64decode(fileuri).decode() == uri
+    assert headers["Authorization"] == "Token abc"
+    [(path, headers)] = other.seen
+    assert path == f"/bucket/cat.png?{SECRET_QUERY}"
+    assert "Authorization" not in headers
+
+
+def test_cloud_uri_without_task_id(ls: RecordingServer) -> None:
+    error = fetch_error("s3://bucket/cat.png", access_to(ls), task_id=None)
+    assert error.kind == "unsupported_url"
+    assert "task id" in str(error)
+    assert ls.seen == []
+
+
+@pytest.mark.parametrize("url", ["/data/upload/x.png", "/data/local-files/?d=x.png", "s3://bucket/x.png"])
+def test_label_studio_url_missing(url: str) -> None:
+    error = fetch_error(url, LabelStudioAccess(url=None, api_key=TOKEN))
+    assert error.kind == "unsupported_url"
+    assert "set LABEL_STUDIO_URL" in str(error)
+
+
+@pytest.mark.parametrize("base", ["localhost:8080", "ftp://host", "http://"])
+def test_label_studio_url_not_http(base: str) -> None:
+    error = fetch_error("/data/upload/x.png", LabelStudioAccess(url=base, api_key=TOKEN))
+    assert error.kind == "unsupported_url"
+    assert "LABEL_STUDIO_URL must be an http(s) URL" in str(error)
+
+
+@pytest.mark.parametrize("url", ["ftp://host/x.png", "file:///etc/passwd", "x.png", "javascript:alert(1)"])
+def test_unsupported_urls(ls: RecordingServer, url: str) -> None:
+    assert fetch_error(url, access_to(ls)).kind == "unsupported_url"
+    assert ls.seen == []
+
+
+def test_404(other: RecordingServer, ls: RecordingServer) -> None:
+    error = fetch_error(f"{other.url}/gone.png?{SECRET_QUERY}", access_to(ls))
+    assert error.kind == "http_404"
+    assert f"cannot fetch image {other.url}/gone.png: HTTP 404" in str(error)
+
+
+@pytest.mark.parametrize(("code", "key"), [(401, TOKEN), (403, JWT)])
+def test_refused_token_hints_at_token_and_bearer(ls: RecordingServer, code: int, key: str) -> None:
+    ls.routes["/data/upload/x.png"] = status(code)
+    error = fetch_error("/data/upload/x.png", access_to(ls, key))
+    assert error.kind == f"http_{code}"
+    message = str(error)
+    assert f"HTTP {code}" in message
+    assert "LABEL_STUDIO_API_KEY" in message
+    assert "'Token <key>'" in message and "'Bearer <key>'" in message
+
+
+def test_refused_without_a_key_asks_for_one(ls: RecordingServer) -> None:
+    ls.routes["/data/upload/x.png"] = status(401)
+    error = fetch_error("/data/upload/x.png", access_to(ls, None))
+    assert "set LABEL_STUDIO_API_KEY" in str(error)
+
+
+def test_expired_presigned_url_names_the_redirect_without_query(ls: RecordingServer, other: RecordingServer) -> None:
+    ls.routes["/tasks/3/presign/"] = redirect_to(f"{other.url}/bucket/cat.png?{SECRET_QUERY}")
+    other.routes["/bucket/cat.png"] = status(403)
+    error = fetch_error("s3://bucket/cat.png", access_to(ls), task_id=3)
+    assert error.kind == "http_403"
+    message = str(error)
+    assert message.startswith(f"cannot fetch image s3://bucket/cat.png (redirected to {other.url}/bucket/cat.png): ")
+    assert "presigned URL may have expired" in message
+    assert "LABEL_STUDIO_API_KEY" not in message
+
+
+def test_slow_server_times_out(other: RecordingServer, ls: RecordingServer) -> None:
+    other.routes["/slow.png"] = slow_headers
+    started = time.monotonic()
+    error = fetch_error(f"{other.url}/slow.png?{SECRET_QUERY}", access_to(ls), timeout=0.5)
+    assert error.kind == "timeout"
+    assert "within 0.5 s" in str(error)
+    assert time.monotonic() - started < 2.0
+
+
+def test_stalled_body_times_out(other: RecordingServer, ls: RecordingServer) -> None:
+    other.routes["/stall.png"] = stalled_body
+    started = time.monotonic()
+    assert fetch_error(f"{other.url}/stall.png", access_to(ls), timeout=0.5).kind == "timeout"
+    assert time.monotonic() - started < 2.0
+
+
+def test_declared_length_over_the_limit(other: RecordingServer, ls: RecordingServer) -> None:
+    other.routes["/big.png"] = declared_length(LIMITS.max_bytes + 1)
+    error = fetch_error(f"{other.url}/big.png", access_to(ls))
+    assert error.kind == "too_large"
+    assert f"declares {LIMITS.max_bytes + 1} bytes" in str(error)
+
+
+def test_chunked_body_over_the_limit(other: RecordingServer, ls: RecordingServer) -> None:
+    other.routes["/chunked.png"] = chunked(LIMITS.max_bytes * 3)
+    error = fetch_error(f"{other.url}/chunked.png", access_to(ls))
+    assert error.kind == "too_large"
+    assert f"exceeds the limit of {LIMITS.max_bytes} bytes" in str(error)
+
+
+def test_bodies_at_the_limit_are_accepted(other: RecordingServer, ls: RecordingServer) -> None:
+    other.routes["/exact.png"] = declared_length(LIMITS.max_bytes)
+    other.routes["/chunked.png"] = chunked(LIMITS.max_bytes)
+    for path in ("/exact.png", "/chunked.png"):
+        assert fetch_image_bytes(f"{other.url}{path}", 1, access_to(ls), LIMITS) == b"x" * LIMITS.max_bytes
+
+
+def test_connection_refused(ls: RecordingServer) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    error = fetch_error(f"http://127.0.0.1:{port}/x.png?{SECRET_QUERY}", access_to(ls))
+    assert error.kind == "connection"
+    assert f"cannot fetch image http://127.0.0.1:{port}/x.png: " in str(error)
+
+
+def test_redirect_loop_stops(ls: RecordingServer) -> None:
+    ls.routes["/data/upload/loop.png"] = redirect_to(f"/data/upload/loop.png?{SECRET_QUERY}")
+    error = fetch_error("/data/upload/loop.png", access_to(ls))
+    assert error.kind == "too_many_redirects"
+    assert len(ls.seen) == 6
+
+
+def test_redirect_to_another_scheme_is_refused(ls: RecordingServer) -> None:
+    ls.routes["/data/upload/x.png"] = redirect_to("file:///etc/passwd")
+    assert fetch_error("/data/upload/x.png", access_to(ls)).kind == "unsupported_url"
+
+
+@pytest.mark.parametrize("data", [IMAGE, b"x" * LIMITS.max_bytes, b"y" * (LIMITS.max_bytes - 1)])
+def test_data_uri_is_decoded(data: bytes) -> None:
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    assert fetch_image_bytes(uri, None, LabelStudioAccess(), LIMITS) == data
+
+
+@pytest.mark.parametrize(
+    ("uri", "kind"),
+    [
+        ("data:image/png;base64,not base64!", "unsupported_url"),
+        ("data:text/plain,hello", "unsupported_url"),
+        ("data:image/png;base64," + base64.b64encode(b"x" * (LIMITS.max_bytes + 1)).decode(), "too_large"),
+        ("data:" + "image/png;" * 100 + "base64", "unsupported_url"),
+    ],
+)
+def test_bad_data_uris(uri: str, kind: str) -> None:
+    error = fetch_error(uri, LabelStudioAccess())
+    assert error.kind == kind
+    assert len(str(error)) < 200
+
+
+def test_task_image_url() -> None:
+    assert task_image_url({"id": 1, "data": {"image": " /data/upload/x.png "}}, "image") == "/data/upload/x.png"
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        {"id": 4, "data": {"img": "/x.png"}},
+        {"id": 4, "data": {"image": 3}},
+        {"id": 4, "data": {"image": ""}},
+        {"id": 4, "data": None},
+        {"id": 4},
+    ],
+)
+def test_task_without_image_url(task: dict) -> None:
+    with pytest.raises(ImageFetchError, match=r"task 4 has no image URL in data\['image'\]") as caught:
+        task_image_url(task, "image")
+    assert caught.value.kind == "missing_data"
+
+
+def test_access_repr_hides_the_key() -> None:
+    assert TOKEN not in repr(LabelStudioAccess(url="http://localhost:8080", api_key=TOKEN))
