@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import uvicorn
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
@@ -92,10 +93,24 @@ def run_segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _serve_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("serve", help="run the Label Studio ML backend server")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=9090, help="port (default 9090)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    uvicorn.run("backend.server.app:create_app", factory=True, host=args.host, port=args.port,
+                workers=settings.workers, log_level=settings.log_level.lower())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freesegdiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _segment_parser(commands)
+    _serve_parser(commands)
     return parser
 
 
@@ -112,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(get_settings().log_level)
     try:
-        return {"segment": run_segment}[args.command](args)
+        return {"segment": run_segment, "serve": run_serve}[args.command](args)
     except ModelUnavailableError as error:
         log.error("%s", error)
         return 2

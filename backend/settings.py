@@ -63,6 +63,21 @@ class Settings(BaseSettings):
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 50_000_000
 
+    # Server (names as in Label Studio's ML backends)
+    label_studio_url: str | None = Field(None, validation_alias=AliasChoices("LABEL_STUDIO_URL", "FREESEG_LABEL_STUDIO_URL"))
+    label_studio_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("LABEL_STUDIO_API_KEY", "FREESEG_LABEL_STUDIO_API_KEY"), repr=False
+    )
+    basic_auth_user: str | None = Field(None, validation_alias=AliasChoices("BASIC_AUTH_USER", "FREESEG_BASIC_AUTH_USER"))
+    basic_auth_pass: str | None = Field(
+        None, validation_alias=AliasChoices("BASIC_AUTH_PASS", "FREESEG_BASIC_AUTH_PASS"), repr=False
+    )
+    workers: int = Field(1, ge=1, validation_alias=AliasChoices("WORKERS", "FREESEG_WORKERS"))
+    queue_size: int = Field(8, ge=1)
+    max_request_bytes: int = 10 * 1024 * 1024
+    fetch_timeout: float = Field(20.0, gt=0)
+    retry_after_seconds: int = Field(5, ge=1)
+
     log_level: str = Field("INFO", validation_alias=AliasChoices("LOG_LEVEL", "FREESEG_LOG_LEVEL"))
 
     @property

@@ -28,3 +28,29 @@ def tiny_segmenter(tiny_settings: Settings) -> Segmenter:
 def china() -> np.ndarray:
     """scikit-learn's 640x427 photo of a Chinese temple (read-only array, as users may pass)."""
     return load_sample_image("china.jpg")
+
+
+@pytest.fixture(scope="session")
+def image_server(tmp_path_factory: pytest.TempPathFactory):
+    """A loopback HTTP server of test images: china.jpg, flower.jpg and a corrupt file."""
+    import functools
+    import shutil
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from pathlib import Path
+
+    import sklearn
+
+    folder = tmp_path_factory.mktemp("served")
+    for name in ("china.jpg", "flower.jpg"):
+        shutil.copy(Path(sklearn.__file__).parent / "datasets" / "images" / name, folder / name)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
+import cv2
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
@@ -37,6 +38,35 @@ def brush_results(segmentation: Segmentation, from_name: str, to_name: str) -> l
             "score": round(region.score, 4),
             "value": {"format": "rle", "rle": [int(v) for v in mask2rle(mask)], "brushlabels": [region.name]},
         })
+    return results
+
+
+MIN_POLYGON_AREA = 16  # pixels; smaller specks are noise, not regions a person would draw
+POLYGON_TOLERANCE = 1.0  # pixels a simplified outline may deviate from the mask's edge
+
+
+def polygon_results(segmentation: Segmentation, from_name: str, to_name: str) -> list[dict]:
+    """``polygonlabels`` results: the outer outline of each connected part of each region."""
+    height, width = segmentation.label_map.shape
+    results = []
+    for region in segmentation.regions:
+        mask = (segmentation.label_map == region.label + 1).astype(np.uint8)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        outlines = [cv2.approxPolyDP(c, POLYGON_TOLERANCE, True)[:, 0] for c in contours
+                    if cv2.contourArea(c) >= MIN_POLYGON_AREA]
+        for index, outline in enumerate(o for o in outlines if len(o) >= 3):
+            points = [[round(100.0 * x / width, 3), round(100.0 * y / height, 3)] for x, y in outline.tolist()]
+            results.append({
+                "id": f"{region_id(from_name, region.name)}-{index}",
+                "from_name": from_name,
+                "to_name": to_name,
+                "type": "polygonlabels",
+                "original_width": width,
+                "original_height": height,
+                "image_rotation": 0,
+                "score": round(region.score, 4),
+                "value": {"points": points, "closed": True, "polygonlabels": [region.name]},
+            })
     return results
 
 

@@ -1,0 +1,1 @@
+"""The HTTP server that speaks Label Studio's ML backend protocol."""

@@ -1,0 +1,175 @@
+"""The FastAPI app: Label Studio's ML backend protocol over the segmentation pipeline.
+
+Endpoints and payloads are those of Label Studio's ML backends (``/health``, ``/setup``,
+``/predict``, ``/webhook``, ``/versions``), plus ``/metrics`` for Prometheus. ``/health``
+and ``/setup`` never wait on the models: Label Studio gives them one and three seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, parse_label_config, validate_options
+from backend.labelstudio.images import LabelStudioAccess
+from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
+from backend.server.limits import RequestSizeLimit
+from backend.server.metrics import Metrics
+from backend.server.predictions import Predictor, options_with
+from backend.server.protocol import PredictRequest, SetupRequest, WebhookRequest
+from backend.server.worker import InferenceWorker, ModelsNotReadyError, QueueFullError
+from backend.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+MAX_PROJECTS = 1024
+
+
+@dataclass
+class ProjectSetup:
+    """What /setup told us about a project."""
+
+    schema: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+    access: LabelStudioAccess = LabelStudioAccess(None, None)
+
+
+@lru_cache(maxsize=256)
+def vocabulary_of(label_config: str) -> ProjectVocabulary:
+    """Parsed once per distinct config: every /predict carries the config again."""
+    return parse_label_config(label_config)
+
+
+def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Segmenter] | None = None) -> FastAPI:
+    """The app; ``load_segmenter`` replaces model loading (tests simulate a slow load with it)."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+    version = model_version(settings)
+    projects: OrderedDict[str, ProjectSetup] = OrderedDict()
+
+    def load() -> Segmenter:
+        segmenter = (load_segmenter or (lambda: Segmenter.from_settings(settings)))()
+        segmenter.observer = metrics.observe_stage
+        return segmenter
+
+    worker = InferenceWorker(load, settings.queue_size, on_state=metrics.set_model_state, on_depth=metrics.queue_depth.set)
+    predictor = Predictor(settings, worker, metrics, version)
+    default_options = SegmentOptions.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        yield
+        await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="freesegdiff", version=version, lifespan=lifespan)
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    authenticated = [Depends(_basic_auth(settings))]
+
+    def count(endpoint: str) -> None:
+        metrics.requests.labels(endpoint=endpoint).inc()
+
+    @app.exception_handler(LabelConfigError)
+    async def label_config_error(request: Request, error: LabelConfigError) -> JSONResponse:
+        metrics.errors.labels(kind="label_config").inc()
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.exception_handler(QueueFullError)
+    @app.exception_handler(ModelsNotReadyError)
+    async def busy(request: Request, error: RuntimeError) -> JSONResponse:
+        metrics.errors.labels(kind="queue_full" if isinstance(error, QueueFullError) else "not_ready").inc()
+        headers = {"Retry-After": str(settings.retry_after_seconds)}
+        return JSONResponse({"error": str(error)}, status_code=503, headers=headers)
+
+    @app.get("/")
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        count("health")
+        body = {"status": "UP", "model_class": "FreeSegDiff", "model_state": worker.state,
+                "model_version": version, "queue_depth": worker.depth}
+        if worker.state == "failed":
+            return JSONResponse({**body, "status": "ERROR", "error": worker.error}, status_code=503)
+        return JSONResponse(body)
+
+    @app.post("/setup", dependencies=authenticated)
+    async def setup(request: SetupRequest) -> dict:
+        count("setup")
+        if request.schema_:
+            vocabulary_of(request.schema_)  # refuse an unusable config now, not at every prediction
+        options = validate_options(request.extra_params or {})
+        access = LabelStudioAccess(request.hostname, request.access_token)
+        projects[request.project or ""] = ProjectSetup(request.schema_, options, access)
+        while len(projects) > MAX_PROJECTS:
+            projects.popitem(last=False)
+        return {"model_version": version}
+
+    @app.post("/predict", dependencies=authenticated)
+    async def predict(request: PredictRequest) -> dict:
+        count("predict")
+        known = projects.get(request.project or "", ProjectSetup())
+        label_config = request.label_config or known.schema
+        if not label_config:
+            raise LabelConfigError("the request has no label_config and /setup was not called for this project")
+        vocabulary = vocabulary_of(label_config)
+        options = options_with(options_with(default_options, vocabulary.options), known.options)
+        access = _label_studio_access(settings, known.access)
+        try:
+            results = await predictor.predict(request.tasks, vocabulary, options, access)
+        except (QueueFullError, ModelsNotReadyError):
+            raise
+        except Exception as error:  # an inference failure answers this request; the server goes on
+            log.exception("inference failed for %d tasks", len(request.tasks))
+            metrics.errors.labels(kind="inference").inc()
+            raise HTTPException(500, f"inference failed: {type(error).__name__}: {error}") from error
+        return {"results": results, "model_version": version}
+
+    @app.post("/webhook", dependencies=authenticated)
+    async def webhook(request: WebhookRequest) -> dict:
+        count("webhook")
+        return {"status": "ok", "action": request.action}
+
+    @app.get("/versions", dependencies=authenticated)
+    async def versions() -> dict:
+        count("versions")
+        return {"versions": [version]}
+
+    @app.get("/metrics", dependencies=authenticated)
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.worker, app.state.metrics, app.state.projects = worker, metrics, projects
+    return app
+
+
+def _label_studio_access(settings: Settings, from_setup: LabelStudioAccess) -> LabelStudioAccess:
+    """LABEL_STUDIO_URL with its key when set; else the host and token /setup gave, as a pair."""
+    if settings.label_studio_url:
+        return LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
+    return from_setup
+
+
+def _basic_auth(settings: Settings) -> Callable[[HTTPBasicCredentials | None], None]:
+    """A dependency that demands BASIC_AUTH_USER/BASIC_AUTH_PASS when both are set."""
+    scheme = HTTPBasic(auto_error=False)
+
+    def check(credentials: HTTPBasicCredentials | None = Depends(scheme)) -> None:
+        if not (settings.basic_auth_user and settings.basic_auth_pass):
+            return
+        valid = credentials is not None and (
+            secrets.compare_digest(credentials.username.encode(), settings.basic_auth_user.encode())
+            & secrets.compare_digest(credentials.password.encode(), settings.basic_auth_pass.encode())
+        )
+        if not valid:
+            raise HTTPException(401, "basic authentication required", headers={"WWW-Authenticate": "Basic"})
+
+    return check

@@ -1,0 +1,184 @@
+"""The ML backend protocol over HTTP, with the tiny profile's real models."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from label_studio_sdk.converter.brush import decode_rle
+
+from backend.server.app import create_app
+from backend.settings import Settings
+
+BRUSH_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="building"/><Label value="tree"/><Label value="Sky" predicted_values="heaven"/>
+  </BrushLabels>
+</View>"""
+POLYGON_CONFIG = BRUSH_CONFIG.replace("BrushLabels", "PolygonLabels")
+LABELS = {"building", "tree", "Sky"}
+
+
+def _client(settings: Settings, load) -> TestClient:
+    return TestClient(create_app(settings, load_segmenter=load))
+
+
+def _wait_ready(client: TestClient, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while client.get("/health").json()["model_state"] != "ready":
+        assert time.monotonic() < deadline, "models did not become ready"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_settings, tiny_segmenter):
+    with _client(tiny_settings, lambda: tiny_segmenter) as client:
+        _wait_ready(client)
+        yield client
+
+
+def _predict(client, tasks, config=BRUSH_CONFIG, **extra):
+    return client.post("/predict", json={"tasks": tasks, "label_config": config, "project": "1.1", **extra})
+
+
+def _mask(region: dict) -> np.ndarray:
+    height, width = region["original_height"], region["original_width"]
+    return np.reshape(decode_rle(region["value"]["rle"]), (height, width, 4))[:, :, 3] > 0
+
+
+def test_predict_returns_one_brush_prediction_per_task_in_order(client, image_server):
+    tasks = [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}},
+             {"id": 2, "data": {"image": f"{image_server}/flower.jpg"}}]
+    response = _predict(client, tasks)
+    assert response.status_code == 200
+    body = response.json()
+    assert len(body["results"]) == 2
+    for prediction in body["results"]:
+        assert prediction["model_version"].endswith("tiny-random-weights")
+        assert prediction["result"], "each photo gets at least one region"
+        for region in prediction["result"]:
+            assert (region["from_name"], region["to_name"], region["type"]) == ("tag", "image", "brushlabels")
+            assert region["value"]["format"] == "rle" and region["value"]["brushlabels"][0] in LABELS
+            assert _mask(region).shape == (427, 640) and _mask(region).any()
+            assert 0 <= region["score"] <= 1
+
+
+def test_a_failing_image_gets_an_empty_result_and_the_others_go_on(client, image_server):
+    tasks = [{"id": 1, "data": {"image": f"{image_server}/missing.jpg"}},
+             {"id": 2, "data": {"image": f"{image_server}/corrupt.jpg"}},
+             {"id": 3, "data": {"image": f"{image_server}/china.jpg"}},
+             {"id": 4, "data": {"other": "no image key"}}]
+    body = _predict(client, tasks).json()
+    assert [bool(p["result"]) for p in body["results"]] == [False, False, True, False]
+    metrics = client.get("/metrics").text
+    assert 'freeseg_errors_total{kind="image_http_404"}' in metrics
+    assert 'freeseg_errors_total{kind="image_decode"}' in metrics
+    assert client.get("/health").json()["status"] == "UP"
+
+
+def test_polygon_config_gets_polygons(client, image_server):
+    body = _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}], POLYGON_CONFIG).json()
+    regions = body["results"][0]["result"]
+    assert regions and all(r["type"] == "polygonlabels" for r in regions)
+    for region in regions:
+        points = np.array(region["value"]["points"])
+        assert len(points) >= 3 and (points >= 0).all() and (points <= 100).all()
+        assert region["value"]["polygonlabels"][0] in LABELS
+
+
+def test_config_without_brush_or_polygon_is_a_400_naming_the_tag(client, image_server):
+    config = '<View><Image name="image" value="$image"/><Choices name="c" toName="image"><Choice value="a"/></Choices></View>'
+    response = _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}], config)
+    assert response.status_code == 400 and "BrushLabels" in response.json()["error"]
+    setup = client.post("/setup", json={"project": "2.2", "schema": config})
+    assert setup.status_code == 400 and "BrushLabels" in setup.json()["error"]
+
+
+def test_setup_answers_with_the_model_version_and_keeps_extra_params(client, image_server):
+    start = time.perf_counter()
+    response = client.post("/setup", json={"project": "3.3", "schema": BRUSH_CONFIG, "extra_params": {"k": 2}})
+    assert time.perf_counter() - start < 3
+    assert response.status_code == 200 and response.json()["model_version"].startswith("freesegdiff-")
+    task = [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]
+    body = client.post("/predict", json={"tasks": task, "project": "3.3"}).json()  # config from /setup
+    assert 1 <= len(body["results"][0]["result"]) <= 2  # K = 2 clusters at most
+    assert client.post("/setup", json={"project": "3.3", "extra_params": {"k": 99}}).status_code == 400
+
+
+def test_versions_webhook_and_metrics(client):
+    assert client.get("/versions").json()["versions"][0].startswith("freesegdiff-")
+    assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}}).status_code == 200
+    metrics = client.get("/metrics").text
+    for stage in ("caption", "features", "candidates", "clustering", "labelling", "refine", "results"):
+        assert f'freeseg_stage_seconds_count{{stage="{stage}"}}' in metrics
+    assert 'freeseg_model_state{state="ready"} 1.0' in metrics
+    assert "freeseg_queue_depth" in metrics and 'freeseg_requests_total{endpoint="predict"}' in metrics
+
+
+def test_bodies_over_the_limit_or_not_json_are_refused(client):
+    huge = b'{"tasks": [' + b" " * (11 * 1024 * 1024) + b"]}"
+    response = client.post("/predict", content=huge, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "FREESEG_MAX_REQUEST_BYTES" in response.json()["error"]
+    assert client.post("/predict", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
+    assert client.get("/health").status_code == 200
+
+
+def test_health_answers_at_once_while_models_load(tiny_settings, tiny_segmenter):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return tiny_segmenter
+
+    with _client(tiny_settings, slow_load) as client:
+        start = time.perf_counter()
+        health = client.get("/health")
+        assert time.perf_counter() - start < 1
+        assert health.json()["model_state"] == "loading"
+        assert client.post("/setup", json={"project": "1.1", "schema": BRUSH_CONFIG}).status_code == 200
+        busy = _predict(client, [{"id": 1, "data": {"image": "http://127.0.0.1:9/x.jpg"}}])
+        assert busy.status_code == 503 and busy.headers["Retry-After"]
+        release.set()
+        _wait_ready(client)
+
+
+def test_failed_model_load_shows_on_health(tiny_settings):
+    def broken_load():
+        raise RuntimeError("weights missing: set FREESEG_SD_MODEL")
+
+    with _client(tiny_settings, broken_load) as client:
+        deadline = time.monotonic() + 10
+        while client.get("/health").json()["model_state"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = client.get("/health")
+        assert health.status_code == 503 and "FREESEG_SD_MODEL" in health.json()["error"]
+
+
+def test_full_queue_answers_503_with_retry_after(tiny_segmenter, tmp_path, image_server):
+    settings = Settings(models="tiny", device="cpu", model_dir=tmp_path, queue_size=1)
+    with _client(settings, lambda: tiny_segmenter) as client:
+        _wait_ready(client)
+        worker = client.app.state.worker
+        gate, started = threading.Event(), threading.Event()
+        running = worker.submit(lambda segmenter: (started.set(), gate.wait(30)))  # occupies the worker
+        assert started.wait(10)
+        queued = worker.submit(lambda segmenter: None)  # fills the queue of one
+        response = _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}])
+        assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+        gate.set()
+        running.result(10), queued.result(10)
+        assert _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]).status_code == 200
+
+
+@pytest.mark.parametrize("path, method", [("/predict", "post"), ("/setup", "post"), ("/metrics", "get"),
+                                          ("/versions", "get"), ("/webhook", "post")])
+def test_basic_auth_guards_everything_but_health(tiny_segmenter, tmp_path, path, method):
+    settings = Settings(models="tiny", device="cpu", model_dir=tmp_path, basic_auth_user="u", basic_auth_pass="p")
+    with _client(settings, lambda: tiny_segmenter) as client:
+        assert client.get("/health").status_code == 200
+        kwargs = {"json": {}} if method == "post" else {}
+        assert getattr(client, method)(path, **kwargs).status_code == 401
+        assert getattr(client, method)(path, auth=("u", "wrong"), **kwargs).status_code == 401
+        assert getattr(client, method)(path, auth=("u", "p"), **kwargs).status_code != 401
