@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     fetch_timeout: float = Field(20.0, gt=0)
     retry_after_seconds: int = Field(5, ge=1)
 
+    # Feature cache: Redis when REDIS_URL is set, else in-process memory
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "FREESEG_REDIS_URL"), repr=False)
+    cache_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
+    cache_max_bytes: int = Field(1024**3, ge=0)
+    cache_timeout_seconds: float = Field(0.5, gt=0)
+    cache_retry_after_seconds: float = Field(5.0, gt=0)
+    cache_write_queue: int = Field(16, ge=1)
+
     log_level: str = Field("INFO", validation_alias=AliasChoices("LOG_LEVEL", "FREESEG_LOG_LEVEL"))
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any hub client is imported: never wait on a hub
 
@@ -11,6 +12,7 @@ import pytest
 from sklearn.datasets import load_sample_image
 
 from backend.pipeline.segmenter import Segmenter
+from tests.redis_server import REDIS_SERVER, RedisServer
 from backend.settings import Settings
 
 
@@ -54,3 +56,31 @@ def image_server(tmp_path_factory: pytest.TempPathFactory):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def start_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RedisServer]]:
+    """Starts redis-server processes, all stopped at the end of the session.
+
+    Skipped when redis-server is missing, unless CI is set: then missing it is a failure.
+    """
+    if REDIS_SERVER is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed, and CI is set: the Redis cache tests must run")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    servers: list[RedisServer] = []
+
+    def start(password: str | None = None) -> RedisServer:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), password)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(start_redis: Callable[..., RedisServer]) -> RedisServer:
+    return start_redis()

@@ -22,9 +22,44 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.cache_hits = Counter("freeseg_feature_cache_hits", "Encodings found in the cache", registry=self.registry)
+        self.cache_misses = Counter("freeseg_feature_cache_misses", "Encodings not in the cache", registry=self.registry)
+        self.cache_errors = Counter("freeseg_feature_cache_errors", "Cache calls that failed or were skipped",
+                                    registry=self.registry)
+        self.cache_skipped_writes = Counter("freeseg_feature_cache_skipped_writes",
+                                            "Encodings not cached because the writer was busy", registry=self.registry)
+        self.cache_bytes = Gauge("freeseg_feature_cache_bytes",
+                                 "In-process cache: bytes held now; Redis: bytes this process has written",
+                                 registry=self.registry)
+
+    def cache_metrics(self, cumulative_bytes: bool) -> CacheMetricsAdapter:
+        return CacheMetricsAdapter(self, cumulative_bytes)
+
     def set_model_state(self, state: str) -> None:
         for known in MODEL_STATES:
             self.model_state.labels(state=known).set(1 if known == state else 0)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage=stage).observe(seconds)
+
+
+class CacheMetricsAdapter:
+    """The cache's reports (``backend.cache.CacheMetrics``) as Prometheus metrics."""
+
+    def __init__(self, metrics: Metrics, cumulative_bytes: bool):
+        self.metrics, self.cumulative_bytes = metrics, cumulative_bytes
+
+    def hit(self) -> None:
+        self.metrics.cache_hits.inc()
+
+    def miss(self) -> None:
+        self.metrics.cache_misses.inc()
+
+    def error(self) -> None:
+        self.metrics.cache_errors.inc()
+
+    def stored(self, total_bytes: int) -> None:
+        if self.cumulative_bytes:
+            self.metrics.cache_bytes.inc(total_bytes)
+        else:
+            self.metrics.cache_bytes.set(total_bytes)
