@@ -52,3 +52,11 @@ def test_label_embedding_averages_name_and_synonyms():
     embedder = WordVectorEmbedder({"couch": [1, 0, 0], "sofa": [0, 1, 0]}, dimensions=3)
     (vector,) = label_embeddings(embedder, [Label("Couch", synonyms=("sofa",))])
     np.testing.assert_allclose(vector, [2**-0.5, 2**-0.5, 0], atol=1e-6)
+
+
+def test_typed_words_keep_their_nearest_label_even_when_far():
+    labels = [Label("cat"), Label("dog"), Label("couch")]
+    embedder = _embedder()
+    vectors = label_embeddings(embedder, labels)
+    assert match_candidates(["kitten", "cloud"], labels, vectors, embedder) == [0]
+    assert len(match_candidates(["kitten", "cloud"], labels, vectors, embedder, drop_far=False)) == 2

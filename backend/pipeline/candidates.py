@@ -31,10 +31,20 @@ def caption_nouns(nlp: Language, caption: str) -> list[str]:
     return list(dict.fromkeys(n for n in nouns if n.isalpha() or " " in n or "-" in n))
 
 
+def prompt_words(nlp: Language, prompt: str) -> list[str]:
+    """The nouns of a typed prompt, or its words when it has none ("sofa" alone may not parse as a noun)."""
+    return caption_nouns(nlp, prompt) or [w.lower() for w in prompt.replace(",", " ").split() if w.isalpha()]
+
+
 def match_candidates(
-    nouns: Sequence[str], labels: Sequence[Label], label_vectors: np.ndarray, clip: TextImageEmbedder
+    nouns: Sequence[str], labels: Sequence[Label], label_vectors: np.ndarray, clip: TextImageEmbedder,
+    drop_far: bool = True,
 ) -> list[int]:
-    """Indices (into ``labels``) of the candidate labels for these nouns, sorted."""
+    """Indices (into ``labels``) of the candidate labels for these nouns, sorted.
+
+    ``drop_far=False`` keeps every noun's nearest label: for words a person typed, which
+    are meant, unlike a captioner's.
+    """
     exact = {word: index for index, label in enumerate(labels) for word in label.words}
     candidates = {exact[noun] for noun in nouns if noun in exact}
     others = [noun for noun in nouns if noun not in exact]
@@ -42,5 +52,5 @@ def match_candidates(
         similarity = clip.embed_texts(prompts_for(others)) @ label_vectors.T
         nearest = similarity.argmax(axis=1)
         distance = 1.0 - similarity.max(axis=1)
-        candidates.update(int(i) for i, d in zip(nearest, distance) if d <= distance.mean() + 1e-6)
+        candidates.update(int(i) for i, d in zip(nearest, distance) if not drop_far or d <= distance.mean() + 1e-6)
     return sorted(candidates)

@@ -25,12 +25,12 @@ from spacy.language import Language
 from backend import __version__
 from backend.models import load_model_parts, resolve_device
 from backend.pipeline.caption import Captioner
-from backend.pipeline.candidates import caption_nouns, match_candidates
+from backend.pipeline.candidates import caption_nouns, match_candidates, prompt_words
 from backend.pipeline.clip_embeddings import LOGIT_SCALE, ClipEmbedder, TextImageEmbedder
 from backend.pipeline.clustering import cluster_feature_grid
 from backend.pipeline.encoding import FORMAT_VERSION, Encoding
 from backend.pipeline.features import FeatureExtractor, FeatureSettings
-from backend.pipeline.labelling import assign_labels, cluster_label_scores, cluster_masks, softmax
+from backend.pipeline.labelling import ClusterLabel, assign_labels, cluster_label_scores, cluster_masks, softmax
 from backend.pipeline.refine import refine_masks
 from backend.pipeline.vocabulary import Label, label_embeddings
 from backend.settings import RefineMethod, Settings
@@ -47,11 +47,21 @@ class SegmentOptions:
     use_caption: bool = True  # False: every label is a candidate (the paper's "no caption" ablation)
     caption_fallback: bool = True  # no candidate from the caption: take CLIP's best labels for the image
     seed: int = 0
+    prompt: str = ""  # words an annotator typed: they pick the candidate labels instead of the caption
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SegmentOptions:
         return cls(k=settings.k, refine=settings.refine, use_caption=settings.use_caption,
                    caption_fallback=settings.caption_fallback, seed=settings.seed)
+
+
+@dataclass(frozen=True)
+class Click:
+    """An annotator's point (pixels of the displayed image) and the label they gave it."""
+
+    x: float
+    y: float
+    label: int  # index into the labels passed to segment_clicks()
 
 
 @dataclass(frozen=True)
@@ -135,26 +145,53 @@ class Segmenter:
         with self._stage("candidates", timings):
             vectors = label_embeddings(self.clip, labels)
             candidates, used_fallback = self._candidates(encoding, labels, vectors, options)
-        with self._stage("clustering", timings):
-            grid = cluster_feature_grid(encoding.features.astype(np.float32), options.k, options.seed, self.device)
-            masks = cluster_masks(grid, encoding.height, encoding.width)
+        masks = self._cluster_masks(encoding, options, timings)
         with self._stage("labelling", timings):
             assigned = []
             if candidates:
                 scores = cluster_label_scores(self.clip, image, masks, vectors)
                 assigned = assign_labels(scores, candidates)
+        segmentation = self._refined(encoding, image, masks, assigned, labels, options, timings)
+        segmentation.candidates = [labels[i].name for i in candidates]
+        segmentation.used_fallback = used_fallback
+        return segmentation
+
+    def segment_clicks(
+        self, encoding: Encoding, image: np.ndarray, labels: Sequence[Label], clicks: Sequence[Click],
+        options: SegmentOptions,
+    ) -> Segmentation:
+        """The refined cluster under each click, with the click's label (a second click on a cluster loses)."""
+        _check_compatible(encoding, image, self.fingerprint)
+        timings: dict[str, float] = {}
+        masks = self._cluster_masks(encoding, options, timings)
+        assigned: dict[int, ClusterLabel] = {}
+        for click in clicks:
+            row = min(max(int(click.y), 0), encoding.height - 1)
+            column = min(max(int(click.x), 0), encoding.width - 1)
+            cluster = int(masks[:, row, column].argmax())
+            assigned.setdefault(cluster, ClusterLabel(cluster=cluster, label=click.label, score=1.0))
+        return self._refined(encoding, image, masks, list(assigned.values()), labels, options, timings)
+
+    def _cluster_masks(self, encoding: Encoding, options: SegmentOptions, timings: dict[str, float]) -> np.ndarray:
+        with self._stage("clustering", timings):
+            grid = cluster_feature_grid(encoding.features.astype(np.float32), options.k, options.seed, self.device)
+            return cluster_masks(grid, encoding.height, encoding.width)
+
+    def _refined(
+        self, encoding: Encoding, image: np.ndarray, masks: np.ndarray, assigned: Sequence[ClusterLabel], labels: Sequence[Label],
+        options: SegmentOptions, timings: dict[str, float],
+    ) -> Segmentation:
+        """The label map of the labelled clusters after refinement; regions refinement emptied are dropped."""
         with self._stage("refine", timings):
             refined = refine_masks(image, masks[[a.cluster for a in assigned]], options.refine, self.device)
-        label_map = np.zeros((encoding.height, encoding.width), dtype=np.uint16)
+        label_map = np.zeros(masks.shape[1:], dtype=np.uint16)
         regions = []
         for assignment, mask in zip(assigned, refined):
             if mask.any():
                 label_map[mask] = assignment.label + 1
                 regions.append(Region(assignment.label, labels[assignment.label].name, assignment.score))
-        return Segmentation(
-            label_map=label_map, regions=regions, caption=encoding.caption,
-            candidates=[labels[i].name for i in candidates], used_fallback=used_fallback, timings=timings,
-        )
+        return Segmentation(label_map=label_map, regions=regions, caption=encoding.caption, candidates=[],
+                            timings=timings)
 
     def segment_image(self, image: np.ndarray, labels: Sequence[Label], options: SegmentOptions) -> Segmentation:
         """The one-shot run: encode, then segment."""
@@ -163,6 +200,9 @@ class Segmenter:
     def _candidates(
         self, encoding: Encoding, labels: Sequence[Label], vectors: np.ndarray, options: SegmentOptions
     ) -> tuple[list[int], bool]:
+        if options.prompt.strip():
+            words = prompt_words(self.nlp, options.prompt)
+            return match_candidates(words, labels, vectors, self.clip, drop_far=False), False
         if not options.use_caption:
             return list(range(len(labels))), False
         nouns = caption_nouns(self.nlp, encoding.caption)

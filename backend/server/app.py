@@ -22,8 +22,11 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, parse_label_config, validate_options
+from backend.cache import create_cache
+from backend.labelstudio.context import parse_context
 from backend.labelstudio.images import LabelStudioAccess
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
+from backend.server.cache_writer import CacheWriter
 from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
 from backend.server.predictions import Predictor, options_with
@@ -63,7 +66,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         return segmenter
 
     worker = InferenceWorker(load, settings.queue_size, on_state=metrics.set_model_state, on_depth=metrics.queue_depth.set)
-    predictor = Predictor(settings, worker, metrics, version)
+    cache = create_cache(settings, metrics.cache_metrics)
+    cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)
+    predictor = Predictor(settings, worker, metrics, version, cache, cache_writer)
     default_options = SegmentOptions.from_settings(settings)
 
     @asynccontextmanager
@@ -71,6 +76,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         worker.start()
         yield
         await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(cache_writer.stop)
 
     app = FastAPI(title="freesegdiff", version=version, lifespan=lifespan)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
@@ -123,8 +129,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         vocabulary = vocabulary_of(label_config)
         options = options_with(options_with(default_options, vocabulary.options), known.options)
         access = _label_studio_access(settings, known.access)
+        interaction = parse_context(request.params.context if request.params else None, vocabulary)
         try:
-            results = await predictor.predict(request.tasks, vocabulary, options, access)
+            results = await predictor.predict(request.tasks, vocabulary, options, access, interaction)
         except (QueueFullError, ModelsNotReadyError):
             raise
         except Exception as error:  # an inference failure answers this request; the server goes on
@@ -147,7 +154,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.state.worker, app.state.metrics, app.state.projects = worker, metrics, projects
+    app.state.worker, app.state.metrics, app.state.cache_writer = worker, metrics, cache_writer
     return app
 
 

@@ -1,8 +1,9 @@
 """/predict's work: task images in, one Label Studio prediction per task out, in order.
 
-Images are fetched and decoded in the request's thread pool, inference runs on the
-single inference worker as one batch per request, and the results (RLE encoding) are
-built back in the thread pool, off the inference thread. A task whose image fails gets
+Images are fetched and decoded in the request's thread pool; their encodings come from
+the feature cache when it has them (a re-prompt: another label set, K, a click, typed
+words) and are otherwise computed on the single inference worker, one batch per request;
+the results (RLE encoding) are built back in the thread pool, off the inference thread. A task whose image fails gets
 an empty prediction; its error is logged and counted, and the other tasks go on.
 """
 
@@ -13,6 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -21,7 +23,11 @@ from backend.images import ImageError, ImageLimits, decode_image
 from backend.labelstudio.config import ProjectVocabulary
 from backend.labelstudio.images import ImageFetchError, LabelStudioAccess, fetch_image_bytes, task_image_url
 from backend.labelstudio.results import brush_results, polygon_results, prediction
-from backend.pipeline.segmenter import Segmentation, Segmenter, SegmentOptions
+from backend.cache import FeatureCache, cache_key
+from backend.labelstudio.context import Interaction
+from backend.pipeline.encoding import Encoding
+from backend.pipeline.segmenter import Click, Segmentation, Segmenter, SegmentOptions
+from backend.server.cache_writer import CacheWriter
 from backend.server.metrics import Metrics
 from backend.server.protocol import Task
 from backend.server.worker import InferenceWorker
@@ -38,37 +44,46 @@ def options_with(defaults: SegmentOptions, overrides: Mapping[str, str]) -> Segm
     return dataclasses.replace(defaults, **typed)
 
 
+def _pixel_clicks(interaction: Interaction, image: np.ndarray) -> list[Click]:
+    height, width = image.shape[:2]
+    return [Click(c.x * width / 100.0, c.y * height / 100.0, c.label) for c in interaction.clicks]
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    image: np.ndarray
+    key: str  # of its encoding in the feature cache
+
+
 class Predictor:
-    def __init__(self, settings: Settings, worker: InferenceWorker, metrics: Metrics, model_version: str):
+    def __init__(self, settings: Settings, worker: InferenceWorker, metrics: Metrics, model_version: str,
+                 cache: FeatureCache, cache_writer: CacheWriter):
         self.settings, self.worker, self.metrics = settings, worker, metrics
         self.model_version = model_version
+        self.cache, self.cache_writer = cache, cache_writer
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
 
     async def predict(
-        self, tasks: Sequence[Task], vocabulary: ProjectVocabulary, options: SegmentOptions, access: LabelStudioAccess
+        self, tasks: Sequence[Task], vocabulary: ProjectVocabulary, options: SegmentOptions,
+        access: LabelStudioAccess, interaction: Interaction | None = None,
     ) -> list[dict]:
         self.worker.ensure_ready()  # before any download: a busy answer should be cheap
-        images = await run_in_threadpool(self._load_images, tasks, vocabulary, access)
-        loaded = [image for image in images if image is not None]
-        segmentations = iter(await self._segment(loaded, vocabulary, options) if loaded else [])
+        loaded = await run_in_threadpool(lambda: [self._load_image(task, vocabulary, access) for task in tasks])
+        present = [item for item in loaded if item is not None]
+        segmentations = iter(await self._segment(present, vocabulary, options, interaction) if present else [])
         start = time.perf_counter()
         predictions = await run_in_threadpool(
-            lambda: [self._prediction(next(segmentations), vocabulary) if image is not None else self._empty()
-                     for image in images]
+            lambda: [self._prediction(next(segmentations), vocabulary) if item is not None else self._empty()
+                     for item in loaded]
         )
         self.metrics.observe_stage("results", time.perf_counter() - start)
         return predictions
 
-    def _load_images(
-        self, tasks: Sequence[Task], vocabulary: ProjectVocabulary, access: LabelStudioAccess
-    ) -> list[np.ndarray | None]:
-        return [self._load_image(task, vocabulary, access) for task in tasks]
-
-    def _load_image(self, task: Task, vocabulary: ProjectVocabulary, access: LabelStudioAccess) -> np.ndarray | None:
+    def _load_image(self, task: Task, vocabulary: ProjectVocabulary, access: LabelStudioAccess) -> _Loaded | None:
         try:
             url = task_image_url(task.model_dump(), vocabulary.image_key)
             data = fetch_image_bytes(url, task.id, access, self.limits, timeout=self.settings.fetch_timeout)
-            return decode_image(data, self.limits)
+            return _Loaded(decode_image(data, self.limits), cache_key(data, self.worker.fingerprint))
         except (ImageFetchError, ImageError) as error:
             kind = f"image_{error.kind}" if isinstance(error, ImageFetchError) else "image_decode"
             log.warning("task %s: no prediction, its image failed: %s", task.id, error)
@@ -77,13 +92,30 @@ class Predictor:
             return None
 
     async def _segment(
-        self, images: list[np.ndarray], vocabulary: ProjectVocabulary, options: SegmentOptions
+        self, items: list[_Loaded], vocabulary: ProjectVocabulary, options: SegmentOptions,
+        interaction: Interaction | None,
     ) -> list[Segmentation]:
-        def work(segmenter: Segmenter) -> list[Segmentation]:
-            encodings = segmenter.encode_batch(images)
-            return [segmenter.segment(e, image, vocabulary.labels, options) for e, image in zip(encodings, images)]
+        """Segment every image on the inference worker, encoding only those not in the cache."""
+        cached = await run_in_threadpool(lambda: [self.cache.get(item.key) for item in items])
+        if interaction is not None and interaction.text:
+            options = dataclasses.replace(options, prompt=interaction.text)
+        labels = vocabulary.labels
 
-        return await asyncio.wrap_future(self.worker.submit(work))
+        def work(segmenter: Segmenter) -> tuple[list[Segmentation], dict[int, Encoding]]:
+            missing = [i for i, encoding in enumerate(cached) if encoding is None]
+            fresh = dict(zip(missing, segmenter.encode_batch([items[i].image for i in missing]) if missing else []))
+            encodings = [fresh.get(i) or encoding for i, encoding in enumerate(cached)]
+            if interaction is not None and interaction.clicks:
+                return [segmenter.segment_clicks(e, item.image, labels, _pixel_clicks(interaction, item.image), options)
+                        for e, item in zip(encodings, items)], fresh
+            return [segmenter.segment(e, item.image, labels, options) for e, item in zip(encodings, items)], fresh
+
+        segmentations, fresh = await asyncio.wrap_future(self.worker.submit(work))
+        for index, encoding in fresh.items():
+            self.cache_writer.put(items[index].key, encoding)
+        log.info("segmented %d images, %d from the feature cache%s", len(items), len(items) - len(fresh),
+                 " (interactive)" if interaction else "")
+        return segmentations
 
     def _prediction(self, segmentation: Segmentation, vocabulary: ProjectVocabulary) -> dict:
         to_results = polygon_results if vocabulary.result_type == "polygonlabels" else brush_results

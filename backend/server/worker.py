@@ -47,6 +47,7 @@ class InferenceWorker:
         self._lock = threading.Lock()
         self.state = "loading"
         self.error: str | None = None
+        self.fingerprint = ""  # of the loaded models: part of every feature cache key
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     def start(self) -> None:
@@ -95,6 +96,7 @@ class InferenceWorker:
             self.error = f"models failed to load: {error}"
             self._set_state("failed")
             return
+        self.fingerprint = segmenter.fingerprint
         self._set_state("ready")
         log.info("models ready")
         while (job := self._jobs.get()) is not None:
