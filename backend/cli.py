@@ -106,11 +106,31 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("bench", help="measure throughput, latency and re-prompt cost against a naive baseline")
+    parser.add_argument("--profile", choices=["tiny", "random-full", "pretrained"], default="tiny")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    parser.add_argument("--images", type=int, default=8, help="number of images (synthetic unless --image-dir)")
+    parser.add_argument("--image-dir", type=Path, help="benchmark on the images of this folder instead")
+    parser.add_argument("--batch", type=int, default=4, help="images per encode batch")
+    parser.add_argument("--json", type=Path, dest="json_path", help="write the figures to this JSON file")
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from backend.bench import BenchConfig, run_bench
+
+    config = BenchConfig(profile=args.profile, device=args.device, images=args.images, batch=args.batch,
+                         image_dir=args.image_dir, json_path=args.json_path)
+    run_bench(config, get_settings())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freesegdiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _segment_parser(commands)
     _serve_parser(commands)
+    _bench_parser(commands)
     return parser
 
 
@@ -127,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(get_settings().log_level)
     try:
-        return {"segment": run_segment, "serve": run_serve}[args.command](args)
+        return {"segment": run_segment, "serve": run_serve, "bench": run_bench_command}[args.command](args)
     except ModelUnavailableError as error:
         log.error("%s", error)
         return 2

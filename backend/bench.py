@@ -1,0 +1,209 @@
+"""``freesegdiff bench``: throughput, latency and re-prompt cost, against a naive baseline.
+
+Everything is measured in one run on the same images and models, so ratios hold on a
+noisy machine. The naive mode works like the authors' released code: one image at a
+time, scikit-learn K-means, the CPU CRF for each cluster, CLIP called once per cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from backend.cache import MemoryCache
+from backend.images import read_image_file
+from backend.labelstudio.results import brush_results
+from backend.pipeline.clip_embeddings import TextImageEmbedder
+from backend.pipeline.encoding import Encoding
+from backend.pipeline.clustering import canonical_order
+from backend.pipeline.labelling import cluster_masks
+from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
+from backend.pipeline.vocabulary import labels_from_names
+from backend.settings import Settings
+
+# Pascal VOC's 20 object classes: a realistic label set.
+VOC_LABELS = ("aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,dining table,dog,horse,motorbike,person,"
+              "potted plant,sheep,sofa,train,tv monitor").split(",")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    profile: str
+    device: str
+    images: int
+    batch: int
+    image_dir: Path | None = None
+    json_path: Path | None = None
+
+
+def synthetic_images(count: int, seed: int = 0, size: tuple[int, int] = (375, 500)) -> list[np.ndarray]:
+    """Photo-like test images: a sky gradient, ground, a few solid shapes, sensor noise."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    rows, columns = np.mgrid[0:height, 0:width]
+    images = []
+    for _ in range(count):
+        horizon = int(height * rng.uniform(0.35, 0.65))
+        image = np.zeros((height, width, 3), dtype=np.float32)
+        image[:] = rng.uniform(60, 200, 3)
+        image[:horizon] = np.linspace(rng.uniform(120, 255, 3), rng.uniform(60, 200, 3), horizon)[:, None, :]
+        for _ in range(rng.integers(2, 5)):
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            ry, rx = rng.uniform(20, height / 3), rng.uniform(20, width / 3)
+            image[((rows - cy) / ry) ** 2 + ((columns - cx) / rx) ** 2 < 1] = rng.uniform(0, 255, 3)
+        image += rng.normal(0, 8, image.shape)
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return images
+
+
+class PerClusterClip:
+    """The released code's CLIP use: one call per masked image."""
+
+    def __init__(self, clip: TextImageEmbedder):
+        self.clip = clip
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.clip.embed_texts(texts)
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([self.clip.embed_images([image]) for image in images])
+
+
+class NaiveSegmenter(Segmenter):
+    """The baseline: scikit-learn K-means (10 inits, one after another) and per-cluster CLIP."""
+
+    def __init__(self, fast: Segmenter):
+        super().__init__(fast.captioner, fast.features, PerClusterClip(fast.clip), fast.nlp, fast.fingerprint, "cpu")
+
+    def _cluster_masks(self, encoding: Encoding, options: SegmentOptions, timings: dict[str, float]) -> np.ndarray:
+        with self._stage("clustering", timings):
+            channels = encoding.features.shape[0]
+            points = encoding.features.astype(np.float32).reshape(channels, -1).T
+            assignment = KMeans(options.k, n_init=10, random_state=options.seed).fit_predict(points)
+            grid = canonical_order(assignment).reshape(encoding.features.shape[1:])
+            return cluster_masks(grid, encoding.height, encoding.width)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else 0.0
+
+
+def _timed(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_bench(config: BenchConfig, settings: Settings) -> dict:
+    """Measure, print a summary, and return the figures (also written to ``config.json_path``)."""
+    settings = settings.model_copy(update={"models": config.profile, "device": config.device})
+    load_start = time.perf_counter()
+    fast = Segmenter.from_settings(settings)
+    load_seconds = time.perf_counter() - load_start
+    device = fast.device
+    if config.image_dir:
+        paths = sorted(p for p in config.image_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        images = [read_image_file(p) for p in paths[: config.images]]
+    else:
+        images = synthetic_images(config.images)
+    labels = labels_from_names(VOC_LABELS)
+    options = SegmentOptions.from_settings(settings)
+    stages: dict[str, list[float]] = defaultdict(list)
+
+    def predict_batch(segmenter: Segmenter, batch: Sequence[np.ndarray]) -> None:
+        for encoding, image in zip(segmenter.encode_batch(batch), batch):
+            result = segmenter.segment(encoding, image, labels, options)
+            start = time.perf_counter()
+            brush_results(result, "tag", "image")
+            stages["results"].append(time.perf_counter() - start)
+        _sync(device)
+
+    predict_batch(fast, images[:1])  # warm-up: first calls allocate, compile kernels, fill caches
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stages.clear()
+    fast.observer = lambda stage, seconds: stages[stage].append(seconds)
+    batches = [images[i : i + config.batch] for i in range(0, len(images), config.batch)]
+    throughput_seconds = _timed(lambda: [predict_batch(fast, batch) for batch in batches])
+    fast.observer = None
+    stage_medians = {stage: 1000 * statistics.median(values) for stage, values in sorted(stages.items())}
+    latencies = [_timed(lambda image=image: predict_batch(fast, [image])) for image in images]
+
+    cache = MemoryCache(max_bytes=2**34)
+    for index, image in enumerate(images):
+        cache.put(str(index), fast.encode(image))
+    reprompt_options = SegmentOptions(k=options.k + 1, refine=options.refine, seed=options.seed)
+    reprompts = [
+        _timed(lambda i=index, image=image: fast.segment(cache.get(str(i)), image, labels, reprompt_options))
+        for index, image in enumerate(images)
+    ]
+
+    naive = NaiveSegmenter(fast)
+    naive_seconds = _timed(lambda: [predict_batch(naive, [image]) for image in images])
+
+    figures = {
+        "profile": config.profile,
+        "model_version": model_version(settings),
+        "device": str(device),
+        "images": len(images),
+        "batch": config.batch,
+        "k": options.k,
+        "refine": options.refine,
+        "images_per_s": len(images) / throughput_seconds,
+        "baseline_images_per_s": len(images) / naive_seconds,
+        "speedup": naive_seconds / throughput_seconds,
+        "latency_p50_ms": 1000 * _percentile(latencies, 50),
+        "latency_p95_ms": 1000 * _percentile(latencies, 95),
+        "reprompt_p50_ms": 1000 * _percentile(reprompts, 50),
+        "reprompt_to_cold_ratio": _percentile(reprompts, 50) / max(_percentile(latencies, 50), 1e-9),
+        "stages_ms": stage_medians,  # per call: caption and features are called once per batch
+        "model_load_s": load_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "hardware": _hardware(device),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    _print(figures)
+    if config.json_path:
+        config.json_path.parent.mkdir(parents=True, exist_ok=True)
+        config.json_path.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def _hardware(device: torch.device) -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+    }
+
+
+def _print(figures: dict) -> None:
+    print(f"freesegdiff bench: {figures['profile']} on {figures['device']}, {figures['images']} images, "
+          f"batch {figures['batch']}, K={figures['k']}, refine={figures['refine']}")
+    print(f"  throughput      {figures['images_per_s']:8.2f} images/s   (naive {figures['baseline_images_per_s']:.2f}, "
+          f"speedup x{figures['speedup']:.2f})")
+    print(f"  latency         p50 {figures['latency_p50_ms']:8.1f} ms   p95 {figures['latency_p95_ms']:.1f} ms")
+    print(f"  re-prompt       p50 {figures['reprompt_p50_ms']:8.1f} ms   ({figures['reprompt_to_cold_ratio']:.2f} of a cold prediction)")
+    print("  stages (median ms per call): " + ", ".join(f"{k} {v:.1f}" for k, v in figures["stages_ms"].items()))
+    gpu = f", GPU peak {figures['peak_gpu_mb']:.0f} MB" if figures["peak_gpu_mb"] is not None else ""
+    print(f"  memory          RSS peak {figures['peak_rss_mb']:.0f} MB{gpu}; models loaded in {figures['model_load_s']:.1f} s")
