@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     )
     workers: int = Field(1, ge=1, validation_alias=AliasChoices("WORKERS", "FREESEG_WORKERS"))
     queue_size: int = Field(8, ge=1)
+    max_batch: int = Field(8, ge=1)
+    max_wait_ms: float = Field(10.0, ge=0)
     max_request_bytes: int = 10 * 1024 * 1024
     fetch_timeout: float = Field(20.0, gt=0)
     retry_after_seconds: int = Field(5, ge=1)

@@ -100,19 +100,22 @@ class Predictor:
         if interaction is not None and interaction.text:
             options = dataclasses.replace(options, prompt=interaction.text)
         labels = vocabulary.labels
+        missing = [i for i, encoding in enumerate(cached) if encoding is None]
+        fresh: dict[int, Encoding] = {}
+        if missing:
+            encoded = await asyncio.wrap_future(self.worker.submit_encode([items[i].image for i in missing]))
+            fresh = dict(zip(missing, encoded))
+            for index, encoding in fresh.items():
+                self.cache_writer.put(items[index].key, encoding)
+        encodings = [fresh.get(i) or encoding for i, encoding in enumerate(cached)]
 
-        def work(segmenter: Segmenter) -> tuple[list[Segmentation], dict[int, Encoding]]:
-            missing = [i for i, encoding in enumerate(cached) if encoding is None]
-            fresh = dict(zip(missing, segmenter.encode_batch([items[i].image for i in missing]) if missing else []))
-            encodings = [fresh.get(i) or encoding for i, encoding in enumerate(cached)]
+        def work(segmenter: Segmenter) -> list[Segmentation]:
             if interaction is not None and interaction.clicks:
                 return [segmenter.segment_clicks(e, item.image, labels, _pixel_clicks(interaction, item.image), options)
-                        for e, item in zip(encodings, items)], fresh
-            return [segmenter.segment(e, item.image, labels, options) for e, item in zip(encodings, items)], fresh
+                        for e, item in zip(encodings, items)]
+            return [segmenter.segment(e, item.image, labels, options) for e, item in zip(encodings, items)]
 
-        segmentations, fresh = await asyncio.wrap_future(self.worker.submit(work))
-        for index, encoding in fresh.items():
-            self.cache_writer.put(items[index].key, encoding)
+        segmentations = await asyncio.wrap_future(self.worker.submit(work))
         log.info("segmented %d images, %d from the feature cache%s", len(items), len(items) - len(fresh),
                  " (interactive)" if interaction else "")
         return segmentations

@@ -1,7 +1,9 @@
 """One inference worker per process, behind a bounded queue.
 
 The models are not thread-safe and one GPU runs one batch at a time, so a single thread
-owns the segmenter and takes jobs from a queue of fixed capacity. When the queue is
+owns the segmenter and takes jobs from a queue of fixed capacity. Encode jobs of
+concurrent requests are batched together (up to ``max_batch`` images, waiting at most
+``max_wait_seconds`` for more), since the U-Net and captioner run batches far faster. When the queue is
 full, callers are told at once (and answer 503 with Retry-After) instead of piling up
 threads. Models load in the same thread at start, so the server answers ``/health``
 while they load.
@@ -12,10 +14,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
+import numpy as np
+
+from backend.pipeline.encoding import Encoding
 from backend.pipeline.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -31,16 +37,20 @@ class ModelsNotReadyError(RuntimeError):
 
 
 class _Job(Generic[T]):
-    def __init__(self, work: Callable[[Segmenter], T]):
-        self.work = work
+    """Work for the segmenter; an encode job (``images`` set) may be batched with others."""
+
+    def __init__(self, work: Callable[[Segmenter], T] | None = None, images: list[np.ndarray] | None = None):
+        self.work, self.images = work, images
         self.future: Future[T] = Future()
 
 
 class InferenceWorker:
     def __init__(self, load_segmenter: Callable[[], Segmenter], capacity: int,
                  on_state: Callable[[str], None] = lambda state: None,
-                 on_depth: Callable[[int], None] = lambda depth: None):
+                 on_depth: Callable[[int], None] = lambda depth: None,
+                 max_batch: int = 8, max_wait_seconds: float = 0.01):
         self._load_segmenter = load_segmenter
+        self.max_batch, self.max_wait_seconds = max_batch, max_wait_seconds
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=capacity)
         self._on_state, self._on_depth = on_state, on_depth
         self._pending = 0
@@ -70,8 +80,14 @@ class InferenceWorker:
 
     def submit(self, work: Callable[[Segmenter], T]) -> Future[T]:
         """Queue ``work`` for the worker thread; raises at once when not ready or full."""
+        return self._enqueue(_Job(work=work))
+
+    def submit_encode(self, images: list[np.ndarray]) -> Future[list[Encoding]]:
+        """Queue the encoding of ``images``; concurrent requests' images share the U-Net's batches."""
+        return self._enqueue(_Job(images=images))
+
+    def _enqueue(self, job: _Job[T]) -> Future[T]:
         self.ensure_ready()
-        job = _Job(work)
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
@@ -100,6 +116,47 @@ class InferenceWorker:
         self._set_state("ready")
         log.info("models ready")
         while (job := self._jobs.get()) is not None:
+            if job.images is None:
+                self._run_jobs(segmenter, [job])
+                continue
+            encodes, others, stop = self._gather_encodes(job)
+            self._run_encodes(segmenter, encodes)
+            self._run_jobs(segmenter, others)
+            if stop:
+                return
+
+    def _gather_encodes(self, first: _Job) -> tuple[list[_Job], list[_Job], bool]:
+        """Dynamic batching: more encode jobs, until ``max_batch`` images or ``max_wait_seconds``."""
+        encodes, others = [first], []
+        deadline = time.monotonic() + self.max_wait_seconds
+        while sum(len(j.images) for j in encodes) < self.max_batch:
+            try:
+                job = self._jobs.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if job is None:
+                return encodes, others, True
+            (encodes if job.images is not None else others).append(job)
+        return encodes, others, False
+
+    def _run_encodes(self, segmenter: Segmenter, jobs: list[_Job]) -> None:
+        """One encode_batch call per ``max_batch`` images of all jobs, results handed back per job."""
+        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        images = [image for job in live for image in job.images]
+        try:
+            encodings = [e for start in range(0, len(images), self.max_batch)
+                         for e in segmenter.encode_batch(images[start : start + self.max_batch])]
+            for job in live:
+                job.future.set_result(encodings[: len(job.images)])
+                encodings = encodings[len(job.images) :]
+        except Exception as error:  # handed to every waiting request of the batch
+            for job in live:
+                job.future.set_exception(error)
+        finally:
+            self._change_depth(-len(jobs))
+
+    def _run_jobs(self, segmenter: Segmenter, jobs: list[_Job]) -> None:
+        for job in jobs:
             try:
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_result(job.work(segmenter))

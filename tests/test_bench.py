@@ -1,0 +1,25 @@
+"""The benchmark command runs and reports what it promises (figures are read by people, not asserted)."""
+
+import json
+
+from backend.bench import BenchConfig, run_bench, synthetic_images
+
+
+def test_synthetic_images_are_deterministic_photo_sized():
+    first, again = synthetic_images(2, seed=3), synthetic_images(2, seed=3)
+    assert first[0].shape == (375, 500, 3) and first[0].dtype.name == "uint8"
+    assert all((a == b).all() for a, b in zip(first, again)) and not (first[0] == first[1]).all()
+
+
+def test_bench_reports_every_figure(tiny_settings, tmp_path, capsys):
+    config = BenchConfig(profile="tiny", device="cpu", images=2, batch=2, json_path=tmp_path / "bench.json")
+    figures = run_bench(config, tiny_settings)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("images_per_s", "baseline_images_per_s", "speedup", "latency_p50_ms", "latency_p95_ms",
+                "reprompt_p50_ms", "stages_ms", "hardware", "peak_rss_mb"):
+        assert key in saved, key
+    assert saved["images_per_s"] > 0 and saved["baseline_images_per_s"] > 0
+    assert set(saved["stages_ms"]) >= {"caption", "features", "candidates", "clustering", "labelling", "refine", "results"}
+    assert saved["model_version"].endswith("tiny-random-weights")
+    assert figures["speedup"] == saved["speedup"]
+    assert "speedup" in capsys.readouterr().out

@@ -1,0 +1,91 @@
+"""The inference worker's mechanics: bounded queue, errors, dynamic batching of encodes."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from backend.server.worker import InferenceWorker, ModelsNotReadyError, QueueFullError
+
+
+class RecordingSegmenter:
+    fingerprint = "fake"
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def encode_batch(self, images):
+        self.batches.append(len(images))
+        return [f"encoding of {int(image[0, 0, 0])}" for image in images]
+
+
+def image(value: int) -> np.ndarray:
+    return np.full((2, 2, 3), value, dtype=np.uint8)
+
+
+def ready_worker(segmenter, **kwargs) -> InferenceWorker:
+    worker = InferenceWorker(lambda: segmenter, capacity=kwargs.pop("capacity", 16), **kwargs)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while worker.state != "ready":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return worker
+
+
+def test_concurrent_encodes_share_one_batch_and_get_their_own_results():
+    segmenter = RecordingSegmenter()
+    worker = ready_worker(segmenter, max_batch=8, max_wait_seconds=0.5)
+    gate, started = threading.Event(), threading.Event()
+    busy = worker.submit(lambda s: (started.set(), gate.wait(5)))
+    assert started.wait(5)
+    futures = [worker.submit_encode([image(1), image(2)]), worker.submit_encode([image(3)]),
+               worker.submit_encode([image(4), image(5), image(6)])]
+    gate.set()
+    busy.result(5)
+    assert [f.result(5) for f in futures] == [
+        ["encoding of 1", "encoding of 2"], ["encoding of 3"], ["encoding of 4", "encoding of 5", "encoding of 6"]
+    ]
+    assert segmenter.batches == [6]
+    assert worker.depth == 0
+    worker.stop()
+
+
+def test_batches_never_exceed_max_batch():
+    segmenter = RecordingSegmenter()
+    worker = ready_worker(segmenter, max_batch=4, max_wait_seconds=0.01)
+    result = worker.submit_encode([image(i) for i in range(10)]).result(5)
+    assert len(result) == 10 and segmenter.batches == [4, 4, 2]
+    worker.stop()
+
+
+def test_an_error_reaches_every_request_of_the_batch_and_the_worker_goes_on():
+    class Failing(RecordingSegmenter):
+        def encode_batch(self, images):
+            raise RuntimeError("CUDA out of memory")
+
+    worker = ready_worker(Failing(), max_wait_seconds=0.01)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        worker.submit_encode([image(1)]).result(5)
+    assert worker.submit(lambda s: "still serving").result(5) == "still serving"
+    worker.stop()
+
+
+def test_not_ready_and_full_are_refused_at_once():
+    release = threading.Event()
+    loading = InferenceWorker(lambda: (release.wait(5), RecordingSegmenter())[1], capacity=1)
+    loading.start()
+    with pytest.raises(ModelsNotReadyError, match="loading"):
+        loading.submit(lambda s: None)
+    release.set()
+    worker = ready_worker(RecordingSegmenter(), capacity=1)
+    gate, started = threading.Event(), threading.Event()
+    worker.submit(lambda s: (started.set(), gate.wait(5)))
+    assert started.wait(5)
+    worker.submit(lambda s: None)
+    with pytest.raises(QueueFullError):
+        worker.submit(lambda s: None)
+    gate.set()
+    worker.stop()
+    loading.stop()
