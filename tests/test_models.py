@@ -70,3 +70,8 @@ def test_model_version_says_when_weights_are_random(tmp_path):
     assert model_version(Settings(models="tiny", device="cpu", feature_grid=16, model_dir=tmp_path)) != model_version(
         Settings(models="tiny", device="cpu", model_dir=tmp_path)
     )
+
+
+def test_the_captioner_can_be_kept_on_the_cpu(tiny_settings):
+    parts = load_model_parts(tiny_settings.model_copy(update={"captioner_device": "cpu"}))
+    assert parts.captioner_device.type == "cpu" and next(parts.captioner.model.parameters()).device.type == "cpu"

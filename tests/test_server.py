@@ -182,3 +182,18 @@ def test_basic_auth_guards_everything_but_health(tiny_segmenter, tmp_path, path,
         assert getattr(client, method)(path, **kwargs).status_code == 401
         assert getattr(client, method)(path, auth=("u", "wrong"), **kwargs).status_code == 401
         assert getattr(client, method)(path, auth=("u", "p"), **kwargs).status_code != 401
+
+
+def test_health_answers_within_a_second_while_a_prediction_runs(client, image_server):
+    tasks = [{"id": i, "data": {"image": f"{image_server}/china.jpg?{i}"}} for i in range(3)]
+    worker = threading.Thread(target=lambda: _predict(client, tasks, config=BRUSH_CONFIG.replace(
+        'toName="image">', 'toName="image" model_k="6">')))
+    worker.start()
+    timings = []
+    while worker.is_alive():
+        start = time.perf_counter()
+        assert client.get("/health").status_code == 200
+        timings.append(time.perf_counter() - start)
+        time.sleep(0.05)
+    worker.join()
+    assert timings and max(timings) < 1.0, f"slowest /health {max(timings):.2f} s"

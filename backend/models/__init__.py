@@ -34,6 +34,8 @@ class ModelParts:
     nlp: Language
     device: torch.device
     dtype: torch.dtype
+    captioner_device: torch.device
+    captioner_dtype: torch.dtype
 
 
 def resolve_device(choice: str) -> tuple[torch.device, torch.dtype]:
@@ -48,14 +50,19 @@ def resolve_device(choice: str) -> tuple[torch.device, torch.dtype]:
 def load_model_parts(settings: Settings) -> ModelParts:
     """Load (or, for the offline profiles, build) the models that ``settings`` names."""
     device, dtype = resolve_device(settings.device)
+    captioner_device, captioner_dtype = (device, dtype) if settings.captioner_device == "auto" else resolve_device(
+        settings.captioner_device
+    )
+    placement = {"device": device, "dtype": dtype, "captioner_device": captioner_device,
+                 "captioner_dtype": captioner_dtype}
     nlp = load_spacy(settings.spacy_model)
     if settings.models == "random-full":
         tokenizer_folder = settings.model_dir / "random-full-clip-tokenizer"
         return ModelParts(
             stable_diffusion=random_full.build_stable_diffusion(tokenizer_folder, device, dtype),
             clip=random_full.build_clip(device, dtype),
-            captioner=random_full.build_captioner(settings.captioner, device, dtype),
-            nlp=nlp, device=device, dtype=dtype,
+            captioner=random_full.build_captioner(settings.captioner, captioner_device, captioner_dtype),
+            nlp=nlp, **placement,
         )
     if settings.models == "tiny":
         folder = tiny_model_folder(settings.model_dir)
@@ -68,6 +75,7 @@ def load_model_parts(settings: Settings) -> ModelParts:
     return ModelParts(
         stable_diffusion=load_stable_diffusion(sd_source, allow_downloads=allow, device=device, dtype=dtype),
         clip=load_clip(clip_name, clip_weights, allow_downloads=allow, device=device, dtype=dtype),
-        captioner=load_captioner(settings.captioner, captioner_source, allow_downloads=allow, device=device, dtype=dtype),
-        nlp=nlp, device=device, dtype=dtype,
+        captioner=load_captioner(settings.captioner, captioner_source, allow_downloads=allow,
+                                 device=captioner_device, dtype=captioner_dtype),
+        nlp=nlp, **placement,
     )

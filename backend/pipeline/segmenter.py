@@ -241,7 +241,7 @@ def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
         "profile": settings.models,
         "dtype": str(dtype),
         "features": feature_settings(settings).__dict__,
-        "captioner": settings.captioner,
+        "captioner": [settings.captioner, settings.captioner_device],
     }
     if settings.models == "pretrained":
         described.update(sd=settings.sd_model, clip=[settings.clip_model, settings.clip_pretrained],
@@ -261,7 +261,7 @@ def _cached_segmenter(settings: Settings) -> Segmenter:
     parts = load_model_parts(settings)
     device, dtype = parts.device, parts.dtype
     return Segmenter(
-        captioner=Captioner(parts.captioner, device, dtype),
+        captioner=Captioner(parts.captioner, parts.captioner_device, parts.captioner_dtype),
         features=FeatureExtractor(parts.stable_diffusion, feature_settings(settings), device, dtype),
         clip=ClipEmbedder(parts.clip, device, dtype),
         nlp=parts.nlp,
