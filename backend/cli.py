@@ -125,12 +125,45 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("eval", help="mIoU on a standard dataset (VOC, COCO-Object, COCO-27) in a local folder")
+    parser.add_argument("--dataset", choices=["voc", "coco-object", "coco-27"], required=True)
+    parser.add_argument("--root", type=Path, required=True, help="the dataset's folder (see README, Quality)")
+    parser.add_argument("--limit", type=int, help="score only the first N images")
+    parser.add_argument("--predictions", type=Path, help="score these label-index PNGs instead of running the models")
+    parser.add_argument("--k", type=int, help="number of K-means clusters (FREESEG_K)")
+    parser.add_argument("--refine", choices=["crf", "pamr", "none"], help="mask refinement (FREESEG_REFINE)")
+    parser.add_argument("--no-caption", action="store_true", help="every label is a candidate (the paper's ablation)")
+    parser.add_argument("--json", type=Path, dest="json_path", required=True, help="write the figures here")
+    parser.set_defaults(strict=True)  # the paper's protocol: no fallback when the caption names no class
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from backend.evaluation.run import evaluate_predictions, evaluate_with_model, write_json
+
+    if args.predictions:
+        result = evaluate_predictions(args.dataset, args.root, args.predictions, args.limit)
+    else:
+        settings = get_settings()
+        segmenter = Segmenter.from_settings(settings)
+        options = _options(args, settings)
+        result = evaluate_with_model(
+            args.dataset, args.root, args.limit,
+            lambda image, names: segmenter.segment_image(image, labels_from_names(names), options).label_map,
+        )
+    write_json(result, args.json_path)
+    print(f"{result['dataset']}: mIoU {result['miou']:.2f}  pixel accuracy {result['pixel_accuracy']:.2f}  "
+          f"mean of per-image mIoU {result['miou_per_image_mean']:.2f}  ({result['num_images']} images)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freesegdiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _segment_parser(commands)
     _serve_parser(commands)
     _bench_parser(commands)
+    _eval_parser(commands)
     return parser
 
 
@@ -147,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(get_settings().log_level)
     try:
-        return {"segment": run_segment, "serve": run_serve, "bench": run_bench_command}[args.command](args)
+        return {"segment": run_segment, "serve": run_serve, "bench": run_bench_command, "eval": run_eval}[args.command](args)
     except ModelUnavailableError as error:
         log.error("%s", error)
         return 2
