@@ -157,6 +157,27 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("report", help="how annotators corrected the pre-annotations of a project, per label")
+    parser.add_argument("--project", required=True, help="Label Studio project id")
+    parser.add_argument("--chart", type=Path, help="PNG of IoU per label over time (default feedback-<project>.png)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from backend.evaluation.feedback import create_feedback_store, summarize
+    from backend.evaluation.report import format_table, render_chart
+
+    settings = get_settings()
+    records = create_feedback_store(settings.redis_url, settings.model_dir / "feedback").records(args.project)
+    if not records:
+        log.error("no feedback recorded for project %s yet (annotations of tasks with our predictions)", args.project)
+        return 1
+    print(format_table(summarize(records)))
+    chart = render_chart(records, args.chart or Path(f"feedback-{args.project}.png"))
+    print(f"{len(records)} annotations; chart {chart}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freesegdiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(commands)
     _bench_parser(commands)
     _eval_parser(commands)
+    _report_parser(commands)
     return parser
 
 
@@ -180,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(get_settings().log_level)
     try:
-        return {"segment": run_segment, "serve": run_serve, "bench": run_bench_command, "eval": run_eval}[args.command](args)
+        return {"segment": run_segment, "serve": run_serve, "bench": run_bench_command, "eval": run_eval, "report": run_report}[args.command](args)
     except ModelUnavailableError as error:
         log.error("%s", error)
         return 2

@@ -107,7 +107,8 @@ def test_setup_answers_with_the_model_version_and_keeps_extra_params(client, ima
     assert client.post("/setup", json={"project": "3.3", "extra_params": {"k": 99}}).status_code == 400
 
 
-def test_versions_webhook_and_metrics(client):
+def test_versions_webhook_and_metrics(client, image_server):
+    assert _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]).status_code == 200
     assert client.get("/versions").json()["versions"][0].startswith("freesegdiff-")
     assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}}).status_code == 200
     metrics = client.get("/metrics").text
@@ -197,3 +198,48 @@ def test_health_answers_within_a_second_while_a_prediction_runs(client, image_se
         time.sleep(0.05)
     worker.join()
     assert timings and max(timings) < 1.0, f"slowest /health {max(timings):.2f} s"
+
+
+def test_annotation_webhook_records_feedback_against_our_prediction(tiny_settings, tiny_segmenter, tmp_path):
+    import http.server
+    import json as json_module
+
+    from label_studio_sdk.converter.brush import mask2rle
+
+    from backend.evaluation.feedback import FileFeedbackStore
+
+    mask = np.zeros((30, 40), dtype=np.uint8)
+    mask[5:15, 5:15] = 255
+    corrected = mask.copy()
+    corrected[5:15, 5:10] = 0  # the annotator kept half of the region
+
+    def region(m, label="Sky"):
+        return {"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 40,
+                "original_height": 30, "value": {"format": "rle", "rle": mask2rle(m), "brushlabels": [label]}}
+
+    ours = {"id": 11, "task": 5, "model_version": "freesegdiff-0.1.0-x", "result": [region(mask)]}
+
+    class FakeLabelStudio(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json_module.dumps([ours] if self.path.startswith("/api/predictions/?task=5") else []).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = tiny_settings.model_copy(update={"model_dir": tmp_path,
+                                                "label_studio_url": f"http://127.0.0.1:{server.server_address[1]}"})
+    payload = {"action": "ANNOTATION_CREATED", "project": {"id": 3},
+               "annotation": {"id": 1, "task": 5, "result": [region(corrected)]}}
+    with _client(settings, lambda: tiny_segmenter) as client:
+        assert client.post("/webhook", json=payload).status_code == 200
+        metrics = client.get("/metrics").text
+    server.shutdown()
+    (record,) = FileFeedbackStore(tmp_path / "feedback").records("3")
+    assert record.task == 5 and [(f.label, f.outcome, f.iou) for f in record.labels] == [("Sky", "edited", 0.5)]
+    assert 'freeseg_feedback_regions_total{label="Sky",outcome="edited"} 1.0' in metrics

@@ -11,22 +11,24 @@ import asyncio
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, parse_label_config, validate_options
 from backend.cache import create_cache
+from backend.evaluation.feedback import create_feedback_store
 from backend.labelstudio.context import parse_context
 from backend.labelstudio.images import LabelStudioAccess
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
 from backend.server.cache_writer import CacheWriter
+from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
 from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
 from backend.server.predictions import Predictor, options_with
@@ -69,6 +71,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
                              on_depth=metrics.queue_depth.set, max_batch=settings.max_batch,
                              max_wait_seconds=settings.max_wait_ms / 1000)
     cache = create_cache(settings, metrics.cache_metrics)
+    feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"), metrics)
     cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)
     predictor = Predictor(settings, worker, metrics, version, cache, cache_writer)
     default_options = SegmentOptions.from_settings(settings)
@@ -143,8 +146,11 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         return {"results": results, "model_version": version}
 
     @app.post("/webhook", dependencies=authenticated)
-    async def webhook(request: WebhookRequest) -> dict:
+    async def webhook(request: WebhookRequest, background: BackgroundTasks) -> dict:
         count("webhook")
+        if request.action in ANNOTATION_ACTIONS:  # compared after answering: Label Studio waits for us
+            access = _label_studio_access(settings, _setup_of_project(projects, request.project))
+            background.add_task(_record_feedback, feedback, request.model_dump(), access, metrics)
         return {"status": "ok", "action": request.action}
 
     @app.get("/versions", dependencies=authenticated)
@@ -158,6 +164,23 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
 
     app.state.worker, app.state.metrics, app.state.cache_writer = worker, metrics, cache_writer
     return app
+
+
+def _setup_of_project(projects: Mapping[str, ProjectSetup], project: object) -> LabelStudioAccess:
+    """The access /setup gave for a webhook's project (keys are "<id>.<created>")."""
+    project_id = project.get("id") if isinstance(project, Mapping) else project
+    for key, setup in reversed(projects.items()):
+        if key.split(".")[0] == str(project_id):
+            return setup.access
+    return LabelStudioAccess(None, None)
+
+
+def _record_feedback(recorder: FeedbackRecorder, payload: dict, access: LabelStudioAccess, metrics: Metrics) -> None:
+    try:
+        recorder.record(payload, access)
+    except Exception:  # feedback is a by-product: a failure is logged and counted, never raised
+        log.exception("recording annotation feedback failed")
+        metrics.errors.labels(kind="feedback").inc()
 
 
 def _label_studio_access(settings: Settings, from_setup: LabelStudioAccess) -> LabelStudioAccess:

@@ -32,6 +32,12 @@ class Metrics:
                                  "In-process cache: bytes held now; Redis: bytes this process has written",
                                  registry=self.registry)
 
+        self.feedback_iou = Histogram("freeseg_feedback_iou", "IoU of predicted and corrected masks, per label",
+                                      ["label"], buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0),
+                                      registry=self.registry)
+        self.feedback_regions = Counter("freeseg_feedback_regions", "Predicted regions kept, edited or deleted, "
+                                        "and regions added, per label", ["label", "outcome"], registry=self.registry)
+
     def cache_metrics(self, cumulative_bytes: bool) -> CacheMetricsAdapter:
         return CacheMetricsAdapter(self, cumulative_bytes)
 

@@ -44,3 +44,5 @@ class SetupRequest(_Open):
 class WebhookRequest(_Open):
     action: str | None = None
     project: dict[str, Any] | str | int | None = None
+    task: dict[str, Any] | None = None
+    annotation: dict[str, Any] | None = None

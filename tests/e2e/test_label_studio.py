@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import requests
 import sklearn
-from label_studio_sdk.converter.brush import decode_rle
+import numpy as np
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from labelstudio import (
     BrowserCheck,
     LabelStudioServer,
@@ -48,6 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "artifacts" / "e2e"
 SCREENSHOT = ARTIFACTS / "label-studio-task.png"
 STREAM_SCREENSHOT = ARTIFACTS / "label-studio-stream.png"
+FEEDBACK_CHART = ARTIFACTS / "feedback-chart.png"
 IMAGES = Path(sklearn.__file__).parent / "datasets" / "images"  # china.jpg and flower.jpg, 640x427
 
 LABELS = ("building", "tree", "sky")
@@ -150,6 +152,20 @@ def wait_until_ready(url: str, process: subprocess.Popen, log_path: Path, timeou
                 f"log {log_path}:\n{log_tail(log_path)}")
 
 
+def correct_first_region(results: list[dict]) -> list[dict]:
+    """The prediction's regions with every other row of the first region's mask erased (IoU about 0.5)."""
+    corrected = [json.loads(json.dumps(region)) for region in results]
+    first = corrected[0]
+    height, width = first["original_height"], first["original_width"]
+    mask = decode_rle(first["value"]["rle"]).reshape(height, width, 4)[:, :, 3].copy()
+    mask[::2] = 0
+    first["value"]["rle"] = [int(v) for v in mask2rle(np.where(mask > 0, 255, 0).astype(np.uint8))]
+    for region in corrected:
+        region.pop("score", None)
+        region["origin"] = "manual"
+    return corrected
+
+
 def stage_count(backend_url: str, stage: str) -> float:
     """How many times the backend ran a pipeline stage, from its /metrics."""
     text = requests.get(backend_url + "/metrics", timeout=10).text
@@ -232,6 +248,28 @@ def test_label_studio_pre_annotates_and_shows_brush_masks(
             task_view = browser.task_regions(project, china, screenshot=SCREENSHOT)
             stream_view = browser.stream_regions(project, screenshot=STREAM_SCREENSHOT)
 
+        # Feedback: an annotator corrects the prediction (half of the first region's rows erased); Label Studio's
+        # webhook tells the backend, which compares, and `freesegdiff report` shows it.
+        prediction = list_predictions(label_studio, china)[0]
+        corrected = correct_first_region(prediction["result"])
+        label_studio.api("POST", f"/api/tasks/{china}/annotations/",
+                         json={"result": corrected, "parent_prediction": prediction["id"]})
+        feedback_file = tmp_path / "models" / "feedback" / f"feedback-{project}.jsonl"
+        deadline = time.monotonic() + 60
+        while not feedback_file.exists():
+            assert time.monotonic() < deadline, "the backend recorded no feedback for the corrected annotation"
+            time.sleep(0.5)
+        report = subprocess.run(
+            [sys.executable, "-m", "backend.cli", "report", "--project", str(project), "--chart", str(FEEDBACK_CHART)],
+            env={**os.environ, "MODEL_DIR": str(tmp_path / "models")}, capture_output=True, text=True, timeout=120,
+            cwd=REPO_ROOT,
+        )
+        assert report.returncode == 0, report.stderr
+        first_label = prediction["result"][0]["value"]["brushlabels"][0]
+        assert first_label in report.stdout and "edited" in report.stdout.lower()
+        assert FEEDBACK_CHART.stat().st_size > 0
+
+
     assert SCREENSHOT.stat().st_size > 0
     assert label in task_view.titles, f"region list {task_view.regions}, expected {label!r}"
     assert any(region.predicted for region in task_view.regions if region.title == label), task_view
@@ -246,5 +284,5 @@ def test_label_studio_pre_annotates_and_shows_brush_masks(
         print(
             f"\ne2e: whole test {duration:.1f} s; retrieve predictions {retrieve_seconds:.2f} s for {len(images)} "
             f"tasks = {retrieve_seconds / len(images):.2f} s per task; model_version {model_version!r}; "
-            f"regions shown {task_view.titles}; screenshot {SCREENSHOT}"
+            f"regions shown {task_view.titles}; screenshot {SCREENSHOT}\nfeedback report:\n{report.stdout}"
         )

@@ -1,0 +1,54 @@
+"""Feedback from annotators' corrections: how good was the pre-annotation, per label?
+
+When an annotation is created or updated on a task that carries this backend's
+prediction, the two are compared region by region (``backend.evaluation.feedback``), the
+outcome is stored (Redis when configured, else a file under MODEL_DIR) and counted on
+``/metrics``. ``freesegdiff report --project ID`` reads the store back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from backend.evaluation.feedback import FeedbackRecord, FeedbackStore, compare
+from backend.labelstudio.api import LabelStudioApiError, our_prediction
+from backend.labelstudio.images import LabelStudioAccess
+from backend.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+
+
+class FeedbackRecorder:
+    def __init__(self, store: FeedbackStore, metrics: Metrics):
+        self.store, self.metrics = store, metrics
+
+    def record(self, payload: Mapping[str, Any], access: LabelStudioAccess) -> FeedbackRecord | None:
+        """Compare the annotation in a webhook ``payload`` with our prediction; None when there is none."""
+        annotation = payload.get("annotation") or {}
+        project = payload.get("project") or {}
+        project_id = str(project.get("id", "")) if isinstance(project, Mapping) else str(project)
+        task_id = annotation.get("task") or (payload.get("task") or {}).get("id")
+        if not task_id or not project_id:
+            return None
+        try:
+            prediction = our_prediction(access, int(task_id), annotation.get("parent_prediction"))
+        except LabelStudioApiError as error:
+            log.warning("feedback for task %s skipped: %s", task_id, error)
+            self.metrics.errors.labels(kind="feedback_api").inc()
+            return None
+        if prediction is None:
+            return None
+        labels = compare(prediction.get("result") or [], annotation.get("result") or [])
+        record = FeedbackRecord(project=project_id, task=int(task_id), timestamp=time.time(),
+                                model_version=str(prediction.get("model_version", "")), labels=tuple(labels))
+        self.store.add(record)
+        for feedback in labels:
+            self.metrics.feedback_iou.labels(label=feedback.label).observe(feedback.iou)
+            self.metrics.feedback_regions.labels(label=feedback.label, outcome=feedback.outcome).inc()
+        log.info("feedback for task %s: %s", task_id,
+                 ", ".join(f"{f.label} {f.outcome} IoU {f.iou:.2f}" for f in labels) or "no brush regions")
+        return record
