@@ -127,7 +127,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 def _eval_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="mIoU on a standard dataset (VOC, COCO-Object, COCO-27) in a local folder")
-    parser.add_argument("--dataset", choices=["voc", "coco-object", "coco-27"], required=True)
+    parser.add_argument("--dataset", choices=["voc", "coco-object", "coco27"], required=True)
     parser.add_argument("--root", type=Path, required=True, help="the dataset's folder (see README, Quality)")
     parser.add_argument("--limit", type=int, help="score only the first N images")
     parser.add_argument("--predictions", type=Path, help="score these label-index PNGs instead of running the models")

@@ -303,7 +303,7 @@ def test_coco_object_folder_scored_from_prediction_pngs(coco_root, tmp_path):
 
 
 def test_coco27_maps_things_to_their_supercategory(coco_root, tmp_path):
-    coco27 = get_dataset("coco-27")
+    coco27 = get_dataset("coco27")
     assert coco27.class_names == ["background", "person", "vehicle", "outdoor", "animal", "accessory", "sports",
                                   "kitchen", "food", "furniture", "electronic", "appliance", "indoor"]
     (sample,) = coco27.samples(coco_root)
@@ -316,7 +316,7 @@ def test_coco27_maps_things_to_their_supercategory(coco_root, tmp_path):
                        [1, 1, 2, 2],
                        [4, 4, 0, 12],
                        [4, 4, 0, 0]])
-    result = evaluate_predictions("coco-27", coco_root, _write_predictions(tmp_path / "pred", {COCO_ID: prediction}),
+    result = evaluate_predictions("coco27", coco_root, _write_predictions(tmp_path / "pred", {COCO_ID: prediction}),
                                   None)
     # background TP 2 FP 1; indoor TP 1 FN 1; the rest exact.
     assert result["per_class_iou"]["background"] == pytest.approx(100 * 2 / 3)
@@ -332,7 +332,7 @@ def test_coco_label_outside_the_80_classes_is_refused(coco_root):
 
 
 def test_unknown_dataset_names_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="voc, coco-object, coco-27"):
+    with pytest.raises(ValueError, match="voc, coco-object, coco27"):
         evaluate_predictions("ade20k", tmp_path, tmp_path, None)
 
 

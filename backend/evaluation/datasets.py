@@ -28,7 +28,7 @@ The images scored are every ``<id>.png`` in ``ROOT/annotations``, sorted by id. 
 converter (used by TCL and others) writes the same labels as ``annotations/val2017/<id>_instanceTrainIds.png``
 next to ``images/val2017/<id>.jpg``: link or rename them into this layout.
 
-COCO-27 (``coco-27``): the same files as COCO-Object, each object class mapped to its COCO
+COCO-27 (``coco27``): the same files as COCO-Object, each object class mapped to its COCO
 supercategory. COCO-Stuff-27 as STEGO and ACSeg use it has 27 classes: 12 "things"
 supercategories and 15 "stuff" supercategories. The COCO-Object PNGs hold only the 80 things
 (all stuff is background 0), so the 15 stuff supercategories CANNOT be scored from this layout:
@@ -183,8 +183,8 @@ DATASETS: dict[str, Dataset] = {
     "coco-object": Dataset(
         key="coco-object", classes=_same_prompts(COCO_OBJECT_NAMES), image_dir="images", label_dir="annotations"
     ),
-    "coco-27": Dataset(
-        key="coco-27",
+    "coco27": Dataset(
+        key="coco27",
         classes=_same_prompts(COCO27_NAMES),
         image_dir="images",
         label_dir="annotations",
