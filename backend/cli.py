@@ -178,6 +178,48 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _annotate_folder_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("annotate-folder", help="bootstrap a dataset: predictions for every image of a folder")
+    parser.add_argument("dir", type=Path, help="folder of images (searched recursively)")
+    parser.add_argument("--labels", required=True, help='comma-separated labels, e.g. "cat,dog,person"')
+    parser.add_argument("--out", required=True, type=Path, help="output folder: tasks.json, coco.json, masks/")
+    references = parser.add_mutually_exclusive_group()
+    references.add_argument("--image-root-url", help="tasks reference images as this URL prefix (end it with /)")
+    references.add_argument("--local-files-root", type=Path,
+                            help="tasks reference images as Label Studio local files under this document root "
+                                 "(default: DIR)")
+    parser.add_argument("--k", type=int, help="number of K-means clusters (FREESEG_K)")
+    parser.add_argument("--refine", choices=["crf", "pamr", "none"], help="mask refinement (FREESEG_REFINE)")
+    parser.add_argument("--no-caption", action="store_true", help="every label is a candidate")
+    parser.add_argument("--strict", action="store_true", help="no fallback when the caption yields no label")
+    parser.add_argument("--from-name", default="label", help="BrushLabels name written in the results")
+    parser.add_argument("--to-name", default="image", help="Image name written in the results")
+
+
+def run_annotate_folder(args: argparse.Namespace) -> int:
+    from backend.jobs.folder import annotate_folder, local_files_reference, url_prefix_reference
+
+    settings = get_settings()
+    labels = labels_from_names(args.labels.split(","))
+    if not labels:
+        log.error("--labels names no label")
+        return 2
+    reference = (url_prefix_reference(args.image_root_url, args.dir) if args.image_root_url
+                 else local_files_reference(args.local_files_root or args.dir))
+    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    try:
+        summary = annotate_folder(args.dir, labels, args.out, Segmenter.from_settings(settings),
+                                  _options(args, settings), model_version(settings), reference,
+                                  from_name=args.from_name, to_name=args.to_name, limits=limits)
+    except ValueError as error:  # an image outside --local-files-root
+        log.error("%s", error)
+        return 2
+    for path, reason in summary.failed:
+        log.error("%s: %s", path, reason)
+    print(f"{summary.done} images annotated, {len(summary.failed)} failed, in {summary.seconds:.1f} s: {args.out}")
+    return 1 if summary.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freesegdiff", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(commands)
     _eval_parser(commands)
     _report_parser(commands)
+    _annotate_folder_parser(commands)
     return parser
 
 
@@ -202,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(get_settings().log_level)
     try:
-        return {"segment": run_segment, "serve": run_serve, "bench": run_bench_command, "eval": run_eval, "report": run_report}[args.command](args)
+        return {"segment": run_segment, "serve": run_serve, "bench": run_bench_command, "eval": run_eval, "report": run_report, "annotate-folder": run_annotate_folder}[args.command](args)
     except ModelUnavailableError as error:
         log.error("%s", error)
         return 2

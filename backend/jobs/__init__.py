@@ -1,0 +1,1 @@
+"""Batch jobs that run the segmenter outside the Label Studio server."""
