@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 from backend.pipeline.clustering import cluster_feature_grid
 from backend.pipeline.labelling import cluster_masks
 from backend.server.app import create_app
-from backend.settings import Settings
 from tests.redis_server import free_port
 
 CONFIG = """<View>
