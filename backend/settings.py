@@ -7,12 +7,13 @@ variable names that users of Label Studio's ML backends already know (``MODEL_DI
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Profile = Literal["pretrained", "tiny", "random-full"]
 CaptionerKind = Literal["blip2", "blip"]
@@ -79,6 +80,8 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(10.0, ge=0)
     max_request_bytes: int = 10 * 1024 * 1024
     fetch_timeout: float = Field(20.0, gt=0)
+    allowed_url_hosts: Annotated[tuple[str, ...], NoDecode] = ()  # JSON list or a,.b.org; a tuple keeps Settings hashable
+    allow_private_urls: bool = False
     retry_after_seconds: int = Field(5, ge=1)
 
     # Feature cache: Redis when REDIS_URL is set, else in-process memory
@@ -90,6 +93,16 @@ class Settings(BaseSettings):
     cache_write_queue: int = Field(16, ge=1)
 
     log_level: str = Field("INFO", validation_alias=AliasChoices("LOG_LEVEL", "FREESEG_LOG_LEVEL"))
+
+    @field_validator("allowed_url_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        """A JSON list, or host names separated by commas (blank entries dropped)."""
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
 
     @property
     def captioner_source(self) -> str:

@@ -18,7 +18,8 @@ from backend.settings import Settings
 
 @pytest.fixture(scope="session")
 def tiny_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return Settings(models="tiny", device="cpu", model_dir=tmp_path_factory.mktemp("models"))
+    # the test image server is on 127.0.0.1, a private address
+    return Settings(models="tiny", device="cpu", model_dir=tmp_path_factory.mktemp("models"), allow_private_urls=True)
 
 
 @pytest.fixture(scope="session")

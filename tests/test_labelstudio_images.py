@@ -11,21 +11,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import urllib3.util.connection
 
 from backend.images import ImageLimits
 from backend.labelstudio.images import (
     ImageFetchError,
     LabelStudioAccess,
+    UrlPolicy,
     authorization_header,
     fetch_image_bytes,
     task_image_url,
 )
+from backend.settings import Settings
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
 TOKEN = "abc"
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJ1c2VyX2lkIjoxfQ.c2lnbmF0dXJlLXNlY3JldA"
 SECRET_QUERY = "X-Amz-Signature=s3cr3t"
 LIMITS = ImageLimits(max_bytes=2000)
+# The stand-ins for other hosts listen on loopback, which the default policy refuses.
+PRIVATE_OK = UrlPolicy(allow_private=True)
+DEFAULT_POLICY = UrlPolicy()
+PUBLIC_IP = "93.184.216.34"
 
 Route = Callable[[BaseHTTPRequestHandler], None]
 
@@ -144,9 +151,15 @@ def access_to(server: RecordingServer, api_key: str | None = TOKEN) -> LabelStud
     return LabelStudioAccess(url=server.url, api_key=api_key)
 
 
-def fetch_error(url: str, access: LabelStudioAccess, task_id: int | None = 1, timeout: float = 5.0) -> ImageFetchError:
+def fetch_error(
+    url: str,
+    access: LabelStudioAccess,
+    task_id: int | None = 1,
+    timeout: float = 5.0,
+    policy: UrlPolicy = DEFAULT_POLICY,
+) -> ImageFetchError:
     with pytest.raises(ImageFetchError) as caught:
-        fetch_image_bytes(url, task_id, access, LIMITS, timeout=timeout)
+        fetch_image_bytes(url, task_id, access, LIMITS, timeout=timeout, policy=policy)
     message = str(caught.value)
     assert "\n" not in message
     for secret in (TOKEN, JWT, SECRET_QUERY, "?"):
@@ -156,7 +169,7 @@ def fetch_error(url: str, access: LabelStudioAccess, task_id: int | None = 1, ti
 
 def test_plain_url_on_another_host_gets_no_token(ls: RecordingServer, other: RecordingServer) -> None:
     other.routes["/img.png"] = image
-    assert fetch_image_bytes(f"{other.url}/img.png", 1, access_to(ls), LIMITS) == IMAGE
+    assert fetch_image_bytes(f"{other.url}/img.png", 1, access_to(ls), LIMITS, policy=PRIVATE_OK) == IMAGE
     [(path, headers)] = other.seen
     assert path == "/img.png"
     assert "Authorization" not in headers
@@ -219,7 +232,7 @@ def test_no_key_means_no_header(ls: RecordingServer) -> None:
 def test_redirect_away_from_label_studio_drops_the_token(ls: RecordingServer, other: RecordingServer) -> None:
     ls.routes["/data/upload/x.png"] = redirect_to(f"{other.url}/img.png?{SECRET_QUERY}")
     other.routes["/img.png"] = image
-    assert fetch_image_bytes("/data/upload/x.png", 1, access_to(ls), LIMITS) == IMAGE
+    assert fetch_image_bytes("/data/upload/x.png", 1, access_to(ls), LIMITS, policy=PRIVATE_OK) == IMAGE
     assert ls.seen[0][1]["Authorization"] == "Token abc"
     [(path, headers)] = other.seen
     assert path == f"/img.png?{SECRET_QUERY}"
@@ -240,7 +253,7 @@ def test_relative_redirect_within_label_studio_keeps_the_token(ls: RecordingServ
 def test_cloud_uri_is_presigned_by_label_studio(ls: RecordingServer, other: RecordingServer, uri: str) -> None:
     ls.routes["/tasks/7/presign/"] = redirect_to(f"{other.url}/bucket/cat.png?{SECRET_QUERY}")
     other.routes["/bucket/cat.png"] = image
-    assert fetch_image_bytes(uri, 7, access_to(ls), LIMITS) == IMAGE
+    assert fetch_image_bytes(uri, 7, access_to(ls), LIMITS, policy=PRIVATE_OK) == IMAGE
     [(path, headers)] = ls.seen
     parts = urlsplit(path)
     assert parts.path == "/tasks/7/presign/"
@@ -280,7 +293,7 @@ def test_unsupported_urls(ls: RecordingServer, url: str) -> None:
 
 
 def test_404(other: RecordingServer, ls: RecordingServer) -> None:
-    error = fetch_error(f"{other.url}/gone.png?{SECRET_QUERY}", access_to(ls))
+    error = fetch_error(f"{other.url}/gone.png?{SECRET_QUERY}", access_to(ls), policy=PRIVATE_OK)
     assert error.kind == "http_404"
     assert f"cannot fetch image {other.url}/gone.png: HTTP 404" in str(error)
 
@@ -305,7 +318,7 @@ def test_refused_without_a_key_asks_for_one(ls: RecordingServer) -> None:
 def test_expired_presigned_url_names_the_redirect_without_query(ls: RecordingServer, other: RecordingServer) -> None:
     ls.routes["/tasks/3/presign/"] = redirect_to(f"{other.url}/bucket/cat.png?{SECRET_QUERY}")
     other.routes["/bucket/cat.png"] = status(403)
-    error = fetch_error("s3://bucket/cat.png", access_to(ls), task_id=3)
+    error = fetch_error("s3://bucket/cat.png", access_to(ls), task_id=3, policy=PRIVATE_OK)
     assert error.kind == "http_403"
     message = str(error)
     assert message.startswith(f"cannot fetch image s3://bucket/cat.png (redirected to {other.url}/bucket/cat.png): ")
@@ -316,7 +329,7 @@ def test_expired_presigned_url_names_the_redirect_without_query(ls: RecordingSer
 def test_slow_server_times_out(other: RecordingServer, ls: RecordingServer) -> None:
     other.routes["/slow.png"] = slow_headers
     started = time.monotonic()
-    error = fetch_error(f"{other.url}/slow.png?{SECRET_QUERY}", access_to(ls), timeout=0.5)
+    error = fetch_error(f"{other.url}/slow.png?{SECRET_QUERY}", access_to(ls), timeout=0.5, policy=PRIVATE_OK)
     assert error.kind == "timeout"
     assert "within 0.5 s" in str(error)
     assert time.monotonic() - started < 2.0
@@ -325,20 +338,20 @@ def test_slow_server_times_out(other: RecordingServer, ls: RecordingServer) -> N
 def test_stalled_body_times_out(other: RecordingServer, ls: RecordingServer) -> None:
     other.routes["/stall.png"] = stalled_body
     started = time.monotonic()
-    assert fetch_error(f"{other.url}/stall.png", access_to(ls), timeout=0.5).kind == "timeout"
+    assert fetch_error(f"{other.url}/stall.png", access_to(ls), timeout=0.5, policy=PRIVATE_OK).kind == "timeout"
     assert time.monotonic() - started < 2.0
 
 
 def test_declared_length_over_the_limit(other: RecordingServer, ls: RecordingServer) -> None:
     other.routes["/big.png"] = declared_length(LIMITS.max_bytes + 1)
-    error = fetch_error(f"{other.url}/big.png", access_to(ls))
+    error = fetch_error(f"{other.url}/big.png", access_to(ls), policy=PRIVATE_OK)
     assert error.kind == "too_large"
     assert f"declares {LIMITS.max_bytes + 1} bytes" in str(error)
 
 
 def test_chunked_body_over_the_limit(other: RecordingServer, ls: RecordingServer) -> None:
     other.routes["/chunked.png"] = chunked(LIMITS.max_bytes * 3)
-    error = fetch_error(f"{other.url}/chunked.png", access_to(ls))
+    error = fetch_error(f"{other.url}/chunked.png", access_to(ls), policy=PRIVATE_OK)
     assert error.kind == "too_large"
     assert f"exceeds the limit of {LIMITS.max_bytes} bytes" in str(error)
 
@@ -347,14 +360,15 @@ def test_bodies_at_the_limit_are_accepted(other: RecordingServer, ls: RecordingS
     other.routes["/exact.png"] = declared_length(LIMITS.max_bytes)
     other.routes["/chunked.png"] = chunked(LIMITS.max_bytes)
     for path in ("/exact.png", "/chunked.png"):
-        assert fetch_image_bytes(f"{other.url}{path}", 1, access_to(ls), LIMITS) == b"x" * LIMITS.max_bytes
+        body = fetch_image_bytes(f"{other.url}{path}", 1, access_to(ls), LIMITS, policy=PRIVATE_OK)
+        assert body == b"x" * LIMITS.max_bytes
 
 
 def test_connection_refused(ls: RecordingServer) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    error = fetch_error(f"http://127.0.0.1:{port}/x.png?{SECRET_QUERY}", access_to(ls))
+    error = fetch_error(f"http://127.0.0.1:{port}/x.png?{SECRET_QUERY}", access_to(ls), policy=PRIVATE_OK)
     assert error.kind == "connection"
     assert f"cannot fetch image http://127.0.0.1:{port}/x.png: " in str(error)
 
@@ -414,3 +428,211 @@ def test_task_without_image_url(task: dict) -> None:
 
 def test_access_repr_hides_the_key() -> None:
     assert TOKEN not in repr(LabelStudioAccess(url="http://localhost:8080", api_key=TOKEN))
+
+
+# URL policy: no request may reach a host the policy refuses (SSRF).
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every connection urllib3 tries, none of which is made: each fails as refused."""
+    tried: list[tuple[str, int]] = []
+
+    def refuse(address: tuple[str, int], *args: object, **kwargs: object) -> socket.socket:
+        tried.append(address)
+        raise ConnectionRefusedError("no connections in this test")
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", refuse)
+    return tried
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Fake names resolved to the addresses the test puts here; names ending in .invalid do not resolve."""
+    names: dict[str, list[str]] = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: object, *args: object, **kwargs: object) -> list:
+        if host in names:
+            return [
+                (socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
+                for ip in names[host]
+            ]
+        if host.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return names
+
+
+def test_loopback_on_another_port_is_refused_by_default_and_allowed_on_request(
+    ls: RecordingServer, other: RecordingServer
+) -> None:
+    other.routes["/img.png"] = image
+    url = f"{other.url}/img.png?{SECRET_QUERY}"
+    error = fetch_error(url, access_to(ls))
+    assert error.kind == "forbidden_url"
+    assert str(error) == (
+        f"cannot fetch image {other.url}/img.png: host 127.0.0.1 resolves to 127.0.0.1, a loopback address: "
+        "set FREESEG_ALLOW_PRIVATE_URLS=true to allow it"
+    )
+    assert other.seen == [] and ls.seen == []
+    assert fetch_image_bytes(url, 1, access_to(ls), LIMITS, policy=PRIVATE_OK) == IMAGE
+    assert len(other.seen) == 1
+
+
+def test_label_studio_itself_is_always_allowed(ls: RecordingServer) -> None:
+    ls.routes["/data/upload/x.png"] = image
+    for policy in (UrlPolicy(), UrlPolicy(allowed_hosts=("images.example.com",))):
+        assert fetch_image_bytes("/data/upload/x.png", 1, access_to(ls), LIMITS, policy=policy) == IMAGE
+        assert fetch_image_bytes(f"{ls.url}/data/upload/x.png", 1, access_to(ls), LIMITS, policy=policy) == IMAGE
+    assert len(ls.seen) == 4
+
+
+def test_redirect_to_a_private_address_is_refused_at_the_hop(ls: RecordingServer, other: RecordingServer) -> None:
+    ls.routes["/tasks/3/presign/"] = redirect_to(f"{other.url}/bucket/cat.png?{SECRET_QUERY}")
+    other.routes["/bucket/cat.png"] = image
+    error = fetch_error("s3://bucket/cat.png", access_to(ls), task_id=3)
+    assert error.kind == "forbidden_url"
+    message = str(error)
+    assert message.startswith(f"cannot fetch image s3://bucket/cat.png (redirected to {other.url}/bucket/cat.png): ")
+    assert "FREESEG_ALLOW_PRIVATE_URLS=true" in message
+    assert len(ls.seen) == 1
+    assert other.seen == []
+
+
+def test_redirect_to_a_host_not_allowed_is_refused(ls: RecordingServer, other: RecordingServer) -> None:
+    ls.routes["/data/upload/x.png"] = redirect_to(f"{other.url}/img.png")
+    other.routes["/img.png"] = image
+    policy = UrlPolicy(allowed_hosts=("localhost",), allow_private=True)
+    error = fetch_error("/data/upload/x.png", access_to(ls), policy=policy)
+    assert error.kind == "forbidden_url"
+    assert str(error).endswith("host 127.0.0.1 is not in FREESEG_ALLOWED_URL_HOSTS")
+    assert other.seen == []
+
+
+def test_allowed_hosts_are_exact_names(ls: RecordingServer, other: RecordingServer) -> None:
+    other.routes["/img.png"] = image
+    port = other.server_address[1]
+    policy = UrlPolicy(allowed_hosts=("LOCALHOST",), allow_private=True)
+    error = fetch_error(f"http://127.0.0.1:{port}/img.png", access_to(ls), policy=policy)
+    assert error.kind == "forbidden_url"
+    assert "host 127.0.0.1 is not in FREESEG_ALLOWED_URL_HOSTS" in str(error)
+    assert other.seen == []
+    assert fetch_image_bytes(f"http://localhost:{port}/img.png", 1, access_to(ls), LIMITS, policy=policy) == IMAGE
+    assert len(other.seen) == 1
+
+
+@pytest.mark.parametrize("host", ["evil.test", "example.com.evil.test", "notexample.com", "example.org"])
+def test_allowed_suffix_refuses_other_hosts_without_connecting(
+    ls: RecordingServer, dns: dict[str, list[str]], connections: list, host: str
+) -> None:
+    dns[host] = [PUBLIC_IP]
+    error = fetch_error(f"http://{host}/img.png", access_to(ls), policy=UrlPolicy(allowed_hosts=(".example.com",)))
+    assert error.kind == "forbidden_url"
+    assert f"host {host} is not in FREESEG_ALLOWED_URL_HOSTS" in str(error)
+    assert connections == []
+
+
+@pytest.mark.parametrize("host", ["img.example.com", "a.b.example.com", "example.com", "IMG.Example.COM."])
+def test_allowed_suffix_accepts_its_hosts(
+    ls: RecordingServer, other: RecordingServer, dns: dict[str, list[str]], host: str
+) -> None:
+    other.routes["/img.png"] = image
+    dns[host.lower()] = ["127.0.0.1"]  # the fake public name leads to the stand-in server
+    dns[host.lower().rstrip(".")] = ["127.0.0.1"]
+    policy = UrlPolicy(allowed_hosts=(".example.com",), allow_private=True)
+    url = f"http://{host}:{other.server_address[1]}/img.png"
+    assert fetch_image_bytes(url, 1, access_to(ls), LIMITS, policy=policy) == IMAGE
+    assert len(other.seen) == 1
+
+
+def test_public_host_passes_the_default_policy(
+    ls: RecordingServer, dns: dict[str, list[str]], connections: list
+) -> None:
+    dns["images.example.com"] = [PUBLIC_IP]
+    error = fetch_error("http://images.example.com/img.png", access_to(ls))
+    assert error.kind == "connection"  # allowed, then stopped by the fixture rather than the policy
+    assert connections == [("images.example.com", 80)]
+
+
+@pytest.mark.parametrize(
+    ("host", "refusal"),
+    [
+        ("[::1]", "::1, a loopback address"),
+        ("[::ffff:127.0.0.1]", "(IPv4 127.0.0.1, a loopback address)"),
+        ("[::ffff:10.1.2.3]", "(IPv4 10.1.2.3, a private address)"),
+        ("[64:ff9b::a9fe:a9fe]", "(IPv4 169.254.169.254, a link-local address)"),
+        ("[2002:7f00:1::]", "(IPv4 127.0.0.1, a loopback address)"),
+        ("[fe80::1]", "fe80::1, a link-local address"),
+        ("[fd00::1]", "fd00::1, a private address"),
+        ("169.254.169.254", "169.254.169.254, a link-local address"),
+        ("10.0.0.1", "10.0.0.1, a private address"),
+        ("192.168.1.1", "192.168.1.1, a private address"),
+        ("0.0.0.0", "0.0.0.0, an unspecified address"),
+        ("224.0.0.1", "224.0.0.1, a multicast address"),
+        ("100.64.0.1", "100.64.0.1, a non-global address"),
+    ],
+)
+def test_non_global_ip_literals_are_refused(ls: RecordingServer, connections: list, host: str, refusal: str) -> None:
+    error = fetch_error(f"http://{host}:8000/latest/meta-data?{SECRET_QUERY}", access_to(ls))
+    assert error.kind == "forbidden_url"
+    assert f"{refusal}: set FREESEG_ALLOW_PRIVATE_URLS=true to allow it" in str(error)
+    assert connections == []
+
+
+def test_name_resolving_to_link_local_is_refused(
+    ls: RecordingServer, dns: dict[str, list[str]], connections: list
+) -> None:
+    dns["metadata.test"] = ["169.254.169.254"]
+    error = fetch_error("http://metadata.test/latest/meta-data/", access_to(ls))
+    assert error.kind == "forbidden_url"
+    assert "host metadata.test resolves to 169.254.169.254, a link-local address" in str(error)
+    assert connections == []
+
+
+def test_every_resolved_address_must_be_public(
+    ls: RecordingServer, dns: dict[str, list[str]], connections: list
+) -> None:
+    dns["mixed.test"] = [PUBLIC_IP, "::ffff:10.0.0.5"]
+    error = fetch_error("http://mixed.test/img.png", access_to(ls))
+    assert error.kind == "forbidden_url"
+    assert "(IPv4 10.0.0.5, a private address)" in str(error)
+    assert connections == []
+
+
+def test_unresolvable_host_is_a_connection_error(
+    ls: RecordingServer, dns: dict[str, list[str]], connections: list
+) -> None:
+    error = fetch_error(f"http://nowhere.invalid/img.png?{SECRET_QUERY}", access_to(ls))
+    assert error.kind == "connection"
+    assert "cannot fetch image http://nowhere.invalid/img.png: cannot resolve host nowhere.invalid" in str(error)
+    assert connections == []
+
+
+def test_data_uri_needs_no_policy_check(dns: dict[str, list[str]]) -> None:
+    uri = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+    policy = UrlPolicy(allowed_hosts=("images.example.com",))
+    assert fetch_image_bytes(uri, None, LabelStudioAccess(), LIMITS, policy=policy) == IMAGE
+
+
+@pytest.mark.parametrize(
+    ("hosts", "expected"),
+    [("a.com,.b.org", ("a.com", ".b.org")), (" a.com , .b.org, ", ("a.com", ".b.org")), ('["a.com"]', ("a.com",))],
+)
+def test_settings_read_the_url_policy(monkeypatch: pytest.MonkeyPatch, hosts: str, expected: tuple[str, ...]) -> None:
+    monkeypatch.setenv("FREESEG_ALLOWED_URL_HOSTS", hosts)
+    monkeypatch.setenv("FREESEG_ALLOW_PRIVATE_URLS", "true")
+    settings = Settings()
+    assert settings.allowed_url_hosts == expected
+    assert settings.allow_private_urls is True
+    policy = UrlPolicy(settings.allowed_url_hosts, settings.allow_private_urls)
+    assert policy == UrlPolicy(tuple(expected), True)
+
+
+def test_settings_default_to_the_secure_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FREESEG_ALLOWED_URL_HOSTS", raising=False)
+    monkeypatch.delenv("FREESEG_ALLOW_PRIVATE_URLS", raising=False)
+    settings = Settings()
+    assert UrlPolicy(settings.allowed_url_hosts, settings.allow_private_urls) == UrlPolicy()

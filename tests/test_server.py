@@ -158,7 +158,7 @@ def test_failed_model_load_shows_on_health(tiny_settings):
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_segmenter, tmp_path, image_server):
-    settings = Settings(models="tiny", device="cpu", model_dir=tmp_path, queue_size=1)
+    settings = Settings(models="tiny", device="cpu", model_dir=tmp_path, queue_size=1, allow_private_urls=True)
     with _client(settings, lambda: tiny_segmenter) as client:
         _wait_ready(client)
         worker = client.app.state.worker
@@ -243,3 +243,12 @@ def test_annotation_webhook_records_feedback_against_our_prediction(tiny_setting
     (record,) = FileFeedbackStore(tmp_path / "feedback").records("3")
     assert record.task == 5 and [(f.label, f.outcome, f.iou) for f in record.labels] == [("Sky", "edited", 0.5)]
     assert 'freeseg_feedback_regions_total{label="Sky",outcome="edited"} 1.0' in metrics
+
+
+def test_private_image_urls_are_refused_unless_allowed(tiny_segmenter, tmp_path, image_server):
+    settings = Settings(models="tiny", device="cpu", model_dir=tmp_path)  # the default: private URLs refused
+    with _client(settings, lambda: tiny_segmenter) as client:
+        _wait_ready(client)
+        body = _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]).json()
+        assert body["results"][0]["result"] == []
+        assert 'freeseg_errors_total{kind="image_forbidden_url"} 1.0' in client.get("/metrics").text

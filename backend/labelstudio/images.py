@@ -6,13 +6,20 @@ are followed here rather than by ``requests`` so that the Authorization header
 is decided for every hop: a presign answer redirects to the cloud, which must
 never see the token. Messages name the URL without its query string, since
 presigned URLs carry credentials there, and never contain the token.
+
+Every hop other than Label Studio's own origin must also pass a ``UrlPolicy``
+before it is requested, so that a task cannot make the backend fetch internal
+addresses (SSRF): its host must be in the allowed list, when there is one, and
+all the addresses it resolves to must be public unless private ones are allowed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -26,6 +33,15 @@ _CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 _HTTP_SCHEMES = ("http", "https")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _MAX_REDIRECTS = 5
+_NON_GLOBAL_KINDS = (
+    ("loopback", "a loopback"),
+    ("link_local", "a link-local"),
+    ("unspecified", "an unspecified"),
+    ("multicast", "a multicast"),
+    ("private", "a private"),
+    ("reserved", "a reserved"),
+)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known prefix embeds an IPv4 address
 _CHUNK_BYTES = 64 * 1024
 # A personal access token is a JWT: three base64url parts separated by dots.
 _JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
@@ -43,7 +59,7 @@ class ImageFetchError(Exception):
 
     ``kind`` is short and machine-readable, for metrics: ``missing_data``,
     ``unsupported_url``, ``http_<status>``, ``timeout``, ``too_large``,
-    ``connection`` or ``too_many_redirects``.
+    ``connection``, ``too_many_redirects`` or ``forbidden_url``.
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -64,6 +80,21 @@ class LabelStudioAccess:
     api_key: str | None = field(default=None, repr=False)
 
 
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Which image hosts may be fetched, besides Label Studio's own origin (always allowed).
+
+    ``allowed_hosts`` (FREESEG_ALLOWED_URL_HOSTS): empty allows any host; else the
+    host must equal an entry, or end with an entry that starts with a dot
+    (``.example.com`` allows ``example.com`` and its subdomains). ``allow_private``
+    (FREESEG_ALLOW_PRIVATE_URLS): whether hosts resolving to private, loopback,
+    link-local or other non-global addresses may be fetched.
+    """
+
+    allowed_hosts: tuple[str, ...] = ()
+    allow_private: bool = False
+
+
 def task_image_url(task: dict, image_key: str) -> str:
     """The image URL a task holds under ``data[image_key]``."""
     data = task.get("data")
@@ -79,15 +110,17 @@ def fetch_image_bytes(
     access: LabelStudioAccess,
     limits: ImageLimits,
     timeout: float = 10.0,
+    *,
+    policy: UrlPolicy = UrlPolicy(),
 ) -> bytes:
     """The bytes behind a task's image URL, at most ``limits.max_bytes`` of them.
 
-    ``timeout`` bounds the connection and each read, on every hop. Raises
-    ImageFetchError.
+    ``timeout`` bounds the connection and each read, on every hop. ``policy``
+    is checked before every hop (kind ``forbidden_url``). Raises ImageFetchError.
     """
     if url.lower().startswith("data:"):
         return _data_uri_bytes(url, limits)
-    return _download(url, _resolve(url, task_id, access), access, limits, timeout)
+    return _download(url, _resolve(url, task_id, access), access, limits, timeout, policy)
 
 
 def _resolve(url: str, task_id: int | None, access: LabelStudioAccess) -> str:
@@ -123,12 +156,15 @@ def _label_studio_base(url: str, access: LabelStudioAccess) -> str:
     return access.url.rstrip("/")
 
 
-def _download(original: str, url: str, access: LabelStudioAccess, limits: ImageLimits, timeout: float) -> bytes:
-    """GET ``url``, following at most ``_MAX_REDIRECTS`` redirects, deciding the token per hop."""
+def _download(
+    original: str, url: str, access: LabelStudioAccess, limits: ImageLimits, timeout: float, policy: UrlPolicy
+) -> bytes:
+    """GET ``url``, following at most ``_MAX_REDIRECTS`` redirects, deciding the token and policy per hop."""
     hop = url
     with requests.Session() as session:
         for _ in range(_MAX_REDIRECTS + 1):
             try:
+                _check_policy(hop, access, policy)
                 with _get(session, hop, access, timeout) as response:
                     if not response.is_redirect:
                         _check_status(response, hop, access)
@@ -153,6 +189,67 @@ def _failure(
     error = exc if isinstance(exc, ImageFetchError) else _request_error(exc, access, timeout)
     via = "" if hop == first else f" (redirected to {_redact(hop)})"
     return ImageFetchError(error.kind, f"cannot fetch image {_redact(original)}{via}: {error}")
+
+
+def _check_policy(url: str, access: LabelStudioAccess, policy: UrlPolicy) -> None:
+    """Refuse ``url`` unless it is Label Studio's or passes ``policy``; resolves its host to check it."""
+    if _is_label_studio(url, access):
+        return
+    origin = _origin(url)
+    if origin is None or not origin[1]:
+        raise ImageFetchError("unsupported_url", "invalid URL")
+    _, host, port = origin
+    host = host.rstrip(".")
+    if policy.allowed_hosts and not any(_host_matches(host, entry) for entry in policy.allowed_hosts):
+        raise ImageFetchError("forbidden_url", f"host {host} is not in FREESEG_ALLOWED_URL_HOSTS")
+    if policy.allow_private:
+        return
+    for address in _addresses(host, port):
+        refusal = _non_global(address)
+        if refusal:
+            raise ImageFetchError(
+                "forbidden_url",
+                f"host {host} resolves to {refusal}: set FREESEG_ALLOW_PRIVATE_URLS=true to allow it",
+            )
+
+
+def _host_matches(host: str, entry: str) -> bool:
+    entry = entry.strip().lower().rstrip(".")
+    if entry.startswith("."):
+        return host == entry[1:] or host.endswith(entry)
+    return bool(entry) and host == entry.strip("[]")
+
+
+def _addresses(host: str, port: int | None) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address ``host`` resolves to (an IP literal is its own)."""
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ImageFetchError("connection", f"cannot resolve host {host}: {exc}") from None
+    addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
+    if not addresses:
+        raise ImageFetchError("connection", f"cannot resolve host {host}: no addresses")
+    return addresses
+
+
+def _non_global(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``address`` is not public ("10.0.0.1, a private address"), or None when it is."""
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address inside IPv6 (mapped, 6to4, NAT64) is judged as IPv4.
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            refusal = _non_global(embedded)
+            return f"{address} (IPv4 {refusal})" if refusal else None
+    for kind, name in _NON_GLOBAL_KINDS:
+        if getattr(address, f"is_{kind}"):
+            return f"{address}, {name} address"
+    return None if address.is_global else f"{address}, a non-global address"
 
 
 def _get(session: requests.Session, url: str, access: LabelStudioAccess, timeout: float) -> requests.Response:

@@ -21,7 +21,13 @@ from starlette.concurrency import run_in_threadpool
 
 from backend.images import ImageError, ImageLimits, decode_image
 from backend.labelstudio.config import ProjectVocabulary
-from backend.labelstudio.images import ImageFetchError, LabelStudioAccess, fetch_image_bytes, task_image_url
+from backend.labelstudio.images import (
+    ImageFetchError,
+    LabelStudioAccess,
+    UrlPolicy,
+    fetch_image_bytes,
+    task_image_url,
+)
 from backend.labelstudio.results import brush_results, polygon_results, prediction
 from backend.cache import FeatureCache, cache_key
 from backend.labelstudio.context import Interaction
@@ -62,6 +68,7 @@ class Predictor:
         self.model_version = model_version
         self.cache, self.cache_writer = cache, cache_writer
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.url_policy = UrlPolicy(settings.allowed_url_hosts, settings.allow_private_urls)
 
     async def predict(
         self, tasks: Sequence[Task], vocabulary: ProjectVocabulary, options: SegmentOptions,
@@ -82,7 +89,8 @@ class Predictor:
     def _load_image(self, task: Task, vocabulary: ProjectVocabulary, access: LabelStudioAccess) -> _Loaded | None:
         try:
             url = task_image_url(task.model_dump(), vocabulary.image_key)
-            data = fetch_image_bytes(url, task.id, access, self.limits, timeout=self.settings.fetch_timeout)
+            data = fetch_image_bytes(url, task.id, access, self.limits, timeout=self.settings.fetch_timeout,
+                                     policy=self.url_policy)
             return _Loaded(decode_image(data, self.limits), cache_key(data, self.worker.fingerprint))
         except (ImageFetchError, ImageError) as error:
             kind = f"image_{error.kind}" if isinstance(error, ImageFetchError) else "image_decode"
