@@ -15,12 +15,12 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from backend.images import ImageError, ImageLimits, read_image_file
+from backend.images import ImageError, read_image_file
 from backend.labelstudio.results import brush_results, prediction
 from backend.models import ModelUnavailableError
 from backend.overlay import label_index_image, render_overlay
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
-from backend.pipeline.vocabulary import labels_from_names
+from backend.pipeline.vocabulary import Label, labels_from_names
 from backend.settings import Settings, get_settings
 
 log = logging.getLogger("freesegdiff")
@@ -31,13 +31,31 @@ def _segment_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("images", nargs="+", type=Path, help="image files")
     parser.add_argument("--labels", required=True, help='comma-separated labels, e.g. "cat,dog,person"')
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    _add_segment_options(parser)
+    _add_result_names(parser)
+
+
+def _add_segment_options(parser: argparse.ArgumentParser, strict_flag: bool = True) -> None:
+    """The per-run pipeline options, read back by ``_options``."""
     parser.add_argument("--k", type=int, help="number of K-means clusters (FREESEG_K)")
     parser.add_argument("--refine", choices=["crf", "pamr", "none"], help="mask refinement (FREESEG_REFINE)")
-    parser.add_argument("--no-caption", action="store_true", help="every label is a candidate")
-    parser.add_argument("--strict", action="store_true",
-                        help="no fallback when the caption yields no label (the paper's behaviour)")
+    parser.add_argument("--no-caption", action="store_true", help="every label is a candidate (the paper's ablation)")
+    if strict_flag:
+        parser.add_argument("--strict", action="store_true",
+                            help="no fallback when the caption yields no label (the paper's behaviour)")
+
+
+def _add_result_names(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-name", default="label", help="BrushLabels name written in the results")
     parser.add_argument("--to-name", default="image", help="Image name written in the results")
+
+
+def _labels(args: argparse.Namespace) -> list[Label]:
+    """The labels of ``--labels``; empty (and logged) when it names none."""
+    labels = labels_from_names(args.labels.split(","))
+    if not labels:
+        log.error("--labels names no label")
+    return labels
 
 
 def _options(args: argparse.Namespace, settings: Settings) -> SegmentOptions:
@@ -63,15 +81,14 @@ def _output_stems(paths: Sequence[Path]) -> list[str]:
 
 def run_segment(args: argparse.Namespace) -> int:
     settings = get_settings()
-    labels = labels_from_names(args.labels.split(","))
+    labels = _labels(args)
     if not labels:
-        log.error("--labels names no label")
         return 2
     options = _options(args, settings)
     segmenter = Segmenter.from_settings(settings)
     version = model_version(settings)
     warning = None if settings.models == "pretrained" else f"{settings.models} profile: random weights, not a real segmentation"
-    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    limits = settings.image_limits
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
     pairs = list(zip(args.images, _output_stems(args.images)))
@@ -131,9 +148,7 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--root", type=Path, required=True, help="the dataset's folder (see README, Quality)")
     parser.add_argument("--limit", type=int, help="score only the first N images")
     parser.add_argument("--predictions", type=Path, help="score these label-index PNGs instead of running the models")
-    parser.add_argument("--k", type=int, help="number of K-means clusters (FREESEG_K)")
-    parser.add_argument("--refine", choices=["crf", "pamr", "none"], help="mask refinement (FREESEG_REFINE)")
-    parser.add_argument("--no-caption", action="store_true", help="every label is a candidate (the paper's ablation)")
+    _add_segment_options(parser, strict_flag=False)
     parser.add_argument("--json", type=Path, dest="json_path", required=True, help="write the figures here")
     parser.set_defaults(strict=True)  # the paper's protocol: no fallback when the caption names no class
 
@@ -188,25 +203,20 @@ def _annotate_folder_parser(commands: argparse._SubParsersAction) -> None:
     references.add_argument("--local-files-root", type=Path,
                             help="tasks reference images as Label Studio local files under this document root "
                                  "(default: DIR)")
-    parser.add_argument("--k", type=int, help="number of K-means clusters (FREESEG_K)")
-    parser.add_argument("--refine", choices=["crf", "pamr", "none"], help="mask refinement (FREESEG_REFINE)")
-    parser.add_argument("--no-caption", action="store_true", help="every label is a candidate")
-    parser.add_argument("--strict", action="store_true", help="no fallback when the caption yields no label")
-    parser.add_argument("--from-name", default="label", help="BrushLabels name written in the results")
-    parser.add_argument("--to-name", default="image", help="Image name written in the results")
+    _add_segment_options(parser)
+    _add_result_names(parser)
 
 
 def run_annotate_folder(args: argparse.Namespace) -> int:
     from backend.jobs.folder import annotate_folder, local_files_reference, url_prefix_reference
 
     settings = get_settings()
-    labels = labels_from_names(args.labels.split(","))
+    labels = _labels(args)
     if not labels:
-        log.error("--labels names no label")
         return 2
     reference = (url_prefix_reference(args.image_root_url, args.dir) if args.image_root_url
                  else local_files_reference(args.local_files_root or args.dir))
-    limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    limits = settings.image_limits
     try:
         summary = annotate_folder(args.dir, labels, args.out, Segmenter.from_settings(settings),
                                   _options(args, settings), model_version(settings), reference,

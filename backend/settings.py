@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from backend.images import ImageLimits
+
 Profile = Literal["pretrained", "tiny", "random-full"]
 CaptionerKind = Literal["blip2", "blip"]
 RefineMethod = Literal["crf", "pamr", "none"]
@@ -103,6 +105,11 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [host.strip() for host in value.split(",") if host.strip()]
         return value
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        """FREESEG_MAX_IMAGE_BYTES and FREESEG_MAX_IMAGE_PIXELS, as the image decoder takes them."""
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
 
     @property
     def captioner_source(self) -> str:

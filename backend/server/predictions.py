@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from backend.images import ImageError, ImageLimits, decode_image
+from backend.images import ImageError, decode_image
 from backend.labelstudio.config import ProjectVocabulary
 from backend.labelstudio.images import (
     ImageFetchError,
@@ -67,7 +67,7 @@ class Predictor:
         self.settings, self.worker, self.metrics = settings, worker, metrics
         self.model_version = model_version
         self.cache, self.cache_writer = cache, cache_writer
-        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.limits = settings.image_limits
         self.url_policy = UrlPolicy(settings.allowed_url_hosts, settings.allow_private_urls)
 
     async def predict(
