@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from backend.models.loading import CaptionerParts, ClipParts, StableDiffusionParts
-from backend.models.tokenizers import build_caption_tokenizer, write_clip_tokenizer
+from backend.models.tokenizers import build_caption_tokenizer, caption_token_ids, write_clip_tokenizer
 from backend.models.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 SEED = 20240102
@@ -79,16 +79,14 @@ def build_captioner(kind: str, device: torch.device, dtype: torch.dtype) -> Capt
     torch.manual_seed(SEED)
     if kind == "blip":
         tokenizer = build_caption_tokenizer(vocab_size=30524)
-        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "sep_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id}
+        ids = caption_token_ids(tokenizer, with_sep=True)
         with torch.device(device):
             model = BlipForConditionalGeneration(BlipConfig(text_config={"vocab_size": 30524, **ids}))
         model.generation_config.update(**ids, decoder_start_token_id=tokenizer.bos_token_id)
         image_size = 384
     else:
         tokenizer = build_caption_tokenizer(vocab_size=50272)
-        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "pad_token_id": tokenizer.pad_token_id}
+        ids = caption_token_ids(tokenizer, with_sep=False)
         opt_2_7b = {
             "model_type": "opt", "vocab_size": 50272, "hidden_size": 2560, "word_embed_proj_dim": 2560,
             "ffn_dim": 10240, "num_hidden_layers": 32, "num_attention_heads": 32, **ids,

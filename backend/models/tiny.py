@@ -31,7 +31,7 @@ from transformers import (
     CLIPTextModel,
 )
 
-from backend.models.tokenizers import build_caption_tokenizer, write_clip_tokenizer
+from backend.models.tokenizers import build_caption_tokenizer, caption_token_ids, write_clip_tokenizer
 
 TINY_FORMAT = "tiny-v1"  # bump when the architectures below change
 SEED = 20240101
@@ -148,12 +148,7 @@ def _caption_image_processor() -> BlipImageProcessor:
 def _save_blip(folder: Path) -> None:
     """BLIP's captioning class, with the special token ids set inside the small vocabulary."""
     tokenizer = build_caption_tokenizer()
-    ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "sep_token_id": tokenizer.sep_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    ids = caption_token_ids(tokenizer, with_sep=True)
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": 32,
@@ -175,11 +170,7 @@ def _save_blip2(folder: Path) -> None:
     tokenizer = build_caption_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["[IMG]"]})
     image_token_id = tokenizer.convert_tokens_to_ids("[IMG]")
-    ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    ids = caption_token_ids(tokenizer, with_sep=False)
     config = Blip2Config(
         vision_config=_tiny_vision_config(),
         qformer_config={

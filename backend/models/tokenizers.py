@@ -84,3 +84,10 @@ def build_caption_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenize
         eos_token="[EOS]",
         sep_token="[EOS]",
     )
+
+
+def caption_token_ids(tokenizer: PreTrainedTokenizerFast, with_sep: bool) -> dict[str, int]:
+    """The special token ids a captioner's config needs; BLIP's decoder also ends on ``sep``."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    return {**ids, "sep_token_id": tokenizer.sep_token_id} if with_sep else ids
