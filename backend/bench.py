@@ -29,6 +29,7 @@ from backend.pipeline.clip_embeddings import TextImageEmbedder
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.clustering import canonical_order
 from backend.pipeline.labelling import cluster_masks
+from backend.pipeline.refine import Refiner
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
 from backend.pipeline.vocabulary import labels_from_names
 from backend.settings import Settings
@@ -82,13 +83,14 @@ class PerClusterClip:
 
 
 class NaiveSegmenter(Segmenter):
-    """The baseline: scikit-learn K-means (10 inits, one after another) and per-cluster CLIP."""
+    """The baseline: scikit-learn K-means (10 inits, one after another), per-cluster CLIP, the CRF in line."""
 
     def __init__(self, fast: Segmenter):
-        super().__init__(fast.captioner, fast.features, PerClusterClip(fast.clip), fast.nlp, fast.fingerprint, "cpu")
+        super().__init__(fast.captioner, fast.features, PerClusterClip(fast.clip), fast.nlp, fast.fingerprint, "cpu",
+                         refiner=Refiner("cpu", crf_processes=0))
 
-    def _cluster_masks(self, encoding: Encoding, options: SegmentOptions, timings: dict[str, float]) -> np.ndarray:
-        with self._stage("clustering", timings):
+    def _cluster_masks(self, encoding: Encoding, options: SegmentOptions) -> np.ndarray:
+        with self._stage("clustering"):
             channels = encoding.features.shape[0]
             points = encoding.features.astype(np.float32).reshape(channels, -1).T
             assignment = KMeans(options.k, n_init=10, random_state=options.seed).fit_predict(points)
@@ -117,6 +119,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
     load_start = time.perf_counter()
     fast = Segmenter.from_settings(settings)
     load_seconds = time.perf_counter() - load_start
+    models_gpu_mb = torch.cuda.memory_allocated() / 2**20 if fast.device.type == "cuda" else None
     device = fast.device
     if config.image_dir:
         paths = sorted(p for p in config.image_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
@@ -127,24 +130,25 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
     options = SegmentOptions.from_settings(settings)
     stages: dict[str, list[float]] = defaultdict(list)
 
-    def predict_batch(segmenter: Segmenter, batch: Sequence[np.ndarray]) -> None:
-        for encoding, image in zip(segmenter.encode_batch(batch), batch):
-            result = segmenter.segment(encoding, image, labels, options)
-            start = time.perf_counter()
-            brush_results(result, "tag", "image")
-            stages["results"].append(time.perf_counter() - start)
+    def predict(segmenter: Segmenter, batches: Sequence[Sequence[np.ndarray]]) -> None:
+        """Predictions for every image, results included; batches overlap as ``segment_batches`` allows."""
+        for segmentations in segmenter.segment_batches(batches, labels, options):
+            for segmentation in segmentations:
+                start = time.perf_counter()
+                brush_results(segmentation, "tag", "image")
+                stages["results"].append(time.perf_counter() - start)
         _sync(device)
 
-    predict_batch(fast, images[:1])  # warm-up: first calls allocate, compile kernels, fill caches
+    predict(fast, [images[:1]])  # warm-up: first calls allocate, compile kernels, fill caches, start the CRF pool
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stages.clear()
     fast.observer = lambda stage, seconds: stages[stage].append(seconds)
     batches = [images[i : i + config.batch] for i in range(0, len(images), config.batch)]
-    throughput_seconds = _timed(lambda: [predict_batch(fast, batch) for batch in batches])
+    throughput_seconds = _timed(lambda: predict(fast, batches))
     fast.observer = None
     stage_medians = {stage: 1000 * statistics.median(values) for stage, values in sorted(stages.items())}
-    latencies = [_timed(lambda image=image: predict_batch(fast, [image])) for image in images]
+    latencies = [_timed(lambda image=image: predict(fast, [[image]])) for image in images]
 
     cache = MemoryCache(max_bytes=2**34)
     for index, image in enumerate(images):
@@ -156,7 +160,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
     ]
 
     naive = NaiveSegmenter(fast)
-    naive_seconds = _timed(lambda: [predict_batch(naive, [image]) for image in images])
+    naive_seconds = _timed(lambda: predict(naive, [[image] for image in images]))
 
     figures = {
         "profile": config.profile,
@@ -166,6 +170,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         "batch": config.batch,
         "k": options.k,
         "refine": options.refine,
+        "crf_processes": fast.refiner.crf_processes,
         "images_per_s": len(images) / throughput_seconds,
         "baseline_images_per_s": len(images) / naive_seconds,
         "speedup": naive_seconds / throughput_seconds,
@@ -176,6 +181,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         "stages_ms": stage_medians,  # per call: caption and features are called once per batch
         "model_load_s": load_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "models_gpu_mb": models_gpu_mb,  # all models loaded, before any image
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "hardware": _hardware(device),
         "date": time.strftime("%Y-%m-%d"),
@@ -199,11 +205,13 @@ def _hardware(device: torch.device) -> dict:
 
 def _print(figures: dict) -> None:
     print(f"freesegdiff bench: {figures['profile']} on {figures['device']}, {figures['images']} images, "
-          f"batch {figures['batch']}, K={figures['k']}, refine={figures['refine']}")
+          f"batch {figures['batch']}, K={figures['k']}, refine={figures['refine']} "
+          f"({figures['crf_processes']} CRF processes)")
     print(f"  throughput      {figures['images_per_s']:8.2f} images/s   (naive {figures['baseline_images_per_s']:.2f}, "
           f"speedup x{figures['speedup']:.2f})")
     print(f"  latency         p50 {figures['latency_p50_ms']:8.1f} ms   p95 {figures['latency_p95_ms']:.1f} ms")
     print(f"  re-prompt       p50 {figures['reprompt_p50_ms']:8.1f} ms   ({figures['reprompt_to_cold_ratio']:.2f} of a cold prediction)")
     print("  stages (median ms per call): " + ", ".join(f"{k} {v:.1f}" for k, v in figures["stages_ms"].items()))
-    gpu = f", GPU peak {figures['peak_gpu_mb']:.0f} MB" if figures["peak_gpu_mb"] is not None else ""
+    gpu = (f", GPU {figures['models_gpu_mb']:.0f} MB with the models loaded, peak {figures['peak_gpu_mb']:.0f} MB"
+           if figures["peak_gpu_mb"] is not None else "")
     print(f"  memory          RSS peak {figures['peak_rss_mb']:.0f} MB{gpu}; models loaded in {figures['model_load_s']:.1f} s")

@@ -8,6 +8,7 @@ variable names that users of Label Studio's ML backends already know (``MODEL_DI
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -59,6 +60,7 @@ class Settings(BaseSettings):
     # Segmentation defaults (each can be changed per request)
     k: int = Field(4, ge=2, le=32)
     refine: RefineMethod = "crf"
+    crf_processes: int | None = Field(None, ge=0)  # CRF pool size; None: one per CPU core, 0: on the inference thread
     use_caption: bool = True
     caption_fallback: bool = True
     seed: int = 0
@@ -94,6 +96,15 @@ class Settings(BaseSettings):
     cache_retry_after_seconds: float = Field(5.0, gt=0)
     cache_write_queue: int = Field(16, ge=1)
 
+    # Whole-project and folder runs on Redis Queue workers (annotate-project, annotate-folder --queue, worker)
+    queue_name: str = "freesegdiff"  # the RQ queue the runs' chunks go to and the workers listen on
+    queue_chunk_size: int = Field(16, ge=1)  # tasks or images per queued job
+    queue_lease_seconds: int = Field(60, ge=2)  # a chunk whose worker sent no heartbeat for this long is requeued
+    queue_chunk_timeout: int = Field(3600, ge=10)  # a chunk running longer is stopped and counts as failed
+    queue_retries: int = Field(3, ge=0)  # how often a failed or abandoned chunk is queued again
+    labelstudio_attempts: int = Field(6, ge=1)  # tries of a Label Studio call that times out or answers 5xx
+    labelstudio_backoff_seconds: float = Field(1.0, gt=0)  # first wait between tries; doubled each time (at most 30 s)
+
     log_level: str = Field("INFO", validation_alias=AliasChoices("LOG_LEVEL", "FREESEG_LOG_LEVEL"))
 
     @field_validator("allowed_url_hosts", mode="before")
@@ -110,6 +121,11 @@ class Settings(BaseSettings):
     def image_limits(self) -> ImageLimits:
         """FREESEG_MAX_IMAGE_BYTES and FREESEG_MAX_IMAGE_PIXELS, as the image decoder takes them."""
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    @property
+    def crf_pool_size(self) -> int:
+        """FREESEG_CRF_PROCESSES, with its default (one process per CPU core) resolved."""
+        return self.crf_processes if self.crf_processes is not None else os.cpu_count() or 1
 
     @property
     def captioner_source(self) -> str:

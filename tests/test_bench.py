@@ -16,7 +16,7 @@ def test_bench_reports_every_figure(tiny_settings, tmp_path, capsys):
     figures = run_bench(config, tiny_settings)
     saved = json.loads((tmp_path / "bench.json").read_text())
     for key in ("images_per_s", "baseline_images_per_s", "speedup", "latency_p50_ms", "latency_p95_ms",
-                "reprompt_p50_ms", "stages_ms", "hardware", "peak_rss_mb"):
+                "reprompt_p50_ms", "stages_ms", "hardware", "peak_rss_mb", "models_gpu_mb", "crf_processes"):
         assert key in saved, key
     assert saved["images_per_s"] > 0 and saved["baseline_images_per_s"] > 0
     assert set(saved["stages_ms"]) >= {"caption", "features", "candidates", "clustering", "labelling", "refine", "results"}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
 import torch
 
-from backend.pipeline.refine import refine_masks
+from backend.pipeline.refine import Refiner, refine_masks
 
 METHODS = ("crf", "pamr", "none")
 REFINERS = ("crf", "pamr")
@@ -188,3 +191,31 @@ def test_pamr_on_cuda_agrees_with_cpu() -> None:
     on_cuda = refine_masks(image, masks, "pamr", "cuda")
     for a, b in zip(on_cpu, on_cuda):
         assert iou(a, b) > 0.99
+
+
+def test_the_crf_pool_gives_the_in_line_masks() -> None:
+    disc = disc_mask()
+    image, masks = disc_image(disc), np.stack([blocky(disc), two_rectangles(overlap=True)[0]])
+    refiner = Refiner("cpu", crf_processes=2)
+    try:
+        pending = [refiner.start(image, masks, "crf"), refiner.start(image, masks[::-1], "crf")]
+        assert np.array_equal(pending[0](), refine_masks(image, masks, "crf"))
+        assert np.array_equal(pending[1](), refine_masks(image, masks[::-1], "crf"))
+    finally:
+        refiner.close()
+
+
+def test_a_dead_crf_process_costs_no_masks(caplog: pytest.LogCaptureFixture) -> None:
+    disc = disc_mask()
+    image, masks = disc_image(disc), blocky(disc)[None]
+    refiner = Refiner("cpu", crf_processes=1)
+    try:
+        with pytest.raises(BrokenProcessPool):
+            refiner._crf_pool().submit(os._exit, 1).result(timeout=60)  # a process killed, as by the OOM killer
+        with caplog.at_level(logging.ERROR, logger="backend.pipeline.refine"):
+            refined = refiner.start(image, masks, "crf")()
+        assert np.array_equal(refined, refine_masks(image, masks, "crf"))
+        assert "a CRF process died" in caplog.text
+        assert np.array_equal(refiner.start(image, masks, "crf")(), refined)  # and a new pool serves again
+    finally:
+        refiner.close()

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
+from sklearn.datasets import load_sample_image
 
 from backend.images import decode_image
 from backend.labelstudio.results import brush_results
 from backend.pipeline.encoding import Encoding
-from backend.pipeline.segmenter import SegmentOptions
+from backend.pipeline.refine import Refiner
+from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.pipeline.vocabulary import labels_from_names
 
 LABELS = labels_from_names(["building", "tree", "sky", "person"])
@@ -105,3 +107,23 @@ def test_unusual_images_segment_at_their_displayed_size(tiny_segmenter, china, m
     assert result.label_map.shape == shape
     for region in brush_results(result, "tag", "image"):
         assert (region["original_height"], region["original_width"]) == shape
+
+
+def twin(segmenter: Segmenter, **kwargs) -> Segmenter:
+    """A segmenter over the same models, arranged differently (refiner, caption thread)."""
+    return Segmenter(segmenter.captioner, segmenter.features, segmenter.clip, segmenter.nlp, segmenter.fingerprint,
+                     segmenter.device, **kwargs)
+
+
+def test_the_batched_overlapped_pipeline_gives_the_masks_of_one_image_at_a_time(tiny_segmenter, china):
+    images = [china, np.ascontiguousarray(china[::-1]), load_sample_image("flower.jpg")]
+    in_line = twin(tiny_segmenter, refiner=Refiner("cpu", crf_processes=0))
+    expected = [in_line.segment_image(image, LABELS, OPTIONS) for image in images]
+    overlapped = twin(tiny_segmenter, refiner=tiny_segmenter.refiner, overlap_caption=True)
+    assert overlapped.refiner.crf_processes > 0
+    batches = list(overlapped.segment_batches([images[:2], images[2:]], LABELS, OPTIONS))
+    assert [len(batch) for batch in batches] == [2, 1]
+    for got, want in zip(batches[0] + batches[1], expected):
+        np.testing.assert_array_equal(got.label_map, want.label_map)
+        assert (got.regions, got.caption, got.candidates) == (want.regions, want.caption, want.candidates)
+    assert any(want.regions for want in expected)  # the comparison covers labelled regions

@@ -3,14 +3,21 @@
 import threading
 import time
 
+import logging
+
 import numpy as np
 import pytest
+import torch
 
+from backend.pipeline.segmenter import Segmenter
 from backend.server.worker import InferenceWorker, ModelsNotReadyError, QueueFullError
 
 
 class RecordingSegmenter:
+    """Records the batch sizes it is asked to encode; the batching itself is the real Segmenter's."""
+
     fingerprint = "fake"
+    encode_many = Segmenter.encode_many
 
     def __init__(self):
         self.batches: list[int] = []
@@ -68,6 +75,38 @@ def test_an_error_reaches_every_request_of_the_batch_and_the_worker_goes_on():
     worker = ready_worker(Failing(), max_wait_seconds=0.01)
     with pytest.raises(RuntimeError, match="out of memory"):
         worker.submit_encode([image(1)]).result(5)
+    assert worker.submit(lambda s: "still serving").result(5) == "still serving"
+    worker.stop()
+
+
+def test_out_of_gpu_memory_retries_at_smaller_batches_and_loses_nothing(caplog: pytest.LogCaptureFixture):
+    class SmallGpu(RecordingSegmenter):
+        """Runs out of memory (as torch does on CUDA) on batches of more than two images."""
+
+        def encode_batch(self, images):
+            if len(images) > 2:
+                self.batches.append(-len(images))
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().encode_batch(images)
+
+    segmenter = SmallGpu()
+    worker = ready_worker(segmenter, max_batch=8, max_wait_seconds=0.01)
+    with caplog.at_level(logging.WARNING, logger="backend.pipeline.segmenter"):
+        result = worker.submit_encode([image(i) for i in range(7)]).result(5)
+    assert result == [f"encoding of {i}" for i in range(7)]
+    assert segmenter.batches == [-7, -4, 2, 2, 2, 1]  # 8 -> 4 -> 2 images at a time, each image once
+    assert "out of GPU memory encoding 7 images at once; retrying 4 at a time" in caplog.text
+    worker.stop()
+
+
+def test_out_of_memory_on_a_single_image_is_an_error_for_its_request():
+    class NoGpu(RecordingSegmenter):
+        def encode_batch(self, images):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    worker = ready_worker(NoGpu(), max_batch=4, max_wait_seconds=0.01)
+    with pytest.raises(torch.OutOfMemoryError):
+        worker.submit_encode([image(1), image(2)]).result(5)
     assert worker.submit(lambda s: "still serving").result(5) == "still serving"
     worker.stop()
 

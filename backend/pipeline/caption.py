@@ -10,6 +10,7 @@ per process (the released code reloaded it for every image).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -32,9 +33,15 @@ class Captioner:
         self.tokenizer = parts.processor.tokenizer
         self.image_processor = parts.processor.image_processor
         self.device, self.dtype = device, dtype
+        # Its own CUDA stream, so that it runs beside the U-Net when called from another thread.
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> list[str]:
+        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+            return self._captions(images)
+
+    def _captions(self, images: Sequence[np.ndarray]) -> list[str]:
         pixels = self.image_processor([Image.fromarray(image) for image in images], return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, self.dtype)
         if self.kind == "blip":

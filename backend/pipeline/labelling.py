@@ -4,7 +4,8 @@ For each cluster, the image with every pixel outside the cluster set to black is
 embedded by CLIP (padded to a square, see ``clip_embeddings``) and scored against every
 label: a softmax over image-text similarities. Scores of non-candidate labels are zeroed;
 each label keeps only its best cluster; each cluster takes its best remaining label; a
-cluster no label picked stays unlabeled. All clusters go through CLIP in one call.
+cluster no label picked stays unlabeled. All clusters of a batch of images go through CLIP in
+one call.
 """
 
 from __future__ import annotations
@@ -44,11 +45,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def cluster_label_scores(
-    clip: TextImageEmbedder, image: np.ndarray, masks: np.ndarray, label_vectors: np.ndarray
-) -> np.ndarray:
-    """(K, L) probabilities of each label for each cluster's masked image."""
-    image_vectors = clip.embed_images(masked_images(image, masks))
-    return softmax(LOGIT_SCALE * image_vectors @ label_vectors.T)
+    clip: TextImageEmbedder, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], label_vectors: np.ndarray
+) -> list[np.ndarray]:
+    """(K_i, L) probabilities of each label for each cluster's masked image, for each image.
+
+    The masked images of all images go through CLIP in one call: one batch on the GPU.
+    """
+    masked = [view for image, image_masks in zip(images, masks) for view in masked_images(image, image_masks)]
+    if not masked:
+        return [np.zeros((0, len(label_vectors)), np.float32) for _ in images]
+    probabilities = softmax(LOGIT_SCALE * clip.embed_images(masked) @ label_vectors.T)
+    return np.split(probabilities, np.cumsum([len(image_masks) for image_masks in masks])[:-1])
 
 
 def assign_labels(scores: np.ndarray, candidates: Sequence[int]) -> list[ClusterLabel]:

@@ -6,16 +6,24 @@ whole image) and returns an :class:`Encoding`; ``segment`` answers for a label s
 and a refinement from that encoding, with only K-means, CLIP on the clusters and the CRF.
 ``segment(encode(image), image, ...)`` is the one-shot run, so a stored encoding gives
 exactly its masks.
+
+For throughput, both work on batches and overlap what runs on different hardware: the
+captioner runs beside the U-Net on CUDA (its own thread and stream), CLIP names the
+clusters of a whole batch in one call, and ``propose_batch`` only starts the refinement
+(the CPU CRF runs in a pool of processes), so the caller can encode the next batch while
+it runs; ``finish`` waits for it. ``segment_batches`` chains all of this over a stream.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -31,10 +39,11 @@ from backend.pipeline.clustering import cluster_feature_grid
 from backend.pipeline.encoding import FORMAT_VERSION, Encoding
 from backend.pipeline.features import FeatureExtractor, FeatureSettings
 from backend.pipeline.labelling import ClusterLabel, assign_labels, cluster_label_scores, cluster_masks, softmax
-from backend.pipeline.refine import refine_masks
+from backend.pipeline.refine import PendingMasks, Refiner
 from backend.pipeline.vocabulary import Label, label_embeddings
 from backend.settings import RefineMethod, Settings
 
+log = logging.getLogger(__name__)
 StageObserver = Callable[[str, float], None]
 
 
@@ -78,12 +87,23 @@ class Segmentation:
     caption: str
     candidates: list[str]
     used_fallback: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def score(self) -> float:
         """The prediction's score: the mean of its regions' scores (0 when it has none)."""
         return float(np.mean([r.score for r in self.regions])) if self.regions else 0.0
+
+
+@dataclass
+class Proposal:
+    """A segmentation before refinement: the labelled clusters, their refinement started."""
+
+    assigned: list[ClusterLabel]
+    refined: PendingMasks  # waits for the refined masks of ``assigned``, in that order
+    labels: Sequence[Label]
+    caption: str
+    candidates: list[str]
+    used_fallback: bool
 
 
 class Segmenter:
@@ -97,10 +117,16 @@ class Segmenter:
         nlp: Language,
         fingerprint: str,
         device: torch.device | str = "cpu",
+        refiner: Refiner | None = None,
+        overlap_caption: bool = False,
     ):
         self.captioner, self.features, self.clip, self.nlp = captioner, features, clip, nlp
         self.fingerprint = fingerprint
         self.device = torch.device(device)
+        self.refiner = refiner or Refiner(self.device)
+        # On CUDA the captioner's small beam-search kernels fill the GPU beside the U-Net's;
+        # on a CPU both would only fight for the same cores.
+        self._caption_thread = ThreadPoolExecutor(1, thread_name_prefix="caption") if overlap_caption else None
         self.observer: StageObserver | None = None
 
     @classmethod
@@ -109,89 +135,145 @@ class Segmenter:
         return _cached_segmenter(settings)
 
     @contextmanager
-    def _stage(self, name: str, timings: dict[str, float]) -> Iterator[None]:
+    def _stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        elapsed = time.perf_counter() - start
-        timings[name] = timings.get(name, 0.0) + elapsed
         if self.observer is not None:
-            self.observer(name, elapsed)
+            self.observer(name, time.perf_counter() - start)
 
     def encode(self, image: np.ndarray) -> Encoding:
         return self.encode_batch([image])[0]
 
     def encode_batch(self, images: Sequence[np.ndarray]) -> list[Encoding]:
         """Caption, U-Net features and whole-image CLIP embedding of each (H, W, 3) uint8 image."""
-        timings: dict[str, float] = {}
-        with self._stage("caption", timings):
-            captions = self.captioner(images)
-        with self._stage("features", timings):
+        pending = self._caption_thread.submit(self._captions, images) if self._caption_thread else None
+        with self._stage("features"):
             grids = self.features(images)
             image_vectors = self.clip.embed_images(images)
+        captions = pending.result() if pending else self._captions(images)
         return [
             Encoding(features=grid, image_embedding=vector.astype(np.float32), caption=caption,
                      width=image.shape[1], height=image.shape[0], fingerprint=self.fingerprint)
             for image, grid, vector, caption in zip(images, grids, image_vectors, captions)
         ]
 
+    def _captions(self, images: Sequence[np.ndarray]) -> list[str]:
+        with self._stage("caption"):
+            return self.captioner(images)
+
+    def encode_many(self, images: Sequence[np.ndarray], max_batch: int) -> list[Encoding]:
+        """``encode_batch`` over ``max_batch`` images at a time; out of GPU memory, the batch is halved and retried."""
+        encodings: list[Encoding] = []
+        batch = max_batch
+        while len(encodings) < len(images):
+            chunk = images[len(encodings) : len(encodings) + batch]
+            try:
+                encodings += self.encode_batch(chunk)
+            except torch.OutOfMemoryError:
+                if batch == 1:
+                    raise
+                batch = max(batch // 2, 1)
+                log.warning("out of GPU memory encoding %d images at once; retrying %d at a time", len(chunk), batch)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        return encodings
+
     def segment(
         self, encoding: Encoding, image: np.ndarray, labels: Sequence[Label], options: SegmentOptions
     ) -> Segmentation:
         """A label map over ``labels`` for ``image``, from its ``encoding``."""
-        _check_compatible(encoding, image, self.fingerprint)
+        return self.segment_batch([encoding], [image], labels, options)[0]
+
+    def segment_batch(
+        self, encodings: Sequence[Encoding], images: Sequence[np.ndarray], labels: Sequence[Label],
+        options: SegmentOptions,
+    ) -> list[Segmentation]:
+        return [self.finish(proposal) for proposal in self.propose_batch(encodings, images, labels, options)]
+
+    def segment_batches(
+        self, batches: Iterable[Sequence[np.ndarray]], labels: Sequence[Label], options: SegmentOptions
+    ) -> Iterator[list[Segmentation]]:
+        """Encode and segment batch after batch; a batch is refined while the next one is encoded."""
+        previous: list[Proposal] | None = None
+        for images in batches:
+            current = self.propose_batch(self.encode_batch(images), images, labels, options)
+            if previous is not None:
+                yield [self.finish(proposal) for proposal in previous]
+            previous = current
+        if previous is not None:
+            yield [self.finish(proposal) for proposal in previous]
+
+    def propose_batch(
+        self, encodings: Sequence[Encoding], images: Sequence[np.ndarray], labels: Sequence[Label],
+        options: SegmentOptions,
+    ) -> list[Proposal]:
+        """Candidates, clusters and their labels for each image; refinement started, not awaited."""
+        for encoding, image in zip(encodings, images, strict=True):
+            _check_compatible(encoding, image, self.fingerprint)
         if not labels:
             raise ValueError("segment() needs at least one label")
-        timings: dict[str, float] = {}
-        with self._stage("candidates", timings):
+        with self._stage("candidates"):
             vectors = label_embeddings(self.clip, labels)
-            candidates, used_fallback = self._candidates(encoding, labels, vectors, options)
-        masks = self._cluster_masks(encoding, options, timings)
-        with self._stage("labelling", timings):
-            assigned = []
-            if candidates:
-                scores = cluster_label_scores(self.clip, image, masks, vectors)
-                assigned = assign_labels(scores, candidates)
-        segmentation = self._refined(encoding, image, masks, assigned, labels, options, timings)
-        segmentation.candidates = [labels[i].name for i in candidates]
-        segmentation.used_fallback = used_fallback
-        return segmentation
+            chosen = [self._candidates(encoding, labels, vectors, options) for encoding in encodings]
+        masks = [self._cluster_masks(encoding, options) for encoding in encodings]
+        with self._stage("labelling"):
+            named = [i for i, (candidates, _) in enumerate(chosen) if candidates]
+            scores = cluster_label_scores(self.clip, [images[i] for i in named], [masks[i] for i in named], vectors)
+            assigned = {i: assign_labels(image_scores, chosen[i][0]) for i, image_scores in zip(named, scores)}
+        return [
+            self._start_refinement(encoding, image, image_masks, assigned.get(i, []), labels, options,
+                                   candidates=[labels[c].name for c in candidates], used_fallback=used_fallback)
+            for i, (encoding, image, image_masks, (candidates, used_fallback))
+            in enumerate(zip(encodings, images, masks, chosen))
+        ]
 
     def segment_clicks(
         self, encoding: Encoding, image: np.ndarray, labels: Sequence[Label], clicks: Sequence[Click],
         options: SegmentOptions,
     ) -> Segmentation:
-        """The refined cluster under each click, with the click's label (a second click on a cluster loses)."""
+        return self.finish(self.propose_clicks(encoding, image, labels, clicks, options))
+
+    def propose_clicks(
+        self, encoding: Encoding, image: np.ndarray, labels: Sequence[Label], clicks: Sequence[Click],
+        options: SegmentOptions,
+    ) -> Proposal:
+        """The cluster under each click, with the click's label (a second click on a cluster loses)."""
         _check_compatible(encoding, image, self.fingerprint)
-        timings: dict[str, float] = {}
-        masks = self._cluster_masks(encoding, options, timings)
+        masks = self._cluster_masks(encoding, options)
         assigned: dict[int, ClusterLabel] = {}
         for click in clicks:
             row = min(max(int(click.y), 0), encoding.height - 1)
             column = min(max(int(click.x), 0), encoding.width - 1)
             cluster = int(masks[:, row, column].argmax())
             assigned.setdefault(cluster, ClusterLabel(cluster=cluster, label=click.label, score=1.0))
-        return self._refined(encoding, image, masks, list(assigned.values()), labels, options, timings)
+        return self._start_refinement(encoding, image, masks, list(assigned.values()), labels, options,
+                                      candidates=[], used_fallback=False)
 
-    def _cluster_masks(self, encoding: Encoding, options: SegmentOptions, timings: dict[str, float]) -> np.ndarray:
-        with self._stage("clustering", timings):
+    def finish(self, proposal: Proposal) -> Segmentation:
+        """Wait for the refinement; the label map of the labelled clusters (regions it emptied are dropped)."""
+        with self._stage("refine"):
+            refined = proposal.refined()
+        label_map = np.zeros(refined.shape[1:], dtype=np.uint16)
+        regions = []
+        for assignment, mask in zip(proposal.assigned, refined):
+            if mask.any():
+                label_map[mask] = assignment.label + 1
+                regions.append(Region(assignment.label, proposal.labels[assignment.label].name, assignment.score))
+        return Segmentation(label_map=label_map, regions=regions, caption=proposal.caption,
+                            candidates=proposal.candidates, used_fallback=proposal.used_fallback)
+
+    def _cluster_masks(self, encoding: Encoding, options: SegmentOptions) -> np.ndarray:
+        with self._stage("clustering"):
             grid = cluster_feature_grid(encoding.features.astype(np.float32), options.k, options.seed, self.device)
             return cluster_masks(grid, encoding.height, encoding.width)
 
-    def _refined(
-        self, encoding: Encoding, image: np.ndarray, masks: np.ndarray, assigned: Sequence[ClusterLabel], labels: Sequence[Label],
-        options: SegmentOptions, timings: dict[str, float],
-    ) -> Segmentation:
-        """The label map of the labelled clusters after refinement; regions refinement emptied are dropped."""
-        with self._stage("refine", timings):
-            refined = refine_masks(image, masks[[a.cluster for a in assigned]], options.refine, self.device)
-        label_map = np.zeros(masks.shape[1:], dtype=np.uint16)
-        regions = []
-        for assignment, mask in zip(assigned, refined):
-            if mask.any():
-                label_map[mask] = assignment.label + 1
-                regions.append(Region(assignment.label, labels[assignment.label].name, assignment.score))
-        return Segmentation(label_map=label_map, regions=regions, caption=encoding.caption, candidates=[],
-                            timings=timings)
+    def _start_refinement(
+        self, encoding: Encoding, image: np.ndarray, masks: np.ndarray, assigned: list[ClusterLabel],
+        labels: Sequence[Label], options: SegmentOptions, candidates: list[str], used_fallback: bool,
+    ) -> Proposal:
+        refined = self.refiner.start(image, masks[[a.cluster for a in assigned]], options.refine)
+        return Proposal(assigned=assigned, refined=refined, labels=labels, caption=encoding.caption,
+                        candidates=candidates, used_fallback=used_fallback)
 
     def segment_image(self, image: np.ndarray, labels: Sequence[Label], options: SegmentOptions) -> Segmentation:
         """The one-shot run: encode, then segment."""
@@ -267,4 +349,6 @@ def _cached_segmenter(settings: Settings) -> Segmenter:
         nlp=parts.nlp,
         fingerprint=models_fingerprint(settings, dtype),
         device=device,
+        refiner=Refiner(device, settings.crf_pool_size),
+        overlap_caption=device.type == "cuda",
     )

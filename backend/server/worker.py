@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from backend.pipeline.encoding import Encoding
-from backend.pipeline.segmenter import Segmenter
+from backend.pipeline.segmenter import Proposal, Segmentation, Segmenter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +58,7 @@ class InferenceWorker:
         self.state = "loading"
         self.error: str | None = None
         self.fingerprint = ""  # of the loaded models: part of every feature cache key
+        self._segmenter: Segmenter | None = None
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     def start(self) -> None:
@@ -86,6 +87,11 @@ class InferenceWorker:
         """Queue the encoding of ``images``; concurrent requests' images share the U-Net's batches."""
         return self._enqueue(_Job(images=images))
 
+    def finish(self, proposal: Proposal) -> Segmentation:
+        """Wait for a proposal's refinement, on the caller's thread: it needs no model."""
+        assert self._segmenter is not None, "proposals come from a loaded segmenter"
+        return self._segmenter.finish(proposal)
+
     def _enqueue(self, job: _Job[T]) -> Future[T]:
         self.ensure_ready()
         try:
@@ -112,7 +118,7 @@ class InferenceWorker:
             self.error = f"models failed to load: {error}"
             self._set_state("failed")
             return
-        self.fingerprint = segmenter.fingerprint
+        self.fingerprint, self._segmenter = segmenter.fingerprint, segmenter
         self._set_state("ready")
         log.info("models ready")
         while (job := self._jobs.get()) is not None:
@@ -140,12 +146,11 @@ class InferenceWorker:
         return encodes, others, False
 
     def _run_encodes(self, segmenter: Segmenter, jobs: list[_Job]) -> None:
-        """One encode_batch call per ``max_batch`` images of all jobs, results handed back per job."""
+        """The images of all jobs in batches of ``max_batch`` (smaller after running out of GPU memory)."""
         live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         images = [image for job in live for image in job.images]
         try:
-            encodings = [e for start in range(0, len(images), self.max_batch)
-                         for e in segmenter.encode_batch(images[start : start + self.max_batch])]
+            encodings = segmenter.encode_many(images, self.max_batch)
             for job in live:
                 job.future.set_result(encodings[: len(job.images)])
                 encodings = encodings[len(job.images) :]
