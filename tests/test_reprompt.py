@@ -1,5 +1,6 @@
 """Re-prompting from the feature cache over HTTP, against a real redis-server."""
 
+import logging
 import os
 import re
 import subprocess
@@ -113,7 +114,8 @@ def test_a_click_with_an_unknown_label_is_a_clear_400(cached_client, image_serve
 
 
 def test_redis_killed_mid_run_predictions_go_on_and_the_cache_comes_back(start_redis, tiny_settings, tiny_segmenter,
-                                                                       image_server):
+                                                                       image_server, caplog):
+    caplog.set_level(logging.INFO, logger="backend.cache")
     server = start_redis()
     settings = tiny_settings.model_copy(update={"redis_url": server.url, "cache_retry_after_seconds": 0.2})
     with TestClient(create_app(settings, load_segmenter=lambda: tiny_segmenter)) as client:
@@ -131,6 +133,9 @@ def test_redis_killed_mid_run_predictions_go_on_and_the_cache_comes_back(start_r
         before = stage_count(client, "features")
         assert predict(client, f"{image_server}/flower.jpg")["result"]
         assert stage_count(client, "features") == before  # served from Redis again
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("is unavailable" in m and "going on without it" in m for m in messages) == 1  # one clear line
+    assert any(m.startswith("feature cache is back") for m in messages)
 
 
 def _serve(port: int, redis_url: str, model_dir) -> subprocess.Popen:
