@@ -1,11 +1,21 @@
-"""The dense CRF of one mask, in a module light enough for the refinement pool's processes.
+"""The dense CRF of one mask, and the child processes that run it side by side.
 
-pydensecrf holds the GIL while it runs, so CRFs only run in parallel in separate
-processes (see ``refine.Refiner``); each of those imports this module alone, without
-torch or the models.
+pydensecrf holds the GIL while it runs, so CRFs run in parallel only in separate
+processes. Each is ``python -m backend.pipeline.crf``: it imports this module alone
+(no torch, no models), reads a request from its stdin and writes the answer to its
+stdout. A request is a JSON line ``{"height": H, "width": W}`` followed by the image's
+H*W*3 bytes (RGB) and the mask's H*W bytes (0 or 1); the answer is the refined mask's
+H*W bytes. Only raw arrays and JSON cross the pipe: no pickle.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
@@ -36,3 +46,89 @@ def crf_refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     )
     q = np.asarray(crf.inference(CRF_ITERATIONS)).reshape(2, height, width)
     return q[1] > q[0]
+
+
+class CrfProcessDied(RuntimeError):
+    """A CRF child process exited (killed, out of memory) before answering."""
+
+
+class CrfProcesses:
+    """``count`` child processes, each driven by a thread of its own that waits on its pipe.
+
+    A process is started on its thread's first request and replaced after it dies.
+    """
+
+    def __init__(self, count: int):
+        self.count = count
+        self._threads = ThreadPoolExecutor(count, thread_name_prefix="crf")
+        self._local = threading.local()
+        self._processes: list[subprocess.Popen] = []
+        self._lock = threading.Lock()
+
+    def submit(self, image: np.ndarray, mask: np.ndarray) -> Future[np.ndarray]:
+        """The refined mask, computed in one of the processes."""
+        return self._threads.submit(self._refine, image, mask)
+
+    def pids(self) -> list[int]:
+        """The running processes' ids (for monitoring)."""
+        with self._lock:
+            return [process.pid for process in self._processes if process.poll() is None]
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            processes, self._processes = self._processes, []
+        for process in processes:
+            process.kill()
+            process.wait()
+
+    def _refine(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        process = self._process()
+        height, width = mask.shape
+        try:
+            header = json.dumps({"height": height, "width": width}).encode() + b"\n"
+            process.stdin.write(header + np.ascontiguousarray(image, np.uint8).tobytes() + mask.astype(np.uint8).tobytes())
+            process.stdin.flush()
+            answer = _read_exactly(process.stdout, height * width)
+        except (OSError, EOFError) as error:
+            self._forget(process)
+            raise CrfProcessDied(f"CRF process {process.pid} died: {error}") from error
+        return np.frombuffer(answer, np.uint8).reshape(height, width).astype(bool)
+
+    def _process(self) -> subprocess.Popen:
+        process = getattr(self._local, "process", None)
+        if process is None or process.poll() is not None:
+            process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self._local.process = process
+            with self._lock:
+                self._processes.append(process)
+        return process
+
+    def _forget(self, process: subprocess.Popen) -> None:
+        process.kill()
+        process.wait()
+        self._local.process = None
+        with self._lock:
+            self._processes = [p for p in self._processes if p is not process]
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    data = stream.read(size)
+    if data is None or len(data) != size:
+        raise EOFError(f"expected {size} bytes, got {len(data or b'')}")
+    return data
+
+
+def serve(requests: BinaryIO, answers: BinaryIO) -> None:
+    """The child's loop: one refined mask per request, until the parent closes the pipe."""
+    while header := requests.readline():
+        shape = json.loads(header)
+        height, width = int(shape["height"]), int(shape["width"])
+        image = np.frombuffer(_read_exactly(requests, height * width * 3), np.uint8).reshape(height, width, 3)
+        mask = np.frombuffer(_read_exactly(requests, height * width), np.uint8).reshape(height, width).astype(bool)
+        answers.write(crf_refine(image, mask).astype(np.uint8).tobytes())
+        answers.flush()
+
+
+if __name__ == "__main__":
+    serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -6,7 +6,7 @@ each edge onto the image's colour boundaries.
 
 - ``"crf"``: a binary fully connected CRF per mask (Kraehenbuehl and Koltun). It is
   the paper's default, and its parameters are those of the authors' released code.
-  It runs on the CPU; ``Refiner`` runs the masks side by side in a pool of processes.
+  It runs on the CPU; ``Refiner`` runs the masks side by side in child processes.
 - ``"pamr"``: Pixel-Adaptive Mask Refinement (Araslanov and Roth, 2020), the paper's
   alternative (52.82 mIoU on VOC against 53.27 for the CRF): a few dilated local
   operations that refine all masks at once and run on the GPU when there is one.
@@ -19,17 +19,13 @@ highest priority) wins: each pixel belongs to at most one mask.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.pipeline.crf import crf_refine
+from backend.pipeline.crf import CrfProcessDied, CrfProcesses, crf_refine
 from backend.settings import RefineMethod
 
 __all__ = ["PendingMasks", "RefineMethod", "Refiner", "refine_masks"]
@@ -82,59 +78,41 @@ class Refiner:
     """Starts refinements, so that the caller can go on (with the next batch's models) meanwhile.
 
     The CRF holds the GIL and runs on the CPU, so with ``crf_processes`` > 0 its masks go
-    to a pool of that many processes, one task per mask: the CRFs of a whole batch run
+    to that many child processes, one request per mask: the CRFs of a whole batch run
     side by side while the inference thread encodes the next one. PAMR (on the device),
-    "none", and the CRF without a pool run at once on the calling thread. A pool whose
-    process died is replaced, and the masks it held are refined on the calling thread.
-    The pool's processes are started with "spawn" (safe beside CUDA and threads) and
-    exchange only arrays with this process, through the standard library's private pipes.
+    "none", and the CRF without processes run at once on the calling thread. Masks whose
+    process died are refined on the waiting thread, and the process is replaced.
     """
 
     def __init__(self, device: torch.device | str = "cpu", crf_processes: int = 0):
         self.device = torch.device(device)
         self.crf_processes = crf_processes
-        self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self.processes = CrfProcesses(crf_processes) if crf_processes > 0 else None
 
     def start(self, image: np.ndarray, masks: np.ndarray, method: RefineMethod) -> PendingMasks:
         """Start refining ``masks`` on ``image``; call the result to wait for ``refine_masks``' answer."""
-        if method != "crf" or self.crf_processes == 0 or len(masks) == 0:
+        if method != "crf" or self.processes is None or len(masks) == 0:
             refined = refine_masks(image, masks, method, self.device)
             return lambda: refined
         _check_inputs(image, masks)
         masks = np.ascontiguousarray(masks, dtype=bool)
-        try:
-            pool = self._crf_pool()
-            futures: list[Future[np.ndarray]] = [pool.submit(crf_refine, image, mask) for mask in masks]
-        except BrokenProcessPool:
-            futures = []
+        futures = [self.processes.submit(image, mask) for mask in masks]
 
         def wait() -> np.ndarray:
-            try:
-                if futures:
-                    return _resolve_overlaps(np.stack([future.result() for future in futures]))
-            except BrokenProcessPool:
-                pass
-            log.error("a CRF process died; refining %d masks in this process and starting a new pool", len(masks))
-            self._discard_pool()
-            return refine_masks(image, masks, "crf")
+            refined = []
+            for future, mask in zip(futures, masks):
+                try:
+                    refined.append(future.result())
+                except CrfProcessDied as error:
+                    log.error("%s; refining its mask in this process instead", error)
+                    refined.append(crf_refine(image, mask))
+            return _resolve_overlaps(np.stack(refined))
 
         return wait
 
     def close(self) -> None:
-        self._discard_pool()
-
-    def _crf_pool(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.crf_processes, mp_context=multiprocessing.get_context("spawn"))
-            return self._pool
-
-    def _discard_pool(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.close()
 
 
 def _resolve_overlaps(masks: np.ndarray) -> np.ndarray:
