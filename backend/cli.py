@@ -51,10 +51,15 @@ def _add_result_names(parser: argparse.ArgumentParser) -> None:
 
 
 def _labels(args: argparse.Namespace) -> list[Label]:
-    """The labels of ``--labels``; empty (and logged) when it names none."""
+    """The labels of ``--labels``; empty (and logged) when it names none or repeats one."""
     labels = labels_from_names(args.labels.split(","))
+    names = [label.name.lower() for label in labels]
+    repeated = sorted({name for name in names if names.count(name) > 1})
     if not labels:
         log.error("--labels names no label")
+    elif repeated:
+        log.error("--labels repeats %s: label names must be unique (the label map numbers them)", ", ".join(repeated))
+        return []
     return labels
 
 

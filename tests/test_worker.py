@@ -124,6 +124,8 @@ def test_not_ready_and_full_are_refused_at_once():
     assert started.wait(5)
     worker.submit(lambda s: None)
     with pytest.raises(QueueFullError):
+        worker.ensure_accepting()  # what /predict asks before downloading anything
+    with pytest.raises(QueueFullError):
         worker.submit(lambda s: None)
     gate.set()
     worker.stop()

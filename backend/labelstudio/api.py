@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import requests
 
-from backend.labelstudio.images import LabelStudioAccess, authorization_header
+from backend.labelstudio.images import LabelStudioAccess, authorization_header, plain_session
 
 MODEL_VERSION_PREFIX = "freesegdiff-"
 API_TIMEOUT = 10.0
@@ -19,7 +19,8 @@ def _get(access: LabelStudioAccess, path: str, params: dict | None = None) -> ob
         raise LabelStudioApiError(f"GET {path}: LABEL_STUDIO_URL is not set")
     headers = {"Authorization": authorization_header(access.api_key)} if access.api_key else {}
     try:
-        response = requests.get(access.url.rstrip("/") + path, params=params, headers=headers, timeout=API_TIMEOUT)
+        with plain_session() as session:  # no ~/.netrc password in place of the token
+            response = session.get(access.url.rstrip("/") + path, params=params, headers=headers, timeout=API_TIMEOUT)
     except requests.RequestException as error:
         raise LabelStudioApiError(f"GET {path}: {type(error).__name__}") from None
     if not response.ok:

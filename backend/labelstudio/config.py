@@ -99,7 +99,7 @@ def _parse_xml(xml: str) -> ET.Element:
         raise LabelConfigError("label config must not contain <!DOCTYPE> or <!ENTITY> declarations")
     try:
         return ET.fromstring(xml)
-    except ET.ParseError as exc:
+    except (ET.ParseError, UnicodeError) as exc:  # UnicodeError: a lone surrogate, which JSON can carry
         raise LabelConfigError(f"label config is not valid XML: {exc}") from exc
 
 

@@ -5,15 +5,23 @@ Label Studio sends the regions the annotator just made: a KeyPointLabels click (
 for the region under the point with the click's label; typed words steer the candidate
 labels (see README, "Interactive pre-annotation"). Labels are matched to the config's by
 name or synonym, case-insensitively; results always carry the config's own label.
+
+The context is free-form JSON in the request, so every part of it is checked here and
+anything unreadable is a ``ContextError`` (a 400 naming the part), never a crash.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backend.labelstudio.config import LabelConfigError, ProjectVocabulary
+from backend.labelstudio.config import ProjectVocabulary
+
+
+class ContextError(ValueError):
+    """An interactive context this backend cannot read; the message names the part to fix."""
 
 
 @dataclass(frozen=True)
@@ -33,19 +41,52 @@ def parse_context(context: Mapping[str, Any] | None, vocabulary: ProjectVocabula
     """The clicks and typed text in ``context``, or None when it holds neither."""
     clicks: list[PercentClick] = []
     texts: list[str] = []
-    for region in (context or {}).get("result") or []:
+    for region in _regions(context):
         kind = str(region.get("type", "")).lower()
         value = region.get("value") or {}
+        if not isinstance(value, Mapping):
+            raise ContextError(f"a {kind or 'context'} region's value must be an object")
         if kind == "keypointlabels":
-            names = value.get("keypointlabels") or []
-            if not names:
-                raise LabelConfigError("a KeyPointLabels click without a label: pick a label before clicking")
-            clicks.append(PercentClick(float(value["x"]), float(value["y"]), _label_index(names[0], vocabulary)))
+            clicks.append(_click(value, vocabulary))
         elif kind == "textarea" and region.get("from_name") == vocabulary.text_prompt_from_name:
-            texts.extend(str(t) for t in value.get("text") or [])
+            texts.extend(_texts(value.get("text")))
     if not clicks and not texts:
         return None
     return Interaction(clicks=tuple(clicks), text=" ".join(texts))
+
+
+def _regions(context: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    regions = (context or {}).get("result") or []
+    if not isinstance(regions, list) or not all(isinstance(region, Mapping) for region in regions):
+        raise ContextError("params.context.result must be a list of regions (objects)")
+    return regions
+
+
+def _click(value: Mapping[str, Any], vocabulary: ProjectVocabulary) -> PercentClick:
+    names = value.get("keypointlabels")
+    if not names or not isinstance(names, list) or not isinstance(names[0], str):
+        raise ContextError("a KeyPointLabels click without a label: pick a label before clicking")
+    return PercentClick(_percent(value, "x"), _percent(value, "y"), _label_index(names[0], vocabulary))
+
+
+def _percent(value: Mapping[str, Any], axis: str) -> float:
+    """A click coordinate: a number from 0 to 100 (percent of the image)."""
+    number = value.get(axis)
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+            or not 0 <= number <= 100:
+        raise ContextError(f"a KeyPointLabels click needs {axis} from 0 to 100 (percent of the image), got {repr(number)[:40]}")
+    return float(number)
+
+
+def _texts(text: object) -> list[str]:
+    """A TextArea's lines: Label Studio sends a list of strings; a lone string is one line."""
+    if isinstance(text, str):
+        return [text]
+    if text is None:
+        return []
+    if not isinstance(text, list):
+        raise ContextError("a TextArea region's text must be a list of strings")
+    return [str(line) for line in text]
 
 
 def _label_index(name: str, vocabulary: ProjectVocabulary) -> int:
@@ -54,4 +95,4 @@ def _label_index(name: str, vocabulary: ProjectVocabulary) -> int:
         if wanted in label.words:
             return index
     known = ", ".join(label.name for label in vocabulary.labels)
-    raise LabelConfigError(f"click label '{name}' is not a label of {vocabulary.from_name} ({known})")
+    raise ContextError(f"click label '{name}' is not a label of {vocabulary.from_name} ({known})")

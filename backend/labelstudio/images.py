@@ -11,21 +11,28 @@ Every hop other than Label Studio's own origin must also pass a ``UrlPolicy``
 before it is requested, so that a task cannot make the backend fetch internal
 addresses (SSRF): its host must be in the allowed list, when there is one, and
 all the addresses it resolves to must be public unless private ones are allowed.
+
+A download has one deadline for all its hops and its whole body, so a server
+that drips its body a byte at a time cannot hold a thread past the timeout
+(headers are read by http.client: there each read waits at most the time left). No
+credentials from the environment (``~/.netrc``) and no cookies are sent: the
+only credential that leaves is Label Studio's token, to Label Studio.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import ipaddress
 import re
 import socket
+import time
 from dataclasses import dataclass, field
+from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3.exceptions
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode_presign_fileuri
-from urllib3.exceptions import ReadTimeoutError
 
 from backend.images import ImageLimits
 
@@ -115,12 +122,23 @@ def fetch_image_bytes(
 ) -> bytes:
     """The bytes behind a task's image URL, at most ``limits.max_bytes`` of them.
 
-    ``timeout`` bounds the connection and each read, on every hop. ``policy``
-    is checked before every hop (kind ``forbidden_url``). Raises ImageFetchError.
+    ``timeout`` bounds the whole download, all hops and the whole body (kind
+    ``timeout``); a hop's connection and each read of its headers wait at most
+    the time left. ``policy`` is checked before every hop (kind ``forbidden_url``).
+    Raises ImageFetchError.
     """
+    _check_text(url)
     if url.lower().startswith("data:"):
         return _data_uri_bytes(url, limits)
     return _download(url, _resolve(url, task_id, access), access, limits, timeout, policy)
+
+
+def _check_text(url: str) -> None:
+    """Refuse a URL that is not valid Unicode text: JSON can carry lone surrogates, which no encoder takes."""
+    try:
+        url.encode("utf-8")
+    except UnicodeError:
+        raise ImageFetchError("unsupported_url", f"image URL {_redact(url)!a} is not valid UTF-8 text") from None
 
 
 def _resolve(url: str, task_id: int | None, access: LabelStudioAccess) -> str:
@@ -161,16 +179,17 @@ def _download(
 ) -> bytes:
     """GET ``url``, following at most ``_MAX_REDIRECTS`` redirects, deciding the token and policy per hop."""
     hop = url
-    with requests.Session() as session:
+    deadline = _Deadline.after(timeout)
+    with plain_session() as session:
         for _ in range(_MAX_REDIRECTS + 1):
             try:
                 _check_policy(hop, access, policy)
-                with _get(session, hop, access, timeout) as response:
+                with _get(session, hop, access, deadline) as response:
                     if not response.is_redirect:
                         _check_status(response, hop, access)
-                        return _read_body(response, limits)
+                        return _read_body(response, limits, deadline)
                     hop = _next_hop(hop, response)
-            except (requests.RequestException, ImageFetchError) as exc:
+            except (requests.RequestException, urllib3.exceptions.HTTPError, ImageFetchError) as exc:
                 raise _failure(exc, original, url, hop, access, timeout) from None
     raise ImageFetchError(
         "too_many_redirects", f"cannot fetch image {_redact(original)}: more than {_MAX_REDIRECTS} redirects"
@@ -178,7 +197,7 @@ def _download(
 
 
 def _failure(
-    exc: requests.RequestException | ImageFetchError,
+    exc: requests.RequestException | urllib3.exceptions.HTTPError | ImageFetchError,
     original: str,
     first: str,
     hop: str,
@@ -252,11 +271,52 @@ def _non_global(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str |
     return None if address.is_global else f"{address}, a non-global address"
 
 
-def _get(session: requests.Session, url: str, access: LabelStudioAccess, timeout: float) -> requests.Response:
+def plain_session() -> requests.Session:
+    """A session that adds no credentials of its own.
+
+    Without an explicit ``auth``, requests adds the ``~/.netrc`` password of the
+    URL's host to any request; a no-op ``auth`` turns that off while proxies
+    and CA bundles still come from the environment. Cookies are refused: one
+    that Label Studio sets would follow a redirect to another port of its host.
+    """
+    session = requests.Session()
+    session.auth = _no_credentials
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=()))
+    return session
+
+
+def _no_credentials(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    return request
+
+
+@dataclass(frozen=True)
+class _Deadline:
+    """When a whole download must be over, whatever the server sends and however slowly."""
+
+    seconds: float
+    end: float
+
+    @classmethod
+    def after(cls, seconds: float) -> _Deadline:
+        return cls(seconds, time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        """Seconds left; raises ImageFetchError (``timeout``) when none are."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise _timeout(self.seconds)
+        return left
+
+
+def _timeout(seconds: float) -> ImageFetchError:
+    return ImageFetchError("timeout", f"the download did not finish within {seconds:g} s (FREESEG_FETCH_TIMEOUT)")
+
+
+def _get(session: requests.Session, url: str, access: LabelStudioAccess, deadline: _Deadline) -> requests.Response:
     headers = dict(_HEADERS)
     if access.api_key and _is_label_studio(url, access):
         headers["Authorization"] = authorization_header(access.api_key)
-    return session.get(url, headers=headers, stream=True, allow_redirects=False, timeout=(timeout, timeout))
+    return session.get(url, headers=headers, stream=True, allow_redirects=False, timeout=deadline.remaining())
 
 
 def authorization_header(api_key: str) -> str:
@@ -318,26 +378,41 @@ def _access_hint(url: str, access: LabelStudioAccess) -> str:
     )
 
 
-def _read_body(response: requests.Response, limits: ImageLimits) -> bytes:
-    """Stream the body, refusing it as soon as it is known to exceed the limit."""
+def _read_body(response: requests.Response, limits: ImageLimits, deadline: _Deadline) -> bytes:
+    """Stream the body, refusing it as soon as it is known to exceed the limit or the deadline."""
     declared = response.headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > limits.max_bytes:
         raise ImageFetchError(
             "too_large", f"the server declares {declared} bytes, over the limit of {limits.max_bytes} bytes"
         )
     body = bytearray()
-    for chunk in response.iter_content(_CHUNK_BYTES):
+    while chunk := _read_some(response, deadline):
         body += chunk
         if len(body) > limits.max_bytes:
             raise ImageFetchError("too_large", f"the body exceeds the limit of {limits.max_bytes} bytes")
     return bytes(body)
 
 
-def _request_error(exc: requests.RequestException, access: LabelStudioAccess, timeout: float) -> ImageFetchError:
-    """Classify a requests failure; its text is scrubbed, as it may quote the query string."""
-    # requests reports a read timeout while streaming the body as a ConnectionError.
-    if isinstance(exc, requests.Timeout) or any(isinstance(arg, ReadTimeoutError) for arg in exc.args):
-        return ImageFetchError("timeout", f"no connection or no data within {timeout:g} s")
+def _read_some(response: requests.Response, deadline: _Deadline) -> bytes:
+    """The next part of the body that has arrived (b"" at its end), waiting at most until the deadline.
+
+    ``read1`` returns what one read gives rather than waiting for a full chunk,
+    and the socket's timeout shrinks to the time left, so a slow sender meets
+    the deadline within one read.
+    """
+    left = deadline.remaining()
+    connection = response.raw.connection
+    if connection is not None and connection.sock is not None:
+        connection.sock.settimeout(left)
+    return response.raw.read1(_CHUNK_BYTES, decode_content=True)
+
+
+def _request_error(
+    exc: requests.RequestException | urllib3.exceptions.HTTPError, access: LabelStudioAccess, timeout: float
+) -> ImageFetchError:
+    """Classify a requests or urllib3 failure; its text is scrubbed, as it may quote the query string."""
+    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)):
+        return _timeout(timeout)
     if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
         return ImageFetchError("unsupported_url", "invalid URL")
     reason = _QUERY.sub("", " ".join(str(exc).split()))
@@ -357,7 +432,7 @@ def _data_uri_bytes(url: str, limits: ImageLimits) -> bytes:
         raise ImageFetchError("too_large", f"data URI holds {size} bytes, over the limit of {limits.max_bytes} bytes")
     try:
         return base64.b64decode(payload, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or non-ASCII text
         raise ImageFetchError("unsupported_url", f"data URI {_redact(url)} is not valid base64") from None
 
 

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle
 
+from backend.labelstudio.config import ProjectVocabulary
 from backend.pipeline.segmenter import Segmentation
 
 
@@ -73,3 +74,10 @@ def polygon_results(segmentation: Segmentation, from_name: str, to_name: str) ->
 def prediction(results: list[dict], score: float, model_version: str) -> dict:
     """A Label Studio prediction: its results, overall score and model version."""
     return {"result": results, "score": round(score, 4), "model_version": model_version}
+
+
+def project_prediction(segmentation: Segmentation, vocabulary: ProjectVocabulary, model_version: str) -> dict:
+    """The prediction a project's label config asks for: polygons for PolygonLabels, else brush masks."""
+    to_results = polygon_results if vocabulary.result_type == "polygonlabels" else brush_results
+    results = to_results(segmentation, vocabulary.from_name, vocabulary.to_name)
+    return prediction(results, segmentation.score, model_version)

@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, parse_label_config, validate_options
 from backend.cache import create_cache
 from backend.evaluation.feedback import create_feedback_store
-from backend.labelstudio.context import parse_context
+from backend.labelstudio.context import ContextError, parse_context
 from backend.labelstudio.images import LabelStudioAccess
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
 from backend.server.cache_writer import CacheWriter
@@ -83,7 +84,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         await asyncio.to_thread(worker.stop)
         await asyncio.to_thread(cache_writer.stop)
 
-    app = FastAPI(title="freesegdiff", version=version, lifespan=lifespan)
+    # The schema and its page are routes of ours below, so that basic auth guards them too.
+    app = FastAPI(title="freesegdiff", version=version, lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     authenticated = [Depends(_basic_auth(settings))]
 
@@ -91,8 +94,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         metrics.requests.labels(endpoint=endpoint).inc()
 
     @app.exception_handler(LabelConfigError)
-    async def label_config_error(request: Request, error: LabelConfigError) -> JSONResponse:
-        metrics.errors.labels(kind="label_config").inc()
+    @app.exception_handler(ContextError)
+    async def bad_request(request: Request, error: ValueError) -> JSONResponse:
+        metrics.errors.labels(kind="label_config" if isinstance(error, LabelConfigError) else "context").inc()
         return JSONResponse({"error": str(error)}, status_code=400)
 
     @app.exception_handler(QueueFullError)
@@ -102,15 +106,27 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         headers = {"Retry-After": str(settings.retry_after_seconds)}
         return JSONResponse({"error": str(error)}, status_code=503, headers=headers)
 
-    @app.get("/")
     @app.get("/health")
     async def health() -> JSONResponse:
+        """The only endpoint open without basic auth: Label Studio's and the container's health checks."""
         count("health")
         body = {"status": "UP", "model_class": "FreeSegDiff", "model_state": worker.state,
                 "model_version": version, "queue_depth": worker.depth}
         if worker.state == "failed":
             return JSONResponse({**body, "status": "ERROR", "error": worker.error}, status_code=503)
         return JSONResponse(body)
+
+    @app.get("/", dependencies=authenticated)
+    async def root() -> JSONResponse:
+        return await health()
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=authenticated)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=authenticated)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="freesegdiff API")
 
     @app.post("/setup", dependencies=authenticated)
     async def setup(request: SetupRequest) -> dict:

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised into the app when a streamed body passes the limit.
+
+    An HTTPException, because FastAPI turns any other error met while reading a
+    body into "400 There was an error parsing the body".
+    """
+
+    def __init__(self) -> None:
+        super().__init__(413)
 
 
 class RequestSizeLimit:
@@ -26,26 +34,31 @@ class RequestSizeLimit:
             await self._refuse(send)
             return
         received = 0
-        started = False
+        refused = started = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
+                refused = True
                 raise _TooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
+            """Passes the app's answer on, unless the body was refused: then ours replaces it."""
             nonlocal started
+            if refused:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, guarded_send)
         except _TooLarge:
-            if not started:
-                await self._refuse(send)
+            pass
+        if refused and not started:
+            await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps({"error": f"request body over the limit of {self.max_bytes} bytes (FREESEG_MAX_REQUEST_BYTES)"})

@@ -2,9 +2,12 @@
 
 Images are fetched and decoded in the request's thread pool; their encodings come from
 the feature cache when it has them (a re-prompt: another label set, K, a click, typed
-words) and are otherwise computed on the single inference worker, one batch per request;
-the results (RLE encoding) are built back in the thread pool, off the inference thread. A task whose image fails gets
-an empty prediction; its error is logged and counted, and the other tasks go on.
+words) and are otherwise computed on the single inference worker, batched across
+requests. The worker proposes the segmentations (clusters and their labels) and starts
+their refinement; waiting for it (the CRF runs in a pool of processes) and building the
+results (RLE encoding) happen back in the thread pool, so the inference thread goes on
+with the next request meanwhile. A task whose image fails gets an empty prediction; its
+error is logged and counted, and the other tasks go on.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from backend.labelstudio.images import (
     fetch_image_bytes,
     task_image_url,
 )
-from backend.labelstudio.results import brush_results, polygon_results, prediction
+from backend.labelstudio.results import prediction, project_prediction
 from backend.cache import FeatureCache, cache_key
 from backend.labelstudio.context import Interaction
 from backend.pipeline.encoding import Encoding
-from backend.pipeline.segmenter import Click, Segmentation, Segmenter, SegmentOptions
+from backend.pipeline.segmenter import Click, Proposal, Segmentation, Segmenter, SegmentOptions
 from backend.server.cache_writer import CacheWriter
 from backend.server.metrics import Metrics
 from backend.server.protocol import Task
@@ -74,7 +77,7 @@ class Predictor:
         self, tasks: Sequence[Task], vocabulary: ProjectVocabulary, options: SegmentOptions,
         access: LabelStudioAccess, interaction: Interaction | None = None,
     ) -> list[dict]:
-        self.worker.ensure_ready()  # before any download: a busy answer should be cheap
+        self.worker.ensure_accepting()  # before any download: a busy answer should be cheap
         loaded = await run_in_threadpool(lambda: [self._load_image(task, vocabulary, access) for task in tasks])
         present = [item for item in loaded if item is not None]
         segmentations = iter(await self._segment(present, vocabulary, options, interaction) if present else [])
@@ -117,22 +120,21 @@ class Predictor:
                 self.cache_writer.put(items[index].key, encoding)
         encodings = [fresh.get(i) or encoding for i, encoding in enumerate(cached)]
 
-        def work(segmenter: Segmenter) -> list[Segmentation]:
+        def propose(segmenter: Segmenter) -> list[Proposal]:
             if interaction is not None and interaction.clicks:
-                return [segmenter.segment_clicks(e, item.image, labels, _pixel_clicks(interaction, item.image), options)
+                return [segmenter.propose_clicks(e, item.image, labels, _pixel_clicks(interaction, item.image), options)
                         for e, item in zip(encodings, items)]
-            return [segmenter.segment(e, item.image, labels, options) for e, item in zip(encodings, items)]
+            return segmenter.propose_batch(encodings, [item.image for item in items], labels, options)
 
-        segmentations = await asyncio.wrap_future(self.worker.submit(work))
+        proposals = await asyncio.wrap_future(self.worker.submit(propose))
+        segmentations = await run_in_threadpool(lambda: [self.worker.finish(p) for p in proposals])
         log.info("segmented %d images, %d from the feature cache%s", len(items), len(items) - len(fresh),
                  " (interactive)" if interaction else "")
         return segmentations
 
     def _prediction(self, segmentation: Segmentation, vocabulary: ProjectVocabulary) -> dict:
-        to_results = polygon_results if vocabulary.result_type == "polygonlabels" else brush_results
-        results = to_results(segmentation, vocabulary.from_name, vocabulary.to_name)
         self.metrics.tasks.labels(outcome="predicted").inc()
-        return prediction(results, segmentation.score, self.model_version)
+        return project_prediction(segmentation, vocabulary, self.model_version)
 
     def _empty(self) -> dict:
         return prediction([], 0.0, self.model_version)

@@ -79,6 +79,12 @@ class InferenceWorker:
         if self.state != "ready":
             raise ModelsNotReadyError(self.error or "models are loading")
 
+    def ensure_accepting(self) -> None:
+        """Raise now what submitting would (not ready, queue full): callers check before costly work."""
+        self.ensure_ready()
+        if self._jobs.full():
+            raise self._queue_full()
+
     def submit(self, work: Callable[[Segmenter], T]) -> Future[T]:
         """Queue ``work`` for the worker thread; raises at once when not ready or full."""
         return self._enqueue(_Job(work=work))
@@ -97,9 +103,12 @@ class InferenceWorker:
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
-            raise QueueFullError(f"{self._jobs.maxsize} inference jobs are already queued") from None
+            raise self._queue_full() from None
         self._change_depth(+1)
         return job.future
+
+    def _queue_full(self) -> QueueFullError:
+        return QueueFullError(f"{self._jobs.maxsize} inference jobs are already queued")
 
     def _change_depth(self, delta: int) -> None:
         with self._lock:
