@@ -210,10 +210,12 @@ def _annotate_folder_parser(commands: argparse._SubParsersAction) -> None:
                                  "(default: DIR)")
     _add_segment_options(parser)
     _add_result_names(parser)
+    parser.add_argument("--queue", action="store_true",
+                        help="segment on Redis Queue workers (freesegdiff worker, REDIS_URL; DIR, OUT shared by all)")
 
 
 def run_annotate_folder(args: argparse.Namespace) -> int:
-    from backend.jobs.folder import annotate_folder, local_files_reference, url_prefix_reference
+    from backend.jobs.folder import annotate_folder, annotate_folder_queued, local_files_reference, url_prefix_reference
 
     settings = get_settings()
     labels = _labels(args)
@@ -221,18 +223,104 @@ def run_annotate_folder(args: argparse.Namespace) -> int:
         return 2
     reference = (url_prefix_reference(args.image_root_url, args.dir) if args.image_root_url
                  else local_files_reference(args.local_files_root or args.dir))
-    limits = settings.image_limits
+    options = _options(args, settings)
     try:
-        summary = annotate_folder(args.dir, labels, args.out, Segmenter.from_settings(settings),
-                                  _options(args, settings), model_version(settings), reference,
-                                  from_name=args.from_name, to_name=args.to_name, limits=limits)
-    except ValueError as error:  # an image outside --local-files-root
+        if args.queue:
+            summary = annotate_folder_queued(args.dir, labels, args.out, options, reference, settings,
+                                             from_name=args.from_name, to_name=args.to_name)
+        else:
+            summary = annotate_folder(args.dir, labels, args.out, Segmenter.from_settings(settings), options,
+                                      model_version(settings), reference, from_name=args.from_name,
+                                      to_name=args.to_name, limits=settings.image_limits)
+    except ValueError as error:  # an image outside --local-files-root, or --queue without REDIS_URL
         log.error("%s", error)
         return 2
     for path, reason in summary.failed:
         log.error("%s: %s", path, reason)
-    print(f"{summary.done} images annotated, {len(summary.failed)} failed, in {summary.seconds:.1f} s: {args.out}")
+    rate = summary.done / summary.seconds if summary.seconds > 0 else 0.0
+    print(f"{summary.done} images annotated, {len(summary.failed)} failed, in {summary.seconds:.1f} s "
+          f"({rate:.2f} images/s): {args.out}")
     return 1 if summary.failed else 0
+
+
+def _annotate_project_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("annotate-project",
+                                 help="predict every task of a Label Studio project (resumable; --queue for workers)")
+    parser.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    parser.add_argument("--url", help="Label Studio's address (default LABEL_STUDIO_URL)")
+    parser.add_argument("--api-key", help="its access token (default LABEL_STUDIO_API_KEY)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace this model version's predictions instead of skipping tasks that have one")
+    parser.add_argument("--queue", action="store_true",
+                        help="put chunks of task ids on Redis Queue for freesegdiff worker (REDIS_URL)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="with --queue: return once the chunks are queued (follow with freesegdiff jobs)")
+
+
+def run_annotate_project(args: argparse.Namespace) -> int:
+    from backend.jobs.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
+    from backend.jobs.labelstudio_project import LabelStudioProject
+    from backend.jobs.progress import summary
+    from backend.jobs.project import annotate_project, annotate_project_queued
+    from backend.labelstudio.images import LabelStudioAccess
+
+    settings = get_settings()
+    access = LabelStudioAccess(args.url or settings.label_studio_url, args.api_key or settings.label_studio_api_key)
+    try:
+        project = LabelStudioProject(access, args.project, Backoff.from_settings(settings))
+        if args.queue:
+            run_id, progress = annotate_project_queued(project, settings, args.overwrite, wait=not args.no_wait)
+        else:
+            run_id, progress = None, annotate_project(project, settings, args.overwrite)
+    except ValueError as error:  # no URL or key, an unusable label config, no REDIS_URL
+        log.error("project %s: %s", args.project, error)
+        return 2
+    except LABEL_STUDIO_ERRORS as error:
+        log.error("project %s: Label Studio failed: %s", args.project, describe(error))
+        return 2
+    if progress is None:
+        print(f"run {run_id} queued; follow it with: freesegdiff jobs --run {run_id}")
+        return 0
+    print(summary(f"project {args.project}" + (f" (run {run_id})" if run_id else ""), progress))
+    nothing_done = progress.failed > 0 and progress.done + progress.skipped == 0
+    return 1 if nothing_done else 0
+
+
+def _worker_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("worker", help="an RQ worker for queued runs: loads the models once, takes chunks")
+    parser.add_argument("--burst", action="store_true", help="quit once no chunk is queued or running")
+
+
+def run_worker_command(args: argparse.Namespace) -> int:
+    from backend.jobs.worker import run_worker
+
+    try:
+        run_worker(get_settings(), args.burst)
+    except ValueError as error:  # no REDIS_URL
+        log.error("%s", error)
+        return 2
+    return 0
+
+
+def _jobs_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("jobs", help="progress of queued runs (tasks done, skipped, failed; chunk states)")
+    parser.add_argument("--run", help="one run's details (default: the latest runs, one line each)")
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    from backend.jobs.queue import redis_connection
+    from backend.jobs.status import describe_recent_runs, describe_run
+
+    try:
+        connection = redis_connection(get_settings())
+        print(describe_run(connection, args.run) if args.run else describe_recent_runs(connection))
+    except ValueError as error:  # no REDIS_URL
+        log.error("%s", error)
+        return 2
+    except KeyError:
+        log.error("no run %s in Redis (runs are kept for seven days)", args.run)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(commands)
     _report_parser(commands)
     _annotate_folder_parser(commands)
+    _annotate_project_parser(commands)
+    _worker_parser(commands)
+    _jobs_parser(commands)
     return parser
 
 
@@ -260,7 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(get_settings().log_level)
     try:
-        return {"segment": run_segment, "serve": run_serve, "bench": run_bench_command, "eval": run_eval, "report": run_report, "annotate-folder": run_annotate_folder}[args.command](args)
+        return {"segment": run_segment, "serve": run_serve, "bench": run_bench_command, "eval": run_eval,
+                "report": run_report, "annotate-folder": run_annotate_folder, "annotate-project": run_annotate_project,
+                "worker": run_worker_command, "jobs": run_jobs}[args.command](args)
     except ModelUnavailableError as error:
         log.error("%s", error)
         return 2

@@ -3,29 +3,37 @@
 Every image below a folder is segmented once, and three things are written:
 ``tasks.json`` (a Label Studio import file with a prediction per task),
 ``coco.json`` (COCO instances with uncompressed RLE masks) and ``masks/`` (the
-label-index PNG of each image, mirroring the folder's layout).
+label-index PNG of each image, mirroring the folder's layout). The same files come
+from this process (``annotate_folder``) or from RQ workers (``annotate_folder_queued``):
+both segment with ``segment_folder_images`` and write with ``write_dataset``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
-import sys
+import shutil
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-from tqdm import tqdm
 
 from backend.images import ImageError, ImageLimits, read_image_file
+from backend.jobs.ledger import MemoryLedger, Outcome, RedisLedger, RunProgress
+from backend.jobs.progress import RunBar
+from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
 from backend.labelstudio.results import brush_results, prediction
 from backend.overlay import label_index_image
 from backend.pipeline.segmenter import Segmentation, Segmenter, SegmentOptions
 from backend.pipeline.vocabulary import Label
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 LOCAL_FILES_PREFIX = "/data/local-files/?d="
@@ -96,8 +104,8 @@ def mask_bbox(mask: np.ndarray) -> list[int]:
     return [int(columns[0]), int(rows[0]), int(columns[-1] - columns[0] + 1), int(rows[-1] - rows[0] + 1)]
 
 
-def coco_annotations(segmentation: Segmentation, image_id: int, first_id: int) -> list[dict]:
-    """One COCO annotation per labelled region that still has pixels in the label map."""
+def coco_annotations(segmentation: Segmentation) -> list[dict]:
+    """One COCO annotation per labelled region that still has pixels, without ``id`` and ``image_id`` yet."""
     annotations = []
     for region in segmentation.regions:
         mask = segmentation.label_map == region.label + 1
@@ -105,8 +113,6 @@ def coco_annotations(segmentation: Segmentation, image_id: int, first_id: int) -
         if area == 0:
             continue
         annotations.append({
-            "id": first_id + len(annotations),
-            "image_id": image_id,
             "category_id": region.label + 1,
             "segmentation": coco_rle(mask),
             "area": area,
@@ -115,6 +121,17 @@ def coco_annotations(segmentation: Segmentation, image_id: int, first_id: int) -
             "score": round(region.score, 4),
         })
     return annotations
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One segmented image: its prediction, size and COCO annotations; JSON, so that workers can hand it over."""
+
+    relative: str  # path below the folder, with forward slashes
+    prediction: dict
+    width: int
+    height: int
+    annotations: list[dict]
 
 
 def _write_json_atomically(path: Path, value: object) -> None:
@@ -126,6 +143,63 @@ def _write_json_atomically(path: Path, value: object) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def segment_folder_images(
+    folder: Path, relatives: Sequence[str], labels: Sequence[Label], out: Path, segmenter: Segmenter,
+    options: SegmentOptions, model_version: str, from_name: str, to_name: str, batch: int, limits: ImageLimits,
+) -> Iterator[tuple[str, ImageRecord | str]]:
+    """Segment the images ``batch`` at a time and write each label-index PNG under ``out/masks``;
+    yields each image's path and its record, or the one-line reason it failed."""
+    for first in range(0, len(relatives), batch):
+        readable = []
+        for relative in relatives[first:first + batch]:
+            try:
+                readable.append((relative, read_image_file(Path(folder) / relative, limits)))
+            except ImageError as error:
+                yield relative, " ".join(str(error).split())
+        if not readable:
+            continue
+        images = [image for _, image in readable]
+        segmentations = segmenter.segment_batch(segmenter.encode_batch(images), images, labels, options)
+        for (relative, _), segmentation in zip(readable, segmentations):
+            results = brush_results(segmentation, from_name, to_name)
+            height, width = segmentation.label_map.shape
+            mask_path = (Path(out) / "masks" / relative).with_suffix(".png")
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            label_index_image(segmentation.label_map).save(mask_path)
+            yield relative, ImageRecord(relative, prediction(results, segmentation.score, model_version),
+                                        int(width), int(height), coco_annotations(segmentation))
+
+
+def write_dataset(out: Path, labels: Sequence[Label], records: Sequence[ImageRecord],
+                  references: dict[str, str]) -> None:
+    """``tasks.json`` and ``coco.json`` from the records, in their order, numbering COCO images and annotations."""
+    tasks, images, annotations = [], [], []
+    for image_id, record in enumerate(records, start=1):
+        tasks.append({"data": {"image": references[record.relative]}, "predictions": [record.prediction]})
+        images.append({"id": image_id, "file_name": record.relative, "width": record.width, "height": record.height})
+        annotations += [{"id": len(annotations) + 1 + index, "image_id": image_id, **annotation}
+                        for index, annotation in enumerate(record.annotations)]
+    coco = {
+        "images": images,
+        "categories": [{"id": i, "name": label.name} for i, label in enumerate(labels, start=1)],
+        "annotations": annotations,
+    }
+    _write_json_atomically(Path(out) / "tasks.json", tasks)
+    _write_json_atomically(Path(out) / "coco.json", coco)
+
+
+def _prepare(folder: Path, labels: Sequence[Label], out: Path,
+             image_reference: Callable[[Path], str]) -> tuple[list[str], dict[str, str]]:
+    """The images' relative paths and references; a path the reference refuses stops the run before any model runs."""
+    if not labels:
+        raise ValueError("annotate_folder() needs at least one label")
+    paths = find_images(folder, exclude=out)
+    relatives = [path.relative_to(folder).as_posix() for path in paths]
+    references = {relative: image_reference(path) for relative, path in zip(relatives, paths)}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return relatives, references
 
 
 def annotate_folder(
@@ -142,59 +216,95 @@ def annotate_folder(
     limits: ImageLimits = ImageLimits(),  # noqa: B008 (frozen, so a shared default is safe)
     progress: bool = True,
 ) -> FolderSummary:
-    """Segment every image below ``folder``; write tasks.json, coco.json and masks/ under ``out``."""
-    if not labels:
-        raise ValueError("annotate_folder() needs at least one label")
+    """Segment every image below ``folder`` in this process; write tasks.json, coco.json and masks/ under ``out``."""
     if batch < 1:
         raise ValueError("batch must be at least 1")
-    start = time.perf_counter()
     folder, out = Path(folder), Path(out)
-    paths = find_images(folder, exclude=out)
-    # All references first: a path the reference refuses stops the job before any model runs.
-    references = [image_reference(path) for path in paths]
-    out.mkdir(parents=True, exist_ok=True)
+    relatives, references = _prepare(folder, labels, out, image_reference)
+    ledger = MemoryLedger(len(relatives))
+    records = []
+    with RunBar(len(relatives), "annotate", progress, unit="image") as bar:
+        for relative, result in segment_folder_images(folder, relatives, labels, out, segmenter, options,
+                                                      model_version, from_name, to_name, batch, limits):
+            if isinstance(result, ImageRecord):
+                records.append(result)
+                ledger.record(relative, Outcome.DONE)
+            else:
+                ledger.record(relative, Outcome.FAILED, result)
+            bar.show(ledger.progress())
+    write_dataset(out, labels, records, references)
+    return _summary(ledger.progress())
 
-    tasks: list[dict] = []
-    coco_images: list[dict] = []
-    coco_annotation_list: list[dict] = []
-    failed: list[tuple[str, str]] = []
-    bar = tqdm(total=len(paths), desc="annotate", unit="image", file=sys.stderr,
-               disable=not progress or len(paths) < 2)
-    try:
-        for first in range(0, len(paths), batch):
-            readable = []
-            for path, reference in zip(paths[first:first + batch], references[first:first + batch]):
-                relative = path.relative_to(folder).as_posix()
-                try:
-                    readable.append((relative, reference, read_image_file(path, limits)))
-                except ImageError as error:
-                    failed.append((relative, " ".join(str(error).split())))
-                    bar.update(1)
-            if not readable:
-                continue
-            encodings = segmenter.encode_batch([image for _, _, image in readable])
-            for (relative, reference, image), encoding in zip(readable, encodings):
-                segmentation = segmenter.segment(encoding, image, labels, options)
-                results = brush_results(segmentation, from_name, to_name)
-                tasks.append({"data": {"image": reference},
-                              "predictions": [prediction(results, segmentation.score, model_version)]})
-                image_id = len(coco_images) + 1
-                height, width = segmentation.label_map.shape
-                coco_images.append({"id": image_id, "file_name": relative, "width": int(width), "height": int(height)})
-                coco_annotation_list.extend(
-                    coco_annotations(segmentation, image_id, first_id=len(coco_annotation_list) + 1))
-                mask_path = (out / "masks" / relative).with_suffix(".png")
-                mask_path.parent.mkdir(parents=True, exist_ok=True)
-                label_index_image(segmentation.label_map).save(mask_path)
-                bar.update(1)
-    finally:
-        bar.close()
 
-    coco = {
-        "images": coco_images,
-        "categories": [{"id": i, "name": label.name} for i, label in enumerate(labels, start=1)],
-        "annotations": coco_annotation_list,
-    }
-    _write_json_atomically(out / "tasks.json", tasks)
-    _write_json_atomically(out / "coco.json", coco)
-    return FolderSummary(done=len(tasks), failed=failed, seconds=time.perf_counter() - start)
+def _summary(progress: RunProgress) -> FolderSummary:
+    return FolderSummary(done=progress.done, failed=progress.failures, seconds=progress.seconds)
+
+
+def annotate_folder_queued(
+    folder: Path,
+    labels: Sequence[Label],
+    out: Path,
+    options: SegmentOptions,
+    image_reference: Callable[[Path], str],
+    settings: Settings,
+    from_name: str = "label",
+    to_name: str = "image",
+    progress: bool = True,
+) -> FolderSummary:
+    """The same files as ``annotate_folder``, the images segmented by RQ workers (``freesegdiff worker``).
+
+    Workers read ``folder`` and write under ``out`` at the same paths, so on several machines
+    both must be on a shared file system. Each worker writes its images' masks and one record
+    per image in ``out/.parts-<run>/``; this process waits for the run, writes tasks.json and
+    coco.json in the images' order, and removes the records. ``seconds`` is the workers' time,
+    from the first chunk's start to the last image.
+    """
+    folder, out = Path(folder).resolve(), Path(out).resolve()
+    relatives, references = _prepare(folder, labels, out, image_reference)
+    connection = redis_connection(settings)
+    queue = job_queue(connection, settings)
+    ledger = RedisLedger.create(connection, "folder", str(out), len(relatives))
+    enqueue_chunks(queue, ledger, "backend.jobs.folder.annotate_folder_chunk", relatives, {
+        "folder": str(folder), "out": str(out), "labels": [[label.name, list(label.synonyms)] for label in labels],
+        "options": dataclasses.asdict(options), "from_name": from_name, "to_name": to_name,
+    }, settings)
+    log.info("run %s: %d images in %d chunks on queue %s", ledger.run_id, len(relatives),
+             len(ledger.job_ids()), settings.queue_name)
+    outcome = wait_for_run(queue, ledger, progress, unit="image")
+    parts = _parts_folder(out, ledger.run_id)
+    records = [ImageRecord(**json.loads(path.read_text(encoding="utf-8")))
+               for path in (_part_path(parts, relative) for relative in relatives) if path.is_file()]
+    write_dataset(out, labels, records, references)
+    shutil.rmtree(parts, ignore_errors=True)
+    return _summary(outcome)
+
+
+def annotate_folder_chunk(run_id: str, images: list[str], *, folder: str, out: str, labels: list[list],
+                          options: dict, from_name: str, to_name: str) -> int:
+    """RQ job (by dotted path, JSON arguments): segment a chunk of a queued folder run. Returns its size."""
+    context = chunk_context(run_id)
+    settings = context.settings
+    parts = _parts_folder(Path(out), run_id)
+    pending = [relative for relative in images if not context.ledger.settled(relative)]
+    for relative, result in segment_folder_images(
+        Path(folder), pending, [Label(name, tuple(synonyms)) for name, synonyms in labels], Path(out),
+        Segmenter.from_settings(settings), SegmentOptions(**options), context.version, from_name, to_name,
+        settings.max_batch, settings.image_limits,
+    ):
+        if isinstance(result, ImageRecord):
+            path = _part_path(parts, relative)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_json_atomically(path, dataclasses.asdict(result))
+            context.ledger.record(relative, Outcome.DONE)
+        else:
+            log.warning("%s failed: %s", relative, result)
+            context.ledger.record(relative, Outcome.FAILED, result)
+    return len(images)
+
+
+def _parts_folder(out: Path, run_id: str) -> Path:
+    return out / f".parts-{run_id}"
+
+
+def _part_path(parts: Path, relative: str) -> Path:
+    return parts / f"{relative}.json"

@@ -92,8 +92,7 @@ class Refiner:
     def start(self, image: np.ndarray, masks: np.ndarray, method: RefineMethod) -> PendingMasks:
         """Start refining ``masks`` on ``image``; call the result to wait for ``refine_masks``' answer."""
         if method != "crf" or self.processes is None or len(masks) == 0:
-            refined = refine_masks(image, masks, method, self.device)
-            return lambda: refined
+            return lambda: refine_masks(image, masks, method, self.device)  # on the thread that waits
         _check_inputs(image, masks)
         masks = np.ascontiguousarray(masks, dtype=bool)
         futures = [self.processes.submit(image, mask) for mask in masks]

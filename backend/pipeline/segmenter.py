@@ -16,11 +16,12 @@ it runs; ``finish`` waits for it. ``segment_batches`` chains all of this over a 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,14 @@ class SegmentOptions:
     def from_settings(cls, settings: Settings) -> SegmentOptions:
         return cls(k=settings.k, refine=settings.refine, use_caption=settings.use_caption,
                    caption_fallback=settings.caption_fallback, seed=settings.seed)
+
+    def with_overrides(self, overrides: Mapping[str, str]) -> SegmentOptions:
+        """These options changed by validated option strings (``{"k": "5", "use_caption": "false"}``),
+        as a label config's ``model_*`` attributes and /setup's ``extra_params`` give them."""
+        typed: dict[str, object] = {}
+        for key, value in overrides.items():
+            typed[key] = int(value) if key == "k" else value == "true" if key in ("use_caption", "caption_fallback") else value
+        return dataclasses.replace(self, **typed)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from backend.server.cache_writer import CacheWriter
 from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
 from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
-from backend.server.predictions import Predictor, options_with
+from backend.server.predictions import Predictor
 from backend.server.protocol import PredictRequest, SetupRequest, WebhookRequest
 from backend.server.worker import InferenceWorker, ModelsNotReadyError, QueueFullError
 from backend.settings import Settings, get_settings
@@ -148,7 +148,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         if not label_config:
             raise LabelConfigError("the request has no label_config and /setup was not called for this project")
         vocabulary = vocabulary_of(label_config)
-        options = options_with(options_with(default_options, vocabulary.options), known.options)
+        options = default_options.with_overrides(vocabulary.options).with_overrides(known.options)
         access = _label_studio_access(settings, known.access)
         interaction = parse_context(request.params.context if request.params else None, vocabulary)
         try:

@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,14 +43,6 @@ from backend.server.worker import InferenceWorker
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def options_with(defaults: SegmentOptions, overrides: Mapping[str, str]) -> SegmentOptions:
-    """``defaults`` changed by validated option strings (``{"k": "5", "use_caption": "false"}``)."""
-    typed: dict[str, object] = {}
-    for key, value in overrides.items():
-        typed[key] = int(value) if key == "k" else value == "true" if key in ("use_caption", "caption_fallback") else value
-    return dataclasses.replace(defaults, **typed)
 
 
 def _pixel_clicks(interaction: Interaction, image: np.ndarray) -> list[Click]:

@@ -414,6 +414,104 @@ def interactive_annotating(
     return response.json()
 
 
+def create_prediction(server: LabelStudioServer, task: int, model_version: str,
+                      result: Sequence[Mapping[str, Any]] = (), score: float = 0.5) -> int:
+    """Stores a prediction of ``model_version`` for ``task`` (``POST /api/predictions``); returns its id."""
+    response = server.api("POST", "/api/predictions/",
+                          json={"task": task, "model_version": model_version, "result": list(result), "score": score})
+    return response.json()["id"]
+
+
+def predictions_by_version(server: LabelStudioServer, task: int) -> dict[str, list[int]]:
+    """The ids of the task's stored predictions, by ``model_version``."""
+    found: dict[str, list[int]] = {}
+    for prediction in list_predictions(server, task):
+        found.setdefault(prediction["model_version"], []).append(prediction["id"])
+    return found
+
+
+class FlakyProxy:
+    """A loopback HTTP proxy in front of Label Studio that can play an outage in the middle of a run.
+
+    Requests are forwarded as they are (method, path, headers, body) and the answers relayed. After
+    :meth:`outage_after` arms it, once ``count`` requests ``method path...`` have gone through, the next
+    such request is still forwarded but answered ``502`` (Label Studio did the work, the client never
+    hears so: a lost answer), and every request for ``seconds`` more is answered ``502`` without reaching
+    Label Studio. ``statuses`` lists ``(method, path, status)`` of every request answered.
+    """
+
+    _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host",
+                             "content-encoding"})
+
+    def __init__(self, target: str) -> None:
+        import http.server
+        import threading
+
+        self.target = target.rstrip("/")
+        self.statuses: list[tuple[str, str, int]] = []
+        self._lock = threading.RLock()  # _answer records while holding it
+        self._trigger: tuple[str, str, int, float] | None = None
+        self._down_until = 0.0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                status, headers, content = proxy._answer(self.command, self.path, dict(self.headers), body)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="flaky-proxy", daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def outage_after(self, method: str, path: str, count: int, seconds: float) -> None:
+        with self._lock:
+            self._trigger = (method, path, count, seconds)
+
+    def _answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        with self._lock:
+            if time.monotonic() < self._down_until:
+                return self._record(method, path, 502, {}, b"Bad Gateway (outage)")
+            lose_answer = False
+            if self._trigger and method == self._trigger[0] and path.startswith(self._trigger[1]):
+                trigger_method, trigger_path, count, seconds = self._trigger
+                if count == 0:
+                    lose_answer, self._trigger = True, None
+                    self._down_until = time.monotonic() + seconds
+                else:
+                    self._trigger = (trigger_method, trigger_path, count - 1, seconds)
+        forwarded = {name: value for name, value in headers.items() if name.lower() not in self._HOP_BY_HOP}
+        response = requests.request(method, self.target + path, headers=forwarded, data=body or None,
+                                    allow_redirects=False, timeout=HTTP_TIMEOUT)
+        if lose_answer:
+            return self._record(method, path, 502, {}, b"Bad Gateway (answer lost)")
+        relayed = {name: value for name, value in response.headers.items() if name.lower() not in self._HOP_BY_HOP}
+        return self._record(method, path, response.status_code, relayed, response.content)
+
+    def _record(self, method: str, path: str, status: int, headers: dict, content: bytes) -> tuple[int, dict, bytes]:
+        with self._lock:
+            self.statuses.append((method, path, status))
+        return status, headers, content
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The browser
 

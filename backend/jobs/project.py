@@ -1,0 +1,164 @@
+"""Pre-annotate every task of a Label Studio project, in this process or as RQ chunks on workers.
+
+A task ends with exactly one prediction of our ``model_version``: one that already has
+one is skipped (``overwrite``: that one is replaced; other versions' predictions are left
+alone), and the check is made again, under a per-task lock, right before writing, since
+a chunk may be run again after its worker died. A task whose image cannot be fetched or
+decoded, or on which Label Studio keeps failing after the retries, is recorded as failed
+with a one-line reason, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from backend.images import ImageError, decode_image
+from backend.jobs.backoff import LABEL_STUDIO_ERRORS, Backoff, describe, with_backoff
+from backend.jobs.labelstudio_project import LabelStudioProject
+from backend.jobs.ledger import Ledger, MemoryLedger, Outcome, RedisLedger, RunProgress
+from backend.jobs.locks import NoLocks, RedisLocks, Refresh, WriteLocks
+from backend.jobs.progress import RunBar
+from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
+from backend.labelstudio.config import ProjectVocabulary, parse_label_config
+from backend.labelstudio.images import ImageFetchError, LabelStudioAccess, UrlPolicy, fetch_image_bytes, task_image_url
+from backend.labelstudio.results import project_prediction
+from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def project_vocabulary(project: LabelStudioProject, backoff: Backoff) -> ProjectVocabulary:
+    """The project's label config, read; LabelConfigError when no task of it could be predicted."""
+    config = with_backoff(project.label_config, f"reading the label config of project {project.project}", backoff)
+    return parse_label_config(config)
+
+
+class TaskAnnotator:
+    """Predicts tasks of one project and writes their predictions, settling each in ``ledger``."""
+
+    def __init__(self, project: LabelStudioProject, vocabulary: ProjectVocabulary, segmenter: Segmenter,
+                 settings: Settings, version: str, ledger: Ledger, locks: WriteLocks) -> None:
+        self.project, self.vocabulary, self.segmenter, self.version = project, vocabulary, segmenter, version
+        self.ledger, self.locks = ledger, locks
+        self.backoff = Backoff.from_settings(settings)
+        self.options = SegmentOptions.from_settings(settings).with_overrides(self.vocabulary.options)
+        self.limits, self.fetch_timeout = settings.image_limits, settings.fetch_timeout
+        self.policy = UrlPolicy(settings.allowed_url_hosts, settings.allow_private_urls)
+        self.batch = settings.max_batch
+
+    def annotate(self, task_ids: Sequence[int], overwrite: bool) -> None:
+        """Settle every task of ``task_ids`` not settled yet; images are encoded ``max_batch`` at a time."""
+        for start in range(0, len(task_ids), self.batch):
+            loaded = [(task_id, image) for task_id in task_ids[start:start + self.batch]
+                      if (image := self._image_to_predict(task_id, overwrite)) is not None]
+            if not loaded:
+                continue
+            images = [image for _, image in loaded]
+            segmentations = self.segmenter.segment_batch(self.segmenter.encode_batch(images), images,
+                                                         self.vocabulary.labels, self.options)
+            for (task_id, _), segmentation in zip(loaded, segmentations):
+                self._write(task_id, project_prediction(segmentation, self.vocabulary, self.version), overwrite)
+
+    def _image_to_predict(self, task_id: int, overwrite: bool) -> np.ndarray | None:
+        """The task's image, or None when the task is settled already, skipped or failed."""
+        if self.ledger.settled(str(task_id)):
+            return None
+        try:
+            task = with_backoff(lambda: self.project.task(task_id), f"reading task {task_id}", self.backoff)
+            if self.version in task["model_versions"] and not overwrite:
+                self._settle(task_id, Outcome.SKIPPED)
+                return None
+            url = task_image_url(task, self.vocabulary.image_key)
+            data = with_backoff(
+                lambda: fetch_image_bytes(url, task_id, self.project.access, self.limits, timeout=self.fetch_timeout,
+                                          policy=self.policy),
+                f"downloading the image of task {task_id}", self.backoff)
+            return decode_image(data, self.limits)
+        except (*LABEL_STUDIO_ERRORS, ImageFetchError, ImageError) as error:
+            self._settle(task_id, Outcome.FAILED, describe(error))
+            return None
+
+    def _write(self, task_id: int, prediction: dict, overwrite: bool) -> None:
+        with self.locks.holding(str(task_id)) as refresh:
+            if refresh is None:
+                log.warning("task %s: another worker kept its write lock for a whole lease; leaving it to that worker",
+                            task_id)
+                return
+            try:
+                self._settle(task_id, with_backoff(lambda: self._replace(task_id, prediction, overwrite, refresh),
+                                                   f"writing the prediction of task {task_id}", self.backoff))
+            except LABEL_STUDIO_ERRORS as error:
+                self._settle(task_id, Outcome.FAILED, describe(error))
+
+    def _replace(self, task_id: int, prediction: dict, overwrite: bool, refresh: Refresh) -> Outcome:
+        """One try: look at the task's predictions again (a lost answer may hide a stored one), then write."""
+        refresh()
+        ours = self.project.prediction_ids(task_id, self.version)
+        if ours and not overwrite:
+            return Outcome.SKIPPED
+        for prediction_id in ours:
+            self.project.delete_prediction(prediction_id)
+        self.project.create_prediction(task_id, prediction)
+        return Outcome.DONE
+
+    def _settle(self, task_id: int, outcome: Outcome, reason: str = "") -> None:
+        if not self.ledger.record(str(task_id), outcome, reason):
+            return
+        if outcome is Outcome.FAILED:
+            log.warning("task %s failed: %s", task_id, reason)
+        else:
+            log.debug("task %s: %s", task_id, outcome.value)
+
+
+def annotate_project(project: LabelStudioProject, settings: Settings, overwrite: bool,
+                     progress: bool = True) -> RunProgress:
+    """The whole project in this process, ``max_batch`` tasks at a time, with a progress bar."""
+    vocabulary = project_vocabulary(project, Backoff.from_settings(settings))  # before loading any model
+    segmenter = Segmenter.from_settings(settings)  # and before the run's clock starts
+    task_ids = project.task_ids()
+    ledger = MemoryLedger(len(task_ids))
+    annotator = TaskAnnotator(project, vocabulary, segmenter, settings, model_version(settings), ledger, NoLocks())
+    with RunBar(len(task_ids), "annotate", progress) as bar:
+        for start in range(0, len(task_ids), settings.max_batch):
+            annotator.annotate(task_ids[start:start + settings.max_batch], overwrite)
+            bar.show(ledger.progress())
+    return ledger.progress()
+
+
+def annotate_project_queued(project: LabelStudioProject, settings: Settings, overwrite: bool,
+                            wait: bool = True, progress: bool = True) -> tuple[str, RunProgress | None]:
+    """Enqueue the project's tasks in chunks for ``freesegdiff worker``; with ``wait``, follow the run to its end.
+
+    The label config is checked first, so that a project no worker could serve fails here. Returns the
+    run id and, with ``wait``, the run's outcome.
+    """
+    project_vocabulary(project, Backoff.from_settings(settings))
+    task_ids = project.task_ids()
+    connection = redis_connection(settings)
+    queue = job_queue(connection, settings)
+    ledger = RedisLedger.create(connection, "project", f"{project.project} on {project.access.url}", len(task_ids))
+    enqueue_chunks(queue, ledger, "backend.jobs.project.annotate_project_chunk", task_ids,
+                   {"project": project.project, "overwrite": overwrite}, settings)
+    log.info("run %s: %d tasks of project %s in %d chunks on queue %s", ledger.run_id, len(task_ids),
+             project.project, len(ledger.job_ids()), settings.queue_name)
+    return ledger.run_id, wait_for_run(queue, ledger, progress) if wait else None
+
+
+def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, overwrite: bool) -> int:
+    """RQ job (by dotted path, JSON arguments): one chunk of a queued run; Label Studio's address and key
+    come from the worker's own settings, never through Redis. Returns how many tasks it was given."""
+    context = chunk_context(run_id)
+    settings = context.settings
+    access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
+    scope = hashlib.sha256(f"{access.url}\x00{context.version}".encode()).hexdigest()[:16]
+    labelstudio = LabelStudioProject(access, project, Backoff.from_settings(settings))
+    annotator = TaskAnnotator(labelstudio, project_vocabulary(labelstudio, labelstudio.backoff),
+                              Segmenter.from_settings(settings), settings, context.version, context.ledger,
+                              RedisLocks(context.connection, scope, settings.queue_lease_seconds))
+    annotator.annotate(task_ids, overwrite)
+    return len(task_ids)

@@ -1,0 +1,164 @@
+"""End to end: ``freesegdiff annotate-project`` against a real Label Studio 1.23.2.
+
+In this process: a whole project predicted, then skipped, then overwritten; and a run that rides out
+a Label Studio outage (a proxy answering 502 for a few seconds, one answer lost after Label Studio
+stored the prediction). On a real redis-server with two real ``freesegdiff worker --burst`` processes:
+a queued run in which one worker is killed (SIGKILL) in the middle of a chunk. Every task must end
+with exactly one prediction of our model version, and other versions' predictions are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import sklearn
+from labelstudio import (
+    FlakyProxy,
+    LabelStudioServer,
+    create_prediction,
+    create_project,
+    import_image_file,
+    list_predictions,
+    predictions_by_version,
+)
+
+from backend.cli import main
+from backend.jobs.ledger import RedisLedger
+from backend.pipeline.segmenter import model_version
+from backend.settings import get_settings
+from tests.queue_workers import REPO_ROOT, log_text, queue_env, start_worker, stop, wait_until, worker_in_mid_chunk
+
+IMAGES = Path(sklearn.__file__).parent / "datasets" / "images"
+LABELS = ("building", "tree", "sky")
+LABEL_CONFIG = (
+    '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+    + "".join(f'<Label value="{label}"/>' for label in LABELS)
+    + "</BrushLabels></View>"
+)
+SUMMARY = re.compile(r"(\d+) tasks: (\d+) done, (\d+) skipped, (\d+) failed")
+OTHER_VERSION = "someone-else-v1"
+
+
+def project_with_photos(server: LabelStudioServer, count: int) -> tuple[int, list[int]]:
+    project = create_project(server, LABEL_CONFIG, title=f"annotate-project-{uuid.uuid4().hex[:6]}")
+    names = ("china.jpg", "flower.jpg")
+    return project, [import_image_file(server, project, IMAGES / names[i % 2]) for i in range(count)]
+
+
+@pytest.fixture
+def cli_env(monkeypatch, label_studio: LabelStudioServer, tiny_settings):
+    """The environment of an in-process ``freesegdiff`` run: tiny models, the test Label Studio, short backoff."""
+    for name, value in {"FREESEG_MODELS": "tiny", "FREESEG_DEVICE": "cpu", "MODEL_DIR": str(tiny_settings.model_dir),
+                        "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+                        "FREESEG_LABELSTUDIO_BACKOFF_SECONDS": "0.5"}.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def annotate(capsys, *args: str) -> tuple[int, tuple[int, int, int, int], str]:
+    """Runs ``freesegdiff annotate-project`` here; its exit code, (total, done, skipped, failed) and output."""
+    code = main(["annotate-project", *args])
+    out = capsys.readouterr().out
+    match = SUMMARY.search(out)
+    assert match, out
+    return code, tuple(int(n) for n in match.groups()), out
+
+
+def ours_per_task(server: LabelStudioServer, tasks: list[int], version: str) -> dict[int, list[int]]:
+    return {task: predictions_by_version(server, task).get(version, []) for task in tasks}
+
+
+@pytest.mark.e2e
+def test_whole_project_predicted_then_skipped_then_overwritten(label_studio, cli_env, capsys):
+    project, tasks = project_with_photos(label_studio, 6)
+    other = create_prediction(label_studio, tasks[0], OTHER_VERSION)
+    version = model_version(get_settings())
+
+    code, counts, out = annotate(capsys, "--project", str(project))
+    assert (code, counts) == (0, (6, 6, 0, 0)), out
+    first = ours_per_task(label_studio, tasks, version)
+    assert all(len(ids) == 1 for ids in first.values()), first
+    regions = [r for task in tasks for p in list_predictions(label_studio, task) if p["model_version"] == version
+               for r in p["result"]]
+    assert regions and all(r["type"] == "brushlabels" and r["from_name"] == "tag" and r["to_name"] == "image"
+                           and set(r["value"]["brushlabels"]) <= set(LABELS) for r in regions)
+
+    code, counts, out = annotate(capsys, "--project", str(project))
+    assert (code, counts) == (0, (6, 0, 6, 0)), out
+    assert ours_per_task(label_studio, tasks, version) == first
+
+    code, counts, out = annotate(capsys, "--project", str(project), "--overwrite")
+    assert (code, counts) == (0, (6, 6, 0, 0)), out
+    replaced = ours_per_task(label_studio, tasks, version)
+    assert all(len(ids) == 1 for ids in replaced.values()), replaced
+    assert not {i for ids in first.values() for i in ids} & {i for ids in replaced.values() for i in ids}
+    assert predictions_by_version(label_studio, tasks[0])[OTHER_VERSION] == [other]
+
+
+@pytest.mark.e2e
+def test_a_label_studio_outage_is_ridden_out(label_studio, cli_env, capsys, caplog, monkeypatch):
+    project, tasks = project_with_photos(label_studio, 5)
+    proxy = FlakyProxy(label_studio.url)
+    # after the second stored prediction, the third is stored but its answer lost, then 3 s of 502s
+    proxy.outage_after("POST", "/api/predictions", count=2, seconds=3.0)
+    monkeypatch.setenv("LABEL_STUDIO_URL", proxy.url)
+    get_settings.cache_clear()
+    version = model_version(get_settings())
+    try:
+        code, (total, done, skipped, failed), out = annotate(capsys, "--project", str(project))
+    finally:
+        proxy.stop()
+
+    assert code == 0 and (total, failed) == (5, 0) and done + skipped == 5 and done >= 4, out
+    assert sum(status == 502 for _, _, status in proxy.statuses) >= 2, proxy.statuses
+    assert all(len(ids) == 1 for ids in ours_per_task(label_studio, tasks, version).values())
+    retries = [r.getMessage() for r in caplog.records if "failed (HTTP 502); try 2 of 6" in r.getMessage()]
+    assert retries, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.e2e
+def test_queued_run_survives_a_worker_killed_mid_chunk(label_studio, redis_server, tiny_settings, tiny_segmenter,
+                                                       tmp_path):
+    project, tasks = project_with_photos(label_studio, 9)
+    queue_name = f"test-project-{uuid.uuid4().hex[:8]}"
+    env = queue_env(tiny_settings.model_dir, redis_server.url, queue_name, FREESEG_QUEUE_CHUNK_SIZE="3",
+                    LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
+    enqueued = subprocess.run([sys.executable, "-m", "backend.cli", "annotate-project", "--project", str(project),
+                               "--queue", "--no-wait"], cwd=REPO_ROOT, env=env, check=False, capture_output=True,
+                              text=True, timeout=120)
+    assert enqueued.returncode == 0, enqueued.stderr
+    run_id = re.search(r"run (\w+) queued", enqueued.stdout).group(1)
+    connection = redis.Redis.from_url(redis_server.url)
+    logs = [tmp_path / f"worker-{index}.log" for index in range(2)]
+    workers = [start_worker(log, env) for log in logs]
+    try:
+        victim: list[int] = []
+        wait_until(lambda: victim.append(worker_in_mid_chunk(connection, queue_name, run_id)) or victim[-1] is not None,
+                   240, "a worker in the middle of a chunk")
+        os.kill(victim[-1], signal.SIGKILL)
+        (survivor,) = [worker for worker in workers if worker.pid != victim[-1]]
+        assert survivor.wait(timeout=240) == 0, log_text(logs[workers.index(survivor)])
+    finally:
+        for worker in workers:
+            stop(worker)
+
+    survivor_log = log_text(logs[workers.index(survivor)])
+    assert "its worker sent no heartbeat for 3 s (killed or cut off): requeued" in survivor_log, survivor_log
+    progress = RedisLedger(connection, run_id).progress()
+    assert progress.complete and progress.failed == 0 and progress.done >= 1, progress
+    version = RedisLedger(connection, run_id).fields()["model_version"]
+    per_task = ours_per_task(label_studio, tasks, version)
+    assert all(len(ids) == 1 for ids in per_task.values()), per_task
+    jobs = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "--run", run_id], cwd=REPO_ROOT, env=env,
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert "chunks: 3 finished" in jobs.stdout and "9 tasks:" in jobs.stdout, jobs.stdout + jobs.stderr
