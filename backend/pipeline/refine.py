@@ -80,8 +80,8 @@ class Refiner:
     The CRF holds the GIL and runs on the CPU, so with ``crf_processes`` > 0 its masks go
     to that many child processes, one request per mask: the CRFs of a whole batch run
     side by side while the inference thread encodes the next one. PAMR (on the device),
-    "none", and the CRF without processes run at once on the calling thread. Masks whose
-    process died are refined on the waiting thread, and the process is replaced.
+    "none", and the CRF without processes run when awaited, on the waiting thread. Masks
+    whose process died are refined on the waiting thread, and the process is replaced.
     """
 
     def __init__(self, device: torch.device | str = "cpu", crf_processes: int = 0):
