@@ -36,7 +36,7 @@ def test_compose_wires_the_backend_to_redis_and_label_studio():
     config = _compose("--profile", "labelstudio", "config").stdout
     assert "REDIS_URL: redis://redis:6379/0" in config
     assert "LABEL_STUDIO_URL: http://label-studio:8080" in config
-    assert "allkeys-lru" in config and "--maxmemory" in config
+    assert "volatile-lru" in config and "--maxmemory" in config  # evicts cache entries, never queued chunks
 
 
 def test_dockerfile_installs_like_ci_and_runs_unprivileged():
