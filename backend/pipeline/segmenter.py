@@ -10,7 +10,7 @@ exactly its masks.
 For throughput, both work on batches and overlap what runs on different hardware: the
 captioner runs beside the U-Net on CUDA (its own thread and stream), CLIP names the
 clusters of a whole batch in one call, and ``propose_batch`` only starts the refinement
-(the CPU CRF runs in a pool of processes), so the caller can encode the next batch while
+(the CPU CRF runs in child processes), so the caller can encode the next batch while
 it runs; ``finish`` waits for it. ``segment_batches`` chains all of this over a stream.
 """
 
