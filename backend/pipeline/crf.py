@@ -59,7 +59,6 @@ class CrfProcesses:
     """
 
     def __init__(self, count: int):
-        self.count = count
         self._threads = ThreadPoolExecutor(count, thread_name_prefix="crf")
         self._local = threading.local()
         self._processes: list[subprocess.Popen] = []
