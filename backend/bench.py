@@ -29,10 +29,10 @@ from backend.pipeline.clip_embeddings import TextImageEmbedder
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.clustering import canonical_order
 from backend.pipeline.labelling import cluster_masks
-from backend.pipeline.refine import Refiner
+from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
 from backend.pipeline.vocabulary import labels_from_names
-from backend.settings import Settings
+from backend.settings import RefineMethod, Settings
 
 # Pascal VOC's 20 object classes: a realistic label set.
 VOC_LABELS = ("aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,dining table,dog,horse,motorbike,person,"
@@ -82,12 +82,26 @@ class PerClusterClip:
         return np.concatenate([self.clip.embed_images([image]) for image in images])
 
 
+class PerClusterRefiner(Refiner):
+    """The released code's refinement: a new CRF for each cluster, one after another, on the inference thread."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu", crf_processes=0)
+
+    def start(self, image: np.ndarray, masks: np.ndarray, method: RefineMethod) -> PendingMasks:
+        def one_cluster_at_a_time() -> np.ndarray:
+            refined = [refine_masks(image, mask[None], method) for mask in masks]
+            return refine_masks(image, np.concatenate(refined) if refined else masks, "none")  # the first mask wins
+
+        return one_cluster_at_a_time
+
+
 class NaiveSegmenter(Segmenter):
-    """The baseline: scikit-learn K-means (10 inits, one after another), per-cluster CLIP, the CRF in line."""
+    """The baseline: scikit-learn K-means (10 inits, one after another), per-cluster CLIP, per-cluster CRFs in line."""
 
     def __init__(self, fast: Segmenter):
         super().__init__(fast.captioner, fast.features, PerClusterClip(fast.clip), fast.nlp, fast.fingerprint, "cpu",
-                         refiner=Refiner("cpu", crf_processes=0))
+                         refiner=PerClusterRefiner())
 
     def _cluster_masks(self, encoding: Encoding, options: SegmentOptions) -> np.ndarray:
         with self._stage("clustering"):
@@ -106,6 +120,22 @@ def _timed(function: Callable[[], object]) -> float:
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
+
+
+def _cpu_seconds(segmenter: Segmenter) -> float:
+    """CPU time used so far by this process (all threads) and by the segmenter's CRF processes.
+
+    The processes' share is read from Linux's /proc; a process that is gone counts nothing.
+    """
+    processes = segmenter.refiner.processes
+    total = time.process_time()
+    for pid in processes.pids() if processes else []:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
 
 
 def _sync(device: torch.device) -> None:
@@ -145,7 +175,9 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
     stages.clear()
     fast.observer = lambda stage, seconds: stages[stage].append(seconds)
     batches = [images[i : i + config.batch] for i in range(0, len(images), config.batch)]
+    cpu_start = _cpu_seconds(fast)
     throughput_seconds = _timed(lambda: predict(fast, batches))
+    cpu_seconds = _cpu_seconds(fast) - cpu_start
     fast.observer = None
     stage_medians = {stage: 1000 * statistics.median(values) for stage, values in sorted(stages.items())}
     latencies = [_timed(lambda image=image: predict(fast, [[image]])) for image in images]
@@ -160,7 +192,9 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
     ]
 
     naive = NaiveSegmenter(fast)
+    naive_cpu_start = _cpu_seconds(naive)
     naive_seconds = _timed(lambda: predict(naive, [[image] for image in images]))
+    naive_cpu_seconds = _cpu_seconds(naive) - naive_cpu_start
 
     figures = {
         "profile": config.profile,
@@ -174,6 +208,10 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         "images_per_s": len(images) / throughput_seconds,
         "baseline_images_per_s": len(images) / naive_seconds,
         "speedup": naive_seconds / throughput_seconds,
+        "cpu_ms_per_image": 1000 * cpu_seconds / len(images),  # all threads and CRF processes
+        "baseline_cpu_ms_per_image": 1000 * naive_cpu_seconds / len(images),
+        "cpu_cores_busy": cpu_seconds / throughput_seconds,
+        "baseline_cpu_cores_busy": naive_cpu_seconds / naive_seconds,
         "latency_p50_ms": 1000 * _percentile(latencies, 50),
         "latency_p95_ms": 1000 * _percentile(latencies, 95),
         "reprompt_p50_ms": 1000 * _percentile(reprompts, 50),
@@ -209,6 +247,8 @@ def _print(figures: dict) -> None:
           f"({figures['crf_processes']} CRF processes)")
     print(f"  throughput      {figures['images_per_s']:8.2f} images/s   (naive {figures['baseline_images_per_s']:.2f}, "
           f"speedup x{figures['speedup']:.2f})")
+    print(f"  CPU time        {figures['cpu_ms_per_image']:8.1f} ms/image ({figures['cpu_cores_busy']:.2f} cores busy; "
+          f"naive {figures['baseline_cpu_ms_per_image']:.1f} ms/image, {figures['baseline_cpu_cores_busy']:.2f} cores busy)")
     print(f"  latency         p50 {figures['latency_p50_ms']:8.1f} ms   p95 {figures['latency_p95_ms']:.1f} ms")
     print(f"  re-prompt       p50 {figures['reprompt_p50_ms']:8.1f} ms   ({figures['reprompt_to_cold_ratio']:.2f} of a cold prediction)")
     print("  stages (median ms per call): " + ", ".join(f"{k} {v:.1f}" for k, v in figures["stages_ms"].items()))

@@ -2,7 +2,11 @@
 
 import json
 
-from backend.bench import BenchConfig, run_bench, synthetic_images
+import numpy as np
+
+from backend import bench
+from backend.bench import BenchConfig, PerClusterRefiner, run_bench, synthetic_images
+from backend.pipeline.refine import refine_masks
 
 
 def test_synthetic_images_are_deterministic_photo_sized():
@@ -16,10 +20,23 @@ def test_bench_reports_every_figure(tiny_settings, tmp_path, capsys):
     figures = run_bench(config, tiny_settings)
     saved = json.loads((tmp_path / "bench.json").read_text())
     for key in ("images_per_s", "baseline_images_per_s", "speedup", "latency_p50_ms", "latency_p95_ms",
-                "reprompt_p50_ms", "stages_ms", "hardware", "peak_rss_mb", "models_gpu_mb", "crf_processes"):
+                "reprompt_p50_ms", "stages_ms", "hardware", "peak_rss_mb", "models_gpu_mb", "crf_processes",
+                "cpu_ms_per_image", "baseline_cpu_ms_per_image", "cpu_cores_busy", "baseline_cpu_cores_busy"):
         assert key in saved, key
     assert saved["images_per_s"] > 0 and saved["baseline_images_per_s"] > 0
+    assert saved["cpu_ms_per_image"] > 0 and saved["baseline_cpu_ms_per_image"] > 0
     assert set(saved["stages_ms"]) >= {"caption", "features", "candidates", "clustering", "labelling", "refine", "results"}
     assert saved["model_version"].endswith("tiny-random-weights")
     assert figures["speedup"] == saved["speedup"]
     assert "speedup" in capsys.readouterr().out
+
+
+def test_the_naive_refiner_runs_a_fresh_crf_per_cluster_with_the_same_masks(monkeypatch):
+    image = synthetic_images(1)[0][:120, :160]
+    masks = np.zeros((3, 120, 160), dtype=bool)
+    masks[0, 10:60, 20:90], masks[1, 40:110, 60:150], masks[2] = True, True, True
+    calls = []
+    monkeypatch.setattr(bench, "refine_masks", lambda *args: (calls.append(len(args[1])), refine_masks(*args))[1])
+    refined = PerClusterRefiner().start(image, masks, "crf")()
+    assert np.array_equal(refined, refine_masks(image, masks, "crf"))
+    assert calls == [1, 1, 1, 3]  # one CRF per cluster, then the overlap rule over all three

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.pipeline.crf import crf_refine
 from backend.pipeline.refine import Refiner, refine_masks
 
 METHODS = ("crf", "pamr", "none")
@@ -193,6 +194,40 @@ def test_pamr_on_cuda_agrees_with_cpu() -> None:
         assert iou(a, b) > 0.99
 
 
+def test_masks_sharing_one_crf_lattice_match_a_fresh_crf_each() -> None:
+    disc = disc_mask()
+    image = disc_image(disc)
+    masks = np.stack([blocky(disc), blocky(~disc), *two_rectangles(overlap=True)])
+    shared = crf_refine(image, masks)
+    fresh = np.concatenate([crf_refine(image, mask[None]) for mask in masks])
+    assert np.array_equal(shared, fresh)
+    assert not np.array_equal(shared[0], masks[0])  # the CRF did change the masks
+
+
+def test_an_image_spreads_over_idle_crf_processes_and_stays_whole_when_all_are_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    disc = disc_mask()
+    image = disc_image(disc)
+    masks = np.stack([blocky(disc), blocky(~disc), *two_rectangles(overlap=True)])
+    expected = refine_masks(image, masks, "crf")
+    refiner = Refiner("cpu", crf_processes=3)
+    sent: list[int] = []
+    submit = refiner.processes.submit
+    monkeypatch.setattr(refiner.processes, "submit", lambda image, group: (sent.append(len(group)), submit(image, group))[1])
+    try:
+        assert refiner.processes.idle() == 3
+        assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
+        assert sorted(sent) == [1, 1, 2]  # four masks over the three idle processes
+        assert refiner.processes.idle() == 3  # every request is counted out again
+        sent.clear()
+        monkeypatch.setattr(refiner.processes, "idle", lambda: 0)
+        assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
+        assert sent == [4]  # all busy: one request, one lattice
+    finally:
+        refiner.close()
+
+
 def test_the_crf_processes_give_the_in_line_masks() -> None:
     disc = disc_mask()
     image, masks = disc_image(disc), np.stack([blocky(disc), two_rectangles(overlap=True)[0]])
@@ -221,5 +256,6 @@ def test_a_killed_crf_process_costs_no_masks_and_is_replaced(caplog: pytest.LogC
         assert f"CRF process {pid} died" in caplog.text
         assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
         assert refiner.processes.pids() not in ([], [pid])  # a new process serves again
+        assert refiner.processes.idle() == 1
     finally:
         refiner.close()

@@ -1,11 +1,15 @@
-"""The dense CRF of one mask, and the child processes that run it side by side.
+"""Dense CRFs of an image's masks, and the child processes that run them side by side.
+
+The CRF's pairwise terms depend on the image only, so the masks of one image share
+them: the lattices are built once and each mask then sets its own unary and runs the
+mean-field iterations. The result is exactly that of a fresh CRF per mask.
 
 pydensecrf holds the GIL while it runs, so CRFs run in parallel only in separate
 processes. Each is ``python -m backend.pipeline.crf``: it imports this module alone
 (no torch, no models), reads a request from its stdin and writes the answer to its
-stdout. A request is a JSON line ``{"height": H, "width": W}`` followed by the image's
-H*W*3 bytes (RGB) and the mask's H*W bytes (0 or 1); the answer is the refined mask's
-H*W bytes. Only raw arrays and JSON cross the pipe: no pickle.
+stdout. A request is a JSON line ``{"height": H, "width": W, "masks": R}`` followed by
+the image's H*W*3 bytes (RGB) and the R masks' R*H*W bytes (0 or 1); the answer is the
+refined masks' R*H*W bytes. Only raw arrays and JSON cross the pipe: no pickle.
 """
 
 from __future__ import annotations
@@ -31,12 +35,10 @@ CRF_BILATERAL_COMPAT = 100  # appearance kernel, Potts weight
 CRF_ITERATIONS = 10  # mean-field iterations
 
 
-def crf_refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """One binary dense CRF (labels: 0 outside, 1 inside) started from a hard mask."""
-    height, width = mask.shape
+def crf_refine(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """A binary dense CRF (labels: 0 outside, 1 inside) for each of ``masks`` (R, H, W), started from it."""
+    height, width = masks.shape[1:]
     crf = dcrf.DenseCRF2D(width, height, 2)
-    unary = unary_from_labels(mask.astype(np.int32), 2, gt_prob=CRF_GT_PROB, zero_unsure=False)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary))
     crf.addPairwiseGaussian(sxy=CRF_GAUSSIAN_SXY, compat=CRF_GAUSSIAN_COMPAT)
     crf.addPairwiseBilateral(
         sxy=CRF_BILATERAL_SXY,
@@ -44,8 +46,13 @@ def crf_refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         rgbim=np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]),  # pydensecrf needs both
         compat=CRF_BILATERAL_COMPAT,
     )
-    q = np.asarray(crf.inference(CRF_ITERATIONS)).reshape(2, height, width)
-    return q[1] > q[0]
+    refined = np.empty(masks.shape, dtype=bool)
+    for index, mask in enumerate(masks):
+        unary = unary_from_labels(mask.astype(np.int32), 2, gt_prob=CRF_GT_PROB, zero_unsure=False)
+        crf.setUnaryEnergy(np.ascontiguousarray(unary))  # replaces the previous mask's; the lattices stay
+        q = np.asarray(crf.inference(CRF_ITERATIONS)).reshape(2, height, width)
+        refined[index] = q[1] > q[0]
+    return refined
 
 
 class CrfProcessDied(RuntimeError):
@@ -59,14 +66,23 @@ class CrfProcesses:
     """
 
     def __init__(self, count: int):
+        self._count = count
         self._threads = ThreadPoolExecutor(count, thread_name_prefix="crf")
         self._local = threading.local()
         self._processes: list[subprocess.Popen] = []
         self._lock = threading.Lock()
+        self._in_flight = 0
 
-    def submit(self, image: np.ndarray, mask: np.ndarray) -> Future[np.ndarray]:
-        """The refined mask, computed in one of the processes."""
-        return self._threads.submit(self._refine, image, mask)
+    def submit(self, image: np.ndarray, masks: np.ndarray) -> Future[np.ndarray]:
+        """The refined masks, computed in one of the processes."""
+        with self._lock:
+            self._in_flight += 1
+        return self._threads.submit(self._refine, image, masks)
+
+    def idle(self) -> int:
+        """How many processes have no request running or waiting."""
+        with self._lock:
+            return max(self._count - self._in_flight, 0)
 
     def pids(self) -> list[int]:
         """The running processes' ids (for monitoring)."""
@@ -81,18 +97,24 @@ class CrfProcesses:
             process.kill()
             process.wait()
 
-    def _refine(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        process = self._process()
-        height, width = mask.shape
+    def _refine(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
         try:
-            header = json.dumps({"height": height, "width": width}).encode() + b"\n"
-            process.stdin.write(header + np.ascontiguousarray(image, np.uint8).tobytes() + mask.astype(np.uint8).tobytes())
+            return self._ask(self._process(), image, masks)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _ask(self, process: subprocess.Popen, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        count, height, width = masks.shape
+        try:
+            header = json.dumps({"height": height, "width": width, "masks": count}).encode() + b"\n"
+            process.stdin.write(header + np.ascontiguousarray(image, np.uint8).tobytes() + masks.astype(np.uint8).tobytes())
             process.stdin.flush()
-            answer = _read_exactly(process.stdout, height * width)
+            answer = _read_exactly(process.stdout, count * height * width)
         except (OSError, EOFError) as error:
             self._forget(process)
             raise CrfProcessDied(f"CRF process {process.pid} died: {error}") from error
-        return np.frombuffer(answer, np.uint8).reshape(height, width).astype(bool)
+        return np.frombuffer(answer, np.uint8).reshape(count, height, width).astype(bool)
 
     def _process(self) -> subprocess.Popen:
         process = getattr(self._local, "process", None)
@@ -119,13 +141,13 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
 
 
 def serve(requests: BinaryIO, answers: BinaryIO) -> None:
-    """The child's loop: one refined mask per request, until the parent closes the pipe."""
+    """The child's loop: one answer per request, until the parent closes the pipe."""
     while header := requests.readline():
         shape = json.loads(header)
-        height, width = int(shape["height"]), int(shape["width"])
+        count, height, width = int(shape["masks"]), int(shape["height"]), int(shape["width"])
         image = np.frombuffer(_read_exactly(requests, height * width * 3), np.uint8).reshape(height, width, 3)
-        mask = np.frombuffer(_read_exactly(requests, height * width), np.uint8).reshape(height, width).astype(bool)
-        answers.write(crf_refine(image, mask).astype(np.uint8).tobytes())
+        masks = np.frombuffer(_read_exactly(requests, count * height * width), np.uint8).reshape(count, height, width)
+        answers.write(crf_refine(image, masks.astype(bool)).astype(np.uint8).tobytes())
         answers.flush()
 
 
