@@ -162,7 +162,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
 
     def predict(segmenter: Segmenter, batches: Sequence[Sequence[np.ndarray]]) -> None:
         """Predictions for every image, results included; batches overlap as ``segment_batches`` allows."""
-        for segmentations in segmenter.segment_batches(batches, labels, options):
+        for _, segmentations in segmenter.segment_batches(enumerate(batches), labels, options):
             for segmentation in segmentations:
                 start = time.perf_counter()
                 brush_results(segmentation, "tag", "image")

@@ -176,3 +176,14 @@ def test_annotate_folder_command(tmp_path, tiny_settings, monkeypatch, capsys):
     assert code == 0 and "1 images annotated, 0 failed" in capsys.readouterr().out
     tasks = json.loads((tmp_path / "out" / "tasks.json").read_text())
     assert tasks[0]["data"]["image"] == "https://images.example/china.jpg" and tasks[0]["predictions"][0]["result"]
+
+
+def test_a_folder_of_unreadable_images_reports_every_one(tmp_path: Path, tiny_segmenter) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png"):  # no batch has an image to segment
+        (folder / name).write_bytes(b"not an image")
+    summary = run(folder, tmp_path / "out", tiny_segmenter, url_prefix_reference(PREFIX, folder))
+    assert summary.done == 0
+    assert [path for path, _ in summary.failed] == ["a.png", "b.png", "c.png"]
+    assert json.loads((tmp_path / "out" / "tasks.json").read_text()) == []

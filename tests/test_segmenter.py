@@ -121,8 +121,9 @@ def test_the_batched_overlapped_pipeline_gives_the_masks_of_one_image_at_a_time(
     expected = [in_line.segment_image(image, LABELS, OPTIONS) for image in images]
     overlapped = twin(tiny_segmenter, refiner=tiny_segmenter.refiner, overlap_caption=True)
     assert overlapped.refiner.crf_processes > 0
-    batches = list(overlapped.segment_batches([images[:2], images[2:]], LABELS, OPTIONS))
-    assert [len(batch) for batch in batches] == [2, 1]
+    tagged = list(overlapped.segment_batches([("first", images[:2]), ("second", images[2:])], LABELS, OPTIONS))
+    assert [(tag, len(batch)) for tag, batch in tagged] == [("first", 2), ("second", 1)]
+    batches = [batch for _, batch in tagged]
     for got, want in zip(batches[0] + batches[1], expected):
         np.testing.assert_array_equal(got.label_map, want.label_map)
         assert (got.regions, got.caption, got.candidates) == (want.regions, want.caption, want.candidates)

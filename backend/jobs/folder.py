@@ -149,20 +149,25 @@ def segment_folder_images(
     folder: Path, relatives: Sequence[str], labels: Sequence[Label], out: Path, segmenter: Segmenter,
     options: SegmentOptions, model_version: str, from_name: str, to_name: str, batch: int, limits: ImageLimits,
 ) -> Iterator[tuple[str, ImageRecord | str]]:
-    """Segment the images ``batch`` at a time and write each label-index PNG under ``out/masks``;
-    yields each image's path and its record, or the one-line reason it failed."""
-    for first in range(0, len(relatives), batch):
-        readable = []
-        for relative in relatives[first:first + batch]:
-            try:
-                readable.append((relative, read_image_file(Path(folder) / relative, limits)))
-            except ImageError as error:
-                yield relative, " ".join(str(error).split())
-        if not readable:
-            continue
-        images = [image for _, image in readable]
-        segmentations = segmenter.segment_batch(segmenter.encode_batch(images), images, labels, options)
-        for (relative, _), segmentation in zip(readable, segmentations):
+    """Segment the images ``batch`` at a time (a batch refined while the next is encoded) and write each
+    label-index PNG under ``out/masks``; yields each image's path and its record, or the one-line reason it failed."""
+    unreadable: list[tuple[str, str]] = []  # filled as batches are read, emptied as results come out
+
+    def readable_batches() -> Iterator[tuple[list[str], list[np.ndarray]]]:
+        for first in range(0, len(relatives), batch):
+            readable = []
+            for relative in relatives[first:first + batch]:
+                try:
+                    readable.append((relative, read_image_file(Path(folder) / relative, limits)))
+                except ImageError as error:
+                    unreadable.append((relative, " ".join(str(error).split())))
+            if readable:
+                yield [relative for relative, _ in readable], [image for _, image in readable]
+
+    for names, segmentations in segmenter.segment_batches(readable_batches(), labels, options):
+        yield from unreadable
+        unreadable.clear()
+        for relative, segmentation in zip(names, segmentations):
             results = brush_results(segmentation, from_name, to_name)
             height, width = segmentation.label_map.shape
             mask_path = (Path(out) / "masks" / relative).with_suffix(".png")
@@ -170,6 +175,7 @@ def segment_folder_images(
             label_index_image(segmentation.label_map).save(mask_path)
             yield relative, ImageRecord(relative, prediction(results, segmentation.score, model_version),
                                         int(width), int(height), coco_annotations(segmentation))
+    yield from unreadable
 
 
 def write_dataset(out: Path, labels: Sequence[Label], records: Sequence[ImageRecord],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -51,18 +51,24 @@ class TaskAnnotator:
         self.policy = UrlPolicy(settings.allowed_url_hosts, settings.allow_private_urls)
         self.batch = settings.max_batch
 
-    def annotate(self, task_ids: Sequence[int], overwrite: bool) -> None:
-        """Settle every task of ``task_ids`` not settled yet; images are encoded ``max_batch`` at a time."""
+    def annotate(self, task_ids: Sequence[int], overwrite: bool,
+                 after_batch: Callable[[], None] = lambda: None) -> None:
+        """Settle every task of ``task_ids`` not settled yet; images are encoded ``max_batch`` at a time, and a
+        batch's predictions are written while the next batch is refined. ``after_batch`` follows each batch's writes."""
+        batches = self._batches_to_predict(task_ids, overwrite)
+        for loaded, segmentations in self.segmenter.segment_batches(batches, self.vocabulary.labels, self.options):
+            for task_id, segmentation in zip(loaded, segmentations):
+                self._write(task_id, project_prediction(segmentation, self.vocabulary, self.version), overwrite)
+            after_batch()
+
+    def _batches_to_predict(self, task_ids: Sequence[int],
+                            overwrite: bool) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+        """The tasks to predict and their images, ``max_batch`` tasks looked at a time."""
         for start in range(0, len(task_ids), self.batch):
             loaded = [(task_id, image) for task_id in task_ids[start:start + self.batch]
                       if (image := self._image_to_predict(task_id, overwrite)) is not None]
-            if not loaded:
-                continue
-            images = [image for _, image in loaded]
-            segmentations = self.segmenter.segment_batch(self.segmenter.encode_batch(images), images,
-                                                         self.vocabulary.labels, self.options)
-            for (task_id, _), segmentation in zip(loaded, segmentations):
-                self._write(task_id, project_prediction(segmentation, self.vocabulary, self.version), overwrite)
+            if loaded:
+                yield [task_id for task_id, _ in loaded], [image for _, image in loaded]
 
     def _image_to_predict(self, task_id: int, overwrite: bool) -> np.ndarray | None:
         """The task's image, or None when the task is settled already, skipped or failed."""
@@ -124,9 +130,8 @@ def annotate_project(project: LabelStudioProject, settings: Settings, overwrite:
     ledger = MemoryLedger(len(task_ids))
     annotator = TaskAnnotator(project, vocabulary, segmenter, settings, model_version(settings), ledger, NoLocks())
     with RunBar(len(task_ids), "annotate", progress) as bar:
-        for start in range(0, len(task_ids), settings.max_batch):
-            annotator.annotate(task_ids[start:start + settings.max_batch], overwrite)
-            bar.show(ledger.progress())
+        annotator.annotate(task_ids, overwrite, after_batch=lambda: bar.show(ledger.progress()))
+        bar.show(ledger.progress())  # tasks skipped or failed after the last batch
     return ledger.progress()
 
 

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from backend.settings import RefineMethod, Settings
 
 log = logging.getLogger(__name__)
 StageObserver = Callable[[str, float], None]
+Tag = TypeVar("Tag")  # what a caller of ``segment_batches`` knows a batch by
 
 
 @dataclass(frozen=True)
@@ -200,17 +202,22 @@ class Segmenter:
         return [self.finish(proposal) for proposal in self.propose_batch(encodings, images, labels, options)]
 
     def segment_batches(
-        self, batches: Iterable[Sequence[np.ndarray]], labels: Sequence[Label], options: SegmentOptions
-    ) -> Iterator[list[Segmentation]]:
-        """Encode and segment batch after batch; a batch is refined while the next one is encoded."""
-        previous: list[Proposal] | None = None
-        for images in batches:
-            current = self.propose_batch(self.encode_batch(images), images, labels, options)
+        self, batches: Iterable[tuple[Tag, Sequence[np.ndarray]]], labels: Sequence[Label], options: SegmentOptions
+    ) -> Iterator[tuple[Tag, list[Segmentation]]]:
+        """Encode and segment batch after batch; a batch is refined while the next one is encoded.
+
+        Each batch comes with a tag of the caller's (its images' names, say) that is handed back
+        with its segmentations: they come out one batch behind the images going in. A batch that
+        runs out of GPU memory is encoded in halves (``encode_many``).
+        """
+        previous: tuple[Tag, list[Proposal]] | None = None
+        for tag, images in batches:
+            current = (tag, self.propose_batch(self.encode_many(images, len(images)), images, labels, options))
             if previous is not None:
-                yield [self.finish(proposal) for proposal in previous]
+                yield previous[0], [self.finish(proposal) for proposal in previous[1]]
             previous = current
         if previous is not None:
-            yield [self.finish(proposal) for proposal in previous]
+            yield previous[0], [self.finish(proposal) for proposal in previous[1]]
 
     def propose_batch(
         self, encodings: Sequence[Encoding], images: Sequence[np.ndarray], labels: Sequence[Label],
