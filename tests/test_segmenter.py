@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 from sklearn.datasets import load_sample_image
@@ -128,3 +129,23 @@ def test_the_batched_overlapped_pipeline_gives_the_masks_of_one_image_at_a_time(
         np.testing.assert_array_equal(got.label_map, want.label_map)
         assert (got.regions, got.caption, got.candidates) == (want.regions, want.caption, want.candidates)
     assert any(want.regions for want in expected)  # the comparison covers labelled regions
+
+
+def test_a_batch_out_of_gpu_memory_is_encoded_in_halves_with_the_same_masks(tiny_segmenter, china):
+    images = [china, np.ascontiguousarray(china[::-1])]
+    expected = [segmentation.label_map for _, batch in tiny_segmenter.segment_batches([(0, images)], LABELS, OPTIONS)
+                for segmentation in batch]
+    sizes = []
+
+    def features_within_one_image_of_memory(batch):
+        sizes.append(len(batch))
+        if len(batch) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return tiny_segmenter.features(batch)
+
+    small = Segmenter(tiny_segmenter.captioner, features_within_one_image_of_memory, tiny_segmenter.clip,
+                      tiny_segmenter.nlp, tiny_segmenter.fingerprint, tiny_segmenter.device, tiny_segmenter.refiner)
+    [(tag, segmentations)] = list(small.segment_batches([("both", images)], LABELS, OPTIONS))
+    assert tag == "both" and sizes == [2, 1, 1]
+    for got, want in zip(segmentations, expected):
+        np.testing.assert_array_equal(got.label_map, want)
