@@ -34,6 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from backend.pipeline.encoding import FORMAT_VERSION, Encoding, EncodingFormatError
+from backend.redact import without_credentials
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,8 @@ class RedisCache:
         self._ttl_seconds = ttl_seconds
         self._metrics = metrics or _NoMetrics()
         self._retry_after_seconds = retry_after_seconds
-        self._where, self._password = _without_credentials(url)
+        self._where = without_credentials(url)
+        self._password = unquote(urlsplit(url).password or "") or None
         self._reader = _EntryReader()
         self._lock = threading.Lock()
         self._down = False
@@ -295,14 +297,6 @@ class RedisCache:
             was_down, self._down = self._down, False
         if was_down:
             log.info("feature cache is back (%s)", self._where)
-
-
-def _without_credentials(url: str) -> tuple[str, str | None]:
-    """The URL as it may be logged (no user, password or query), and its password."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    password = unquote(parts.password) if parts.password else None
-    return f"{parts.scheme}://{host}{parts.path}", password
 
 
 def create_cache(settings: Settings, metrics_for: Callable[[bool], CacheMetrics]) -> FeatureCache:

@@ -17,10 +17,10 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.images import ImageLimits
+from backend.options import K_RANGE, RefineMethod
 
 Profile = Literal["pretrained", "tiny", "random-full"]
 CaptionerKind = Literal["blip2", "blip"]
-RefineMethod = Literal["crf", "pamr", "none"]
 FeatureKind = Literal["attention-query", "resnet"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     feature_grid: int = Field(32, ge=4, le=128)
 
     # Segmentation defaults (each can be changed per request)
-    k: int = Field(4, ge=2, le=32)
+    k: int = Field(4, ge=K_RANGE[0], le=K_RANGE[1])
     refine: RefineMethod = "crf"
     crf_processes: int | None = Field(None, ge=0)  # CRF pool size; None: one per CPU core, 0: on the inference thread
     use_caption: bool = True

@@ -183,11 +183,11 @@ def test_options_from_control_attributes() -> None:
             'model_score_threshold="0.5"'
         )
     )
-    assert vocabulary.options == {"k": "5", "refine": "crf", "use_caption": "false", "caption_fallback": "true"}
+    assert vocabulary.options == {"k": 5, "refine": "crf", "use_caption": False, "caption_fallback": True}
 
 
-@pytest.mark.parametrize("k", ["2", "32"])
-def test_k_bounds_are_accepted(k: str) -> None:
+@pytest.mark.parametrize("k", [2, 32])
+def test_k_bounds_are_accepted(k: int) -> None:
     assert parse_label_config(brush_config(f'model_k="{k}"')).options == {"k": k}
 
 

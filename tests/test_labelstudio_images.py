@@ -14,14 +14,9 @@ import pytest
 import urllib3.util.connection
 
 from backend.images import ImageLimits
-from backend.labelstudio.images import (
-    ImageFetchError,
-    LabelStudioAccess,
-    UrlPolicy,
-    authorization_header,
-    fetch_image_bytes,
-    task_image_url,
-)
+from backend.fetch import ImageFetchError, UrlPolicy
+from backend.labelstudio.access import LabelStudioAccess, authorization_header
+from backend.labelstudio.images import fetch_image_bytes, task_image_url
 from backend.settings import Settings
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256))

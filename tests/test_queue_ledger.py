@@ -9,10 +9,10 @@ import httpx
 import pytest
 from label_studio_sdk.core.api_error import ApiError
 
-from backend.jobs.backoff import Backoff, is_transient, with_backoff
+from backend.labelstudio.backoff import Backoff, is_transient, with_backoff
 from backend.jobs.ledger import MemoryLedger, Outcome, RedisLedger
 from backend.jobs.locks import RedisLocks
-from backend.labelstudio.images import ImageFetchError
+from backend.fetch import ImageFetchError
 
 
 @pytest.mark.parametrize("make_ledger", ["memory", "redis"])
@@ -61,7 +61,7 @@ def test_transient_failures_are_retried_with_growing_waits(caplog):
             raise ApiError(status_code=503, body={"detail": "busy"})
         return "ok"
 
-    with caplog.at_level(logging.WARNING, logger="backend.jobs.backoff"):
+    with caplog.at_level(logging.WARNING, logger="backend.labelstudio.backoff"):
         assert with_backoff(flaky, "reading task 1", Backoff(attempts=4, first_wait=0.01)) == "ok"
     assert len(calls) == 3
     assert [r.getMessage() for r in caplog.records] == [

@@ -194,7 +194,7 @@ def test_annotation_webhook_records_feedback_against_our_prediction(tiny_setting
     class FakeLabelStudio(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             body = json_module.dumps([ours] if self.path.startswith("/api/predictions/?task=5") else []).encode()
-            self.send_response(200)
+            self.send_response(200 if self.headers.get("Authorization") == "Token feedback-token" else 401)
             self.send_header("content-type", "application/json")
             self.end_headers()
             self.wfile.write(body)
@@ -204,7 +204,7 @@ def test_annotation_webhook_records_feedback_against_our_prediction(tiny_setting
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    settings = tiny_settings.model_copy(update={"model_dir": tmp_path,
+    settings = tiny_settings.model_copy(update={"model_dir": tmp_path, "label_studio_api_key": "feedback-token",
                                                 "label_studio_url": f"http://127.0.0.1:{server.server_address[1]}"})
     payload = {"action": "ANNOTATION_CREATED", "project": {"id": 3},
                "annotation": {"id": 1, "task": 5, "result": [region(corrected)]}}

@@ -24,11 +24,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
 
 import numpy as np
 import redis
 from label_studio_sdk.converter.brush import decode_rle
+
+from backend.redact import without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ class RedisFeedbackStore:
     """A Redis list per project, ``freeseg:feedback:<project>``, one JSON record per item (RPUSH)."""
 
     def __init__(self, url: str, timeout_seconds: float = 2.0) -> None:
-        self._where = _without_credentials(url)
+        self._where = without_credentials(url)
         try:
             self._client = redis.Redis.from_url(
                 url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
@@ -292,12 +293,6 @@ class RedisFeedbackStore:
             return method(*args)
         except (redis.RedisError, OSError) as error:
             raise FeedbackStoreError(f"Redis feedback store at {self._where}: {error}") from error
-
-
-def _without_credentials(url: str) -> str:
-    """The URL as it may appear in errors and logs: no user, password or query."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 class FileFeedbackStore:

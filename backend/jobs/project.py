@@ -10,21 +10,24 @@ with a one-line reason, and the run goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from backend.images import ImageError, decode_image
-from backend.jobs.backoff import LABEL_STUDIO_ERRORS, Backoff, describe, with_backoff
-from backend.jobs.labelstudio_project import LabelStudioProject
+from backend.fetch import ImageFetchError
+from backend.images import ImageError
+from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe, with_backoff
+from backend.labelstudio.client import LabelStudioProject
 from backend.jobs.ledger import Ledger, MemoryLedger, Outcome, RedisLedger, RunProgress
 from backend.jobs.locks import NoLocks, RedisLocks, Refresh, WriteLocks
 from backend.jobs.progress import RunBar
 from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
 from backend.labelstudio.config import ProjectVocabulary, parse_label_config
-from backend.labelstudio.images import ImageFetchError, LabelStudioAccess, UrlPolicy, fetch_image_bytes, task_image_url
+from backend.labelstudio.access import LabelStudioAccess
+from backend.labelstudio.images import TaskImageLoader
 from backend.labelstudio.results import project_prediction
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
 from backend.settings import Settings
@@ -46,9 +49,8 @@ class TaskAnnotator:
         self.project, self.vocabulary, self.segmenter, self.version = project, vocabulary, segmenter, version
         self.ledger, self.locks = ledger, locks
         self.backoff = Backoff.from_settings(settings)
-        self.options = SegmentOptions.from_settings(settings).with_overrides(self.vocabulary.options)
-        self.limits, self.fetch_timeout = settings.image_limits, settings.fetch_timeout
-        self.policy = UrlPolicy(settings.allowed_url_hosts, settings.allow_private_urls)
+        self.options = dataclasses.replace(SegmentOptions.from_settings(settings), **self.vocabulary.options)
+        self.images = TaskImageLoader.from_settings(settings)
         self.batch = settings.max_batch
 
     def annotate(self, task_ids: Sequence[int], overwrite: bool,
@@ -79,12 +81,8 @@ class TaskAnnotator:
             if self.version in task["model_versions"] and not overwrite:
                 self._settle(task_id, Outcome.SKIPPED)
                 return None
-            url = task_image_url(task, self.vocabulary.image_key)
-            data = with_backoff(
-                lambda: fetch_image_bytes(url, task_id, self.project.access, self.limits, timeout=self.fetch_timeout,
-                                          policy=self.policy),
-                f"downloading the image of task {task_id}", self.backoff)
-            return decode_image(data, self.limits)
+            return with_backoff(lambda: self.images.load(task, self.vocabulary.image_key, self.project.access),
+                                f"downloading the image of task {task_id}", self.backoff).pixels
         except (*LABEL_STUDIO_ERRORS, ImageFetchError, ImageError) as error:
             self._settle(task_id, Outcome.FAILED, describe(error))
             return None

@@ -13,22 +13,20 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import ControlTag
 from label_studio_sdk.label_interface.object_tags import ObjectTag
 
+from backend.options import OptionError, OptionValue, option_changes
 from backend.pipeline.vocabulary import Label
 
 _RESULT_TYPES = ("brushlabels", "polygonlabels")  # in order of preference
 _PROMPT_NAME = "prompt"
 _SYNONYM_ATTRIBUTES = ("predicted_values", "alias", "hint")
 _OPTION_PREFIX = "model_"
-_K_RANGE = (2, 32)
-_REFINE_VALUES = ("crf", "pamr", "none")
-_BOOLEAN_VALUES = ("true", "false")
 # lxml refuses a str that declares its encoding; the declaration says nothing a str needs.
 _XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>")
 _DECLARATIONS = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
@@ -47,7 +45,7 @@ class ProjectVocabulary:
     image_key: str
     result_type: str
     labels: tuple[Label, ...]
-    options: dict[str, str] = field(default_factory=dict)
+    options: dict[str, OptionValue] = field(default_factory=dict)  # typed changes to SegmentOptions
     keypoint_from_name: str | None = None
     text_prompt_from_name: str | None = None
 
@@ -57,8 +55,8 @@ def parse_label_config(xml: str) -> ProjectVocabulary:
 
     ``options`` holds the control's ``model_k``, ``model_refine``,
     ``model_use_caption`` and ``model_caption_fallback`` attributes, validated and
-    keyed without the prefix (``{"k": "5", "refine": "crf"}``); values are stripped,
-    and the choices lower-cased. Other ``model_*`` attributes are left alone, as
+    keyed without the prefix and typed (``{"k": 5, "use_caption": False}``, see
+    ``backend.options``). Other ``model_*`` attributes are left alone, as
     configs shared with other backends carry theirs.
 
     ``keypoint_from_name`` is the first KeyPointLabels control on the same Image,
@@ -189,46 +187,10 @@ def _synonyms(label: ET.Element, value: str) -> tuple[str, ...]:
     return tuple(words.values())[1:]
 
 
-def _options(control: ControlTag) -> dict[str, str]:
-    attributes = {key.lower(): value for key, value in control.attr.items()}
-    return {
-        name: check(f"{_OPTION_PREFIX}{name}", attributes[f"{_OPTION_PREFIX}{name}"])
-        for name, check in _OPTION_CHECKS.items()
-        if f"{_OPTION_PREFIX}{name}" in attributes
-    }
-
-
-def validate_options(extra_params: Mapping[str, object]) -> dict[str, str]:
-    """The same options from /setup's ``extra_params`` (``{"k": 5, "refine": "pamr"}``), validated alike.
-
-    JSON booleans and numbers are accepted as well as strings; other keys are ignored.
-    """
-    as_text = {key.lower(): str(value).lower() if isinstance(value, bool) else str(value)
-               for key, value in extra_params.items()}
-    return {name: check(f"extra_params.{name}", as_text[name]) for name, check in _OPTION_CHECKS.items() if name in as_text}
-
-
-def _check_k(attribute: str, raw: str) -> str:
-    value = raw.strip()
-    low, high = _K_RANGE
-    if not re.fullmatch(r"[0-9]+", value) or not low <= int(value) <= high:
-        raise LabelConfigError(f'{attribute}="{raw}" must be a whole number from {low} to {high}')
-    return str(int(value))
-
-
-def _choice(*allowed: str) -> Callable[[str, str], str]:
-    def check(attribute: str, raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in allowed:
-            raise LabelConfigError(f'{attribute}="{raw}" must be one of {", ".join(allowed)}')
-        return value
-
-    return check
-
-
-_OPTION_CHECKS: dict[str, Callable[[str, str], str]] = {
-    "k": _check_k,
-    "refine": _choice(*_REFINE_VALUES),
-    "use_caption": _choice(*_BOOLEAN_VALUES),
-    "caption_fallback": _choice(*_BOOLEAN_VALUES),
-}
+def _options(control: ControlTag) -> dict[str, OptionValue]:
+    attributes = {key.lower().removeprefix(_OPTION_PREFIX): value for key, value in control.attr.items()
+                  if key.lower().startswith(_OPTION_PREFIX)}
+    try:
+        return option_changes(attributes, where=lambda name: f"{_OPTION_PREFIX}{name}")
+    except OptionError as error:
+        raise LabelConfigError(str(error)) from None

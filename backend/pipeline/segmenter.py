@@ -43,7 +43,8 @@ from backend.pipeline.features import FeatureExtractor, FeatureSettings
 from backend.pipeline.labelling import ClusterLabel, assign_labels, cluster_label_scores, cluster_masks, softmax
 from backend.pipeline.refine import PendingMasks, Refiner
 from backend.pipeline.vocabulary import Label, label_embeddings
-from backend.settings import RefineMethod, Settings
+from backend.options import RefineMethod
+from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 StageObserver = Callable[[str, float], None]
@@ -65,14 +66,6 @@ class SegmentOptions:
     def from_settings(cls, settings: Settings) -> SegmentOptions:
         return cls(k=settings.k, refine=settings.refine, use_caption=settings.use_caption,
                    caption_fallback=settings.caption_fallback, seed=settings.seed)
-
-    def with_overrides(self, overrides: Mapping[str, str]) -> SegmentOptions:
-        """These options changed by validated option strings (``{"k": "5", "use_caption": "false"}``),
-        as a label config's ``model_*`` attributes and /setup's ``extra_params`` give them."""
-        typed: dict[str, object] = {}
-        for key, value in overrides.items():
-            typed[key] = int(value) if key == "k" else value == "true" if key in ("use_caption", "caption_fallback") else value
-        return dataclasses.replace(self, **typed)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from backend.evaluation.feedback import FeedbackRecord, FeedbackStore, compare
-from backend.labelstudio.api import LabelStudioApiError, our_prediction
-from backend.labelstudio.images import LabelStudioAccess
+from backend.labelstudio.access import LabelStudioAccess
+from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
+from backend.labelstudio.client import LabelStudioClient
+from backend.labelstudio.projects import project_id
 from backend.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -23,27 +25,27 @@ ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 
 
 class FeedbackRecorder:
-    def __init__(self, store: FeedbackStore, metrics: Metrics):
-        self.store, self.metrics = store, metrics
+    def __init__(self, store: FeedbackStore, metrics: Metrics, backoff: Backoff):
+        self.store, self.metrics, self.backoff = store, metrics, backoff
 
     def record(self, payload: Mapping[str, Any], access: LabelStudioAccess) -> FeedbackRecord | None:
         """Compare the annotation in a webhook ``payload`` with our prediction; None when there is none."""
         annotation = payload.get("annotation") or {}
-        project = payload.get("project") or {}
-        project_id = str(project.get("id", "")) if isinstance(project, Mapping) else str(project)
+        project = project_id(payload.get("project"))
         task_id = annotation.get("task") or (payload.get("task") or {}).get("id")
-        if not task_id or not project_id:
+        if not task_id or not project:
             return None
         try:
-            prediction = our_prediction(access, int(task_id), annotation.get("parent_prediction"))
-        except LabelStudioApiError as error:
-            log.warning("feedback for task %s skipped: %s", task_id, error)
+            client = LabelStudioClient(access, self.backoff)
+            prediction = client.our_prediction(int(task_id), annotation.get("parent_prediction"))
+        except (ValueError, *LABEL_STUDIO_ERRORS) as error:
+            log.warning("feedback for task %s skipped: %s", task_id, describe(error))
             self.metrics.errors.labels(kind="feedback_api").inc()
             return None
         if prediction is None:
             return None
         labels = compare(prediction.get("result") or [], annotation.get("result") or [])
-        record = FeedbackRecord(project=project_id, task=int(task_id), timestamp=time.time(),
+        record = FeedbackRecord(project=project, task=int(task_id), timestamp=time.time(),
                                 model_version=str(prediction.get("model_version", "")), labels=tuple(labels))
         self.store.add(record)
         for feedback in labels:

@@ -22,15 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from backend.images import ImageError, decode_image
+from backend.fetch import ImageFetchError
+from backend.images import ImageError
+from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.config import ProjectVocabulary
-from backend.labelstudio.images import (
-    ImageFetchError,
-    LabelStudioAccess,
-    UrlPolicy,
-    fetch_image_bytes,
-    task_image_url,
-)
+from backend.labelstudio.images import TaskImageLoader
 from backend.labelstudio.results import prediction, project_prediction
 from backend.cache import FeatureCache, cache_key
 from backend.labelstudio.context import Interaction
@@ -59,11 +55,10 @@ class _Loaded:
 class Predictor:
     def __init__(self, settings: Settings, worker: InferenceWorker, metrics: Metrics, model_version: str,
                  cache: FeatureCache, cache_writer: CacheWriter):
-        self.settings, self.worker, self.metrics = settings, worker, metrics
+        self.worker, self.metrics = worker, metrics
         self.model_version = model_version
         self.cache, self.cache_writer = cache, cache_writer
-        self.limits = settings.image_limits
-        self.url_policy = UrlPolicy(settings.allowed_url_hosts, settings.allow_private_urls)
+        self.images = TaskImageLoader.from_settings(settings)
 
     async def predict(
         self, tasks: Sequence[Task], vocabulary: ProjectVocabulary, options: SegmentOptions,
@@ -83,10 +78,8 @@ class Predictor:
 
     def _load_image(self, task: Task, vocabulary: ProjectVocabulary, access: LabelStudioAccess) -> _Loaded | None:
         try:
-            url = task_image_url(task.model_dump(), vocabulary.image_key)
-            data = fetch_image_bytes(url, task.id, access, self.limits, timeout=self.settings.fetch_timeout,
-                                     policy=self.url_policy)
-            return _Loaded(decode_image(data, self.limits), cache_key(data, self.worker.fingerprint))
+            image = self.images.load(task.model_dump(), vocabulary.image_key, access)
+            return _Loaded(image.pixels, cache_key(image.data, self.worker.fingerprint))
         except (ImageFetchError, ImageError) as error:
             kind = f"image_{error.kind}" if isinstance(error, ImageFetchError) else "image_decode"
             log.warning("task %s: no prediction, its image failed: %s", task.id, error)

@@ -1,4 +1,7 @@
-"""One Label Studio project's tasks and predictions, through label-studio-sdk.
+"""The one client of Label Studio's API: label-studio-sdk's, with our retries.
+
+Everything the backend asks Label Studio (a project's tasks and label config, predictions,
+annotations) goes through ``LabelStudioClient``; image downloads are ``labelstudio.images``'s.
 
 The SDK's own retries are turned off (``max_retries=0``) so that every retry is ours:
 bounded, logged, and the same for API calls and image downloads. Each method is one
@@ -11,22 +14,45 @@ from __future__ import annotations
 
 from label_studio_sdk import LabelStudio
 
-from backend.jobs.backoff import Backoff, with_backoff
-from backend.labelstudio.images import LabelStudioAccess
+from backend.labelstudio.access import LabelStudioAccess
+from backend.labelstudio.backoff import Backoff, with_backoff
 
 API_TIMEOUT_SECONDS = 30.0
 PAGE_SIZE = 100
+MODEL_VERSION_PREFIX = "freesegdiff-"  # every model_version of ours starts so (backend.models.identity)
 
 
-class LabelStudioProject:
+class LabelStudioClient:
+    """The Label Studio of ``access``; each call is one attempt unless it says otherwise."""
+
+    def __init__(self, access: LabelStudioAccess, backoff: Backoff) -> None:
+        if not access.url or not access.api_key:
+            raise ValueError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url and --api-key)")
+        self.access, self.backoff = access, backoff
+        self.client = LabelStudio(base_url=access.url.rstrip("/"), api_key=access.api_key,
+                                  timeout=API_TIMEOUT_SECONDS, max_retries=0)
+
+    def annotation(self, annotation_id: int) -> dict:
+        """The annotation as Label Studio holds it (``id``, ``task``, ``result``, ...)."""
+        return self.client.annotations.get(id=annotation_id).model_dump()
+
+    def our_prediction(self, task_id: int, parent_prediction: int | None) -> dict | None:
+        """The prediction of this backend an annotation started from, else this backend's latest for the task."""
+        if parent_prediction:
+            prediction = self.client.predictions.get(id=parent_prediction).model_dump()
+            if str(prediction.get("model_version") or "").startswith(MODEL_VERSION_PREFIX):
+                return prediction
+        listed = [p.model_dump() for p in self.client.predictions.list(task=task_id)]
+        ours = [p for p in listed if str(p.get("model_version") or "").startswith(MODEL_VERSION_PREFIX)]
+        return max(ours, key=lambda p: p.get("id") or 0) if ours else None
+
+
+class LabelStudioProject(LabelStudioClient):
     """Project ``project`` on the Label Studio of ``access``."""
 
     def __init__(self, access: LabelStudioAccess, project: int, backoff: Backoff) -> None:
-        if not access.url or not access.api_key:
-            raise ValueError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --url and --api-key)")
-        self.access, self.project, self.backoff = access, project, backoff
-        self.client = LabelStudio(base_url=access.url.rstrip("/"), api_key=access.api_key,
-                                  timeout=API_TIMEOUT_SECONDS, max_retries=0)
+        super().__init__(access, backoff)
+        self.project = project
 
     def label_config(self) -> str:
         return self.client.projects.get(id=self.project).label_config or ""
