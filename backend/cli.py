@@ -18,6 +18,7 @@ from transformers.utils import logging as transformers_logging
 from backend.images import ImageError, read_image_file
 from backend.labelstudio.results import brush_results, prediction
 from backend.models import ModelUnavailableError
+from backend.options import OptionError, option_changes
 from backend.overlay import label_index_image, render_overlay
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
@@ -64,14 +65,16 @@ def _labels(args: argparse.Namespace) -> list[Label]:
 
 
 def _options(args: argparse.Namespace, settings: Settings) -> SegmentOptions:
-    options = SegmentOptions.from_settings(settings)
-    changes = {"k": args.k, "refine": args.refine}
-    changes = {key: value for key, value in changes.items() if value is not None}
-    if args.no_caption:
-        changes["use_caption"] = False
-    if args.strict:
-        changes["caption_fallback"] = False
-    return dataclasses.replace(options, **changes)
+    """The settings' options changed by the flags given, checked like a label config's (a bad --k exits 2)."""
+    flags = {"k": args.k, "refine": args.refine, "use_caption": False if args.no_caption else None,
+             "caption_fallback": False if args.strict else None}
+    try:
+        changes = option_changes({name: value for name, value in flags.items() if value is not None},
+                                 where=lambda name: f"--{name.replace('_', '-')}")
+    except OptionError as error:
+        print(f"freesegdiff: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return dataclasses.replace(SegmentOptions.from_settings(settings), **changes)
 
 
 def _output_stems(paths: Sequence[Path]) -> list[str]:
@@ -123,8 +126,10 @@ def _serve_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
+    # With WORKERS > 1 uvicorn kills a child that misses a 5 s ping; importing torch and loading the
+    # models can hold the interpreter that long on a busy machine, so the children get a minute.
     uvicorn.run("backend.server.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=settings.workers, log_level=settings.log_level.lower())
+                workers=settings.workers, log_level=settings.log_level.lower(), timeout_worker_healthcheck=60)
     return 0
 
 
@@ -215,7 +220,13 @@ def _annotate_folder_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_annotate_folder(args: argparse.Namespace) -> int:
-    from backend.jobs.folder import annotate_folder, annotate_folder_queued, local_files_reference, url_prefix_reference
+    from backend.jobs.folder import (
+        FolderRun,
+        annotate_folder,
+        annotate_folder_queued,
+        local_files_reference,
+        url_prefix_reference,
+    )
 
     settings = get_settings()
     labels = _labels(args)
@@ -223,15 +234,14 @@ def run_annotate_folder(args: argparse.Namespace) -> int:
         return 2
     reference = (url_prefix_reference(args.image_root_url, args.dir) if args.image_root_url
                  else local_files_reference(args.local_files_root or args.dir))
-    options = _options(args, settings)
+    run = FolderRun(Path(args.dir), Path(args.out), tuple(labels), _options(args, settings), args.from_name,
+                    args.to_name)
     try:
         if args.queue:
-            summary = annotate_folder_queued(args.dir, labels, args.out, options, reference, settings,
-                                             from_name=args.from_name, to_name=args.to_name)
+            summary = annotate_folder_queued(run, reference, settings)
         else:
-            summary = annotate_folder(args.dir, labels, args.out, Segmenter.from_settings(settings), options,
-                                      model_version(settings), reference, from_name=args.from_name,
-                                      to_name=args.to_name, limits=settings.image_limits)
+            summary = annotate_folder(run, Segmenter.from_settings(settings), model_version(settings), reference,
+                                      limits=settings.image_limits)
     except ValueError as error:  # an image outside --local-files-root, or --queue without REDIS_URL
         log.error("%s", error)
         return 2
@@ -258,11 +268,11 @@ def _annotate_project_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_annotate_project(args: argparse.Namespace) -> int:
-    from backend.jobs.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
-    from backend.jobs.labelstudio_project import LabelStudioProject
+    from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
+    from backend.labelstudio.client import LabelStudioProject
     from backend.jobs.progress import summary
     from backend.jobs.project import annotate_project, annotate_project_queued
-    from backend.labelstudio.images import LabelStudioAccess
+    from backend.labelstudio.access import LabelStudioAccess
 
     settings = get_settings()
     access = LabelStudioAccess(args.url or settings.label_studio_url, args.api_key or settings.label_studio_api_key)

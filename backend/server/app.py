@@ -8,12 +8,11 @@ and ``/setup`` never wait on the models: Label Studio gives them one and three s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
@@ -22,11 +21,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, parse_label_config, validate_options
 from backend.cache import create_cache
 from backend.evaluation.feedback import create_feedback_store
+from backend.labelstudio.access import LabelStudioAccess
+from backend.labelstudio.backoff import Backoff
+from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, parse_label_config
 from backend.labelstudio.context import ContextError, parse_context
-from backend.labelstudio.images import LabelStudioAccess
+from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
+from backend.options import OptionError, option_changes
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
 from backend.server.cache_writer import CacheWriter
 from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
@@ -36,19 +38,9 @@ from backend.server.predictions import Predictor
 from backend.server.protocol import PredictRequest, SetupRequest, WebhookRequest
 from backend.server.worker import InferenceWorker, ModelsNotReadyError, QueueFullError
 from backend.settings import Settings, get_settings
+from backend.store import StoreError, create_store
 
 log = logging.getLogger(__name__)
-MAX_PROJECTS = 1024
-
-
-@dataclass
-class ProjectSetup:
-    """What /setup told us about a project."""
-
-    schema: str | None = None
-    options: dict[str, str] = field(default_factory=dict)
-    access: LabelStudioAccess = LabelStudioAccess(None, None)
-
 
 @lru_cache(maxsize=256)
 def vocabulary_of(label_config: str) -> ProjectVocabulary:
@@ -61,7 +53,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     settings = settings or get_settings()
     metrics = Metrics()
     version = model_version(settings)
-    projects: OrderedDict[str, ProjectSetup] = OrderedDict()
+    projects = ProjectStore(create_store(settings.redis_url, settings.model_dir))
 
     def load() -> Segmenter:
         segmenter = (load_segmenter or (lambda: Segmenter.from_settings(settings)))()
@@ -72,7 +64,8 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
                              on_depth=metrics.queue_depth.set, max_batch=settings.max_batch,
                              max_wait_seconds=settings.max_wait_ms / 1000)
     cache = create_cache(settings, metrics.cache_metrics)
-    feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"), metrics)
+    feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"), metrics,
+                                Backoff.from_settings(settings))
     cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)
     predictor = Predictor(settings, worker, metrics, version, cache, cache_writer)
     default_options = SegmentOptions.from_settings(settings)
@@ -95,9 +88,17 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
 
     @app.exception_handler(LabelConfigError)
     @app.exception_handler(ContextError)
+    @app.exception_handler(OptionError)
     async def bad_request(request: Request, error: ValueError) -> JSONResponse:
-        metrics.errors.labels(kind="label_config" if isinstance(error, LabelConfigError) else "context").inc()
+        kind = {LabelConfigError: "label_config", ContextError: "context"}.get(type(error), "options")
+        metrics.errors.labels(kind=kind).inc()
         return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.exception_handler(StoreError)
+    async def store_unavailable(request: Request, error: StoreError) -> JSONResponse:
+        metrics.errors.labels(kind=error.kind).inc()
+        headers = {"Retry-After": str(settings.retry_after_seconds)}
+        return JSONResponse({"error": f"the project store is unavailable: {error}"}, status_code=503, headers=headers)
 
     @app.exception_handler(QueueFullError)
     @app.exception_handler(ModelsNotReadyError)
@@ -133,22 +134,23 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         count("setup")
         if request.schema_:
             vocabulary_of(request.schema_)  # refuse an unusable config now, not at every prediction
-        options = validate_options(request.extra_params or {})
-        access = LabelStudioAccess(request.hostname, request.access_token)
-        projects[request.project or ""] = ProjectSetup(request.schema_, options, access)
-        while len(projects) > MAX_PROJECTS:
-            projects.popitem(last=False)
+        options = option_changes(request.extra_params or {}, where=lambda name: f"extra_params.{name}")
+        setup = ProjectSetup(request.schema_, options, LabelStudioAccess(request.hostname, request.access_token))
+        if project_id(request.project) is None:
+            log.warning("/setup without a project id (%r): nothing kept", request.project)
+        else:
+            await asyncio.to_thread(projects.save, request.project, setup)  # every process reads it back
         return {"model_version": version}
 
     @app.post("/predict", dependencies=authenticated)
     async def predict(request: PredictRequest) -> dict:
         count("predict")
-        known = projects.get(request.project or "", ProjectSetup())
+        known = await asyncio.to_thread(projects.load, request.project)
         label_config = request.label_config or known.schema
         if not label_config:
             raise LabelConfigError("the request has no label_config and /setup was not called for this project")
         vocabulary = vocabulary_of(label_config)
-        options = default_options.with_overrides(vocabulary.options).with_overrides(known.options)
+        options = dataclasses.replace(default_options, **{**vocabulary.options, **known.options})
         access = _label_studio_access(settings, known.access)
         interaction = parse_context(request.params.context if request.params else None, vocabulary)
         try:
@@ -165,7 +167,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     async def webhook(request: WebhookRequest, background: BackgroundTasks) -> dict:
         count("webhook")
         if request.action in ANNOTATION_ACTIONS:  # compared after answering: Label Studio waits for us
-            access = _label_studio_access(settings, _setup_of_project(projects, request.project))
+            access = _label_studio_access(settings, (await asyncio.to_thread(projects.load, request.project)).access)
             background.add_task(_record_feedback, feedback, request.model_dump(), access, metrics)
         return {"status": "ok", "action": request.action}
 
@@ -180,15 +182,6 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
 
     app.state.worker, app.state.metrics, app.state.cache_writer = worker, metrics, cache_writer
     return app
-
-
-def _setup_of_project(projects: Mapping[str, ProjectSetup], project: object) -> LabelStudioAccess:
-    """The access /setup gave for a webhook's project (keys are "<id>.<created>")."""
-    project_id = project.get("id") if isinstance(project, Mapping) else project
-    for key, setup in reversed(projects.items()):
-        if key.split(".")[0] == str(project_id):
-            return setup.access
-    return LabelStudioAccess(None, None)
 
 
 def _record_feedback(recorder: FeedbackRecorder, payload: dict, access: LabelStudioAccess, metrics: Metrics) -> None:

@@ -1,0 +1,134 @@
+"""State every process of the backend must agree on: in Redis when REDIS_URL is set, else in files.
+
+Label Studio tells a backend some things once (``/setup`` gives a project's label config,
+options, host and token) and never again with ``/predict``. With ``WORKERS=2``, several
+replicas or a restart, a value held in one process's memory is a value the others never
+saw, so such state lives here: a small key-value store of whole byte strings, shared by
+every process that points at the same Redis or the same ``MODEL_DIR``. Values are bytes
+chosen by the caller (JSON, raw arrays), never pickle.
+
+Keys are ``namespace:name`` pairs of safe names (``projects:12``); a file store keeps one
+file per key, ``<folder>/<namespace>/<name>``, readable only by its owner, since values may
+hold Label Studio tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import redis
+
+from backend.redact import without_credentials
+
+REDIS_KEY_PREFIX = "freeseg:"
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_T = TypeVar("_T")
+
+
+class StoreError(RuntimeError):
+    """The shared store could not be read or written (Redis down, disk full, ...); ``kind`` is ``store``."""
+
+    kind = "store"
+
+
+class SharedStore(Protocol):
+    """Whole byte values by key, the same for every process that opens the same store."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+def checked_key(key: str) -> tuple[str, str]:
+    """``(namespace, name)`` of a ``namespace:name`` key of safe names, else ``ValueError``."""
+    namespace, colon, name = key.partition(":") if isinstance(key, str) else ("", "", "")
+    if not colon or not all(_NAME.fullmatch(part) and part not in (".", "..") for part in (namespace, name)):
+        raise ValueError(f"store key must be 'namespace:name' of [A-Za-z0-9._-]+, not {key!r}")
+    return namespace, name
+
+
+class RedisStore:
+    """One Redis string per key, ``freeseg:<namespace>:<name>``."""
+
+    def __init__(self, url: str, timeout_seconds: float = 2.0) -> None:
+        self._where = without_credentials(url)
+        try:
+            self._client = redis.Redis.from_url(url, socket_timeout=timeout_seconds,
+                                                socket_connect_timeout=timeout_seconds)
+        except ValueError as error:
+            raise StoreError(f"bad Redis URL {self._where} (REDIS_URL): {error}") from error
+
+    def get(self, key: str) -> bytes | None:
+        return self._call(self._client.get, self._redis_key(key))
+
+    def put(self, key: str, value: bytes) -> None:
+        self._call(self._client.set, self._redis_key(key), value)
+
+    def delete(self, key: str) -> None:
+        self._call(self._client.delete, self._redis_key(key))
+
+    @staticmethod
+    def _redis_key(key: str) -> str:
+        checked_key(key)
+        return REDIS_KEY_PREFIX + key
+
+    def _call(self, method: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return method(*args)
+        except (redis.RedisError, OSError) as error:
+            raise StoreError(f"Redis store at {self._where} (REDIS_URL): {error}") from error
+
+
+class FileStore:
+    """One file per key under ``folder``; writes replace the file whole (write, then rename)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        namespace, name = checked_key(key)
+        return self.folder / namespace / name
+
+    def get(self, key: str) -> bytes | None:
+        path = self.path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise StoreError(f"cannot read {path} (MODEL_DIR): {error}") from error
+
+    def put(self, key: str, value: bytes) -> None:
+        path = self.path(key)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # mkstemp creates the file readable only by its owner; the rename makes the write all or nothing.
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            try:
+                with os.fdopen(handle, "wb") as file:
+                    file.write(value)
+                os.replace(temporary, path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
+        except OSError as error:
+            raise StoreError(f"cannot write {path} (MODEL_DIR): {error}") from error
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot delete {path} (MODEL_DIR): {error}") from error
+
+
+def create_store(redis_url: str | None, folder: Path) -> SharedStore:
+    """Redis when a URL is given (shared by all workers and replicas), else files in ``folder``."""
+    return RedisStore(redis_url) if redis_url else FileStore(folder)
