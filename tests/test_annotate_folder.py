@@ -13,12 +13,13 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from backend.jobs.folder import (
+    FolderRun,
     FolderSummary,
     annotate_folder,
-    coco_rle,
     local_files_reference,
     url_prefix_reference,
 )
+from backend.labelstudio.coco import coco_rle
 from backend.pipeline.segmenter import SegmentOptions
 from backend.pipeline.vocabulary import Label
 
@@ -43,7 +44,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(folder: Path, out: Path, segmenter, reference) -> FolderSummary:
-    return annotate_folder(folder, LABELS, out, segmenter, OPTIONS, VERSION, reference, batch=2, progress=False)
+    return annotate_folder(FolderRun(folder, out, tuple(LABELS), OPTIONS), segmenter, VERSION, reference, batch=2,
+                           progress=False)
 
 
 @pytest.fixture(scope="module")

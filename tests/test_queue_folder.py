@@ -15,7 +15,7 @@ import sklearn
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from backend.jobs.folder import annotate_folder, url_prefix_reference
+from backend.jobs.folder import FolderRun, annotate_folder, url_prefix_reference
 from backend.jobs.ledger import RedisLedger
 from backend.pipeline.segmenter import SegmentOptions, model_version
 from backend.pipeline.vocabulary import labels_from_names
@@ -46,8 +46,9 @@ def run_of(connection: redis.Redis, out: Path) -> str:
 def test_two_workers_write_the_files_of_the_in_process_run(tmp_path, tiny_settings, tiny_segmenter, redis_server):
     folder = photos(tmp_path / "photos")
     options = SegmentOptions(k=3, refine="none", use_caption=False)
-    annotate_folder(folder, labels_from_names(LABELS.split(",")), tmp_path / "local", tiny_segmenter, options,
-                    model_version(tiny_settings), url_prefix_reference(PREFIX, folder), progress=False)
+    run = FolderRun(folder, tmp_path / "local", tuple(labels_from_names(LABELS.split(","))), options)
+    annotate_folder(run, tiny_segmenter, model_version(tiny_settings), url_prefix_reference(PREFIX, folder),
+                    progress=False)
 
     queue_name = f"test-folder-{uuid.uuid4().hex[:8]}"
     env = queue_env(tiny_settings.model_dir, redis_server.url, queue_name, FREESEG_QUEUE_CHUNK_SIZE="1")

@@ -27,9 +27,10 @@ from backend.images import ImageError, ImageLimits, read_image_file
 from backend.jobs.ledger import MemoryLedger, Outcome, RedisLedger, RunProgress
 from backend.jobs.progress import RunBar
 from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
+from backend.labelstudio.coco import coco_annotations
 from backend.labelstudio.results import brush_results, prediction
 from backend.overlay import label_index_image
-from backend.pipeline.segmenter import Segmentation, Segmenter, SegmentOptions
+from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.pipeline.vocabulary import Label
 from backend.settings import Settings
 
@@ -86,41 +87,28 @@ def find_images(folder: Path, exclude: Path | None = None) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def coco_rle(mask: np.ndarray) -> dict:
-    """COCO's uncompressed RLE of a boolean (H, W) mask: column-major runs, zeros first."""
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    if flat.size == 0:
-        return {"counts": [], "size": [int(mask.shape[0]), int(mask.shape[1])]}
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate(([0], changes, [flat.size])))
-    counts = ([0] if flat[0] else []) + [int(r) for r in runs]
-    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+@dataclass(frozen=True)
+class FolderRun:
+    """What a folder run segments and writes; the same in this process and on every worker."""
 
+    folder: Path
+    out: Path
+    labels: tuple[Label, ...]
+    options: SegmentOptions
+    from_name: str = "label"
+    to_name: str = "image"
 
-def mask_bbox(mask: np.ndarray) -> list[int]:
-    """[x, y, width, height] of the mask's set pixels."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    columns = np.flatnonzero(mask.any(axis=0))
-    return [int(columns[0]), int(rows[0]), int(columns[-1] - columns[0] + 1), int(rows[-1] - rows[0] + 1)]
+    def to_json(self) -> dict:
+        """Plain JSON, as RQ jobs carry their arguments."""
+        return {"folder": str(self.folder), "out": str(self.out),
+                "labels": [[label.name, list(label.synonyms)] for label in self.labels],
+                "options": dataclasses.asdict(self.options), "from_name": self.from_name, "to_name": self.to_name}
 
-
-def coco_annotations(segmentation: Segmentation) -> list[dict]:
-    """One COCO annotation per labelled region that still has pixels, without ``id`` and ``image_id`` yet."""
-    annotations = []
-    for region in segmentation.regions:
-        mask = segmentation.label_map == region.label + 1
-        area = int(mask.sum())
-        if area == 0:
-            continue
-        annotations.append({
-            "category_id": region.label + 1,
-            "segmentation": coco_rle(mask),
-            "area": area,
-            "bbox": mask_bbox(mask),
-            "iscrowd": 0,
-            "score": round(region.score, 4),
-        })
-    return annotations
+    @classmethod
+    def from_json(cls, value: dict) -> FolderRun:
+        return cls(Path(value["folder"]), Path(value["out"]),
+                   tuple(Label(name, tuple(synonyms)) for name, synonyms in value["labels"]),
+                   SegmentOptions(**value["options"]), value["from_name"], value["to_name"])
 
 
 @dataclass(frozen=True)
@@ -132,6 +120,15 @@ class ImageRecord:
     width: int
     height: int
     annotations: list[dict]
+
+
+@dataclass(frozen=True)
+class FolderImage:
+    """What became of one image of the folder: its record, or the one-line reason it failed."""
+
+    relative: str
+    record: ImageRecord | None
+    failure: str = ""
 
 
 def _write_json_atomically(path: Path, value: object) -> None:
@@ -146,36 +143,37 @@ def _write_json_atomically(path: Path, value: object) -> None:
 
 
 def segment_folder_images(
-    folder: Path, relatives: Sequence[str], labels: Sequence[Label], out: Path, segmenter: Segmenter,
-    options: SegmentOptions, model_version: str, from_name: str, to_name: str, batch: int, limits: ImageLimits,
-) -> Iterator[tuple[str, ImageRecord | str]]:
-    """Segment the images ``batch`` at a time (a batch refined while the next is encoded) and write each
-    label-index PNG under ``out/masks``; yields each image's path and its record, or the one-line reason it failed."""
-    unreadable: list[tuple[str, str]] = []  # filled as batches are read, emptied as results come out
-
-    def readable_batches() -> Iterator[tuple[list[str], list[np.ndarray]]]:
-        for first in range(0, len(relatives), batch):
-            readable = []
-            for relative in relatives[first:first + batch]:
-                try:
-                    readable.append((relative, read_image_file(Path(folder) / relative, limits)))
-                except ImageError as error:
-                    unreadable.append((relative, " ".join(str(error).split())))
-            if readable:
-                yield [relative for relative, _ in readable], [image for _, image in readable]
-
-    for names, segmentations in segmenter.segment_batches(readable_batches(), labels, options):
+    run: FolderRun, relatives: Sequence[str], segmenter: Segmenter, model_version: str, batch: int,
+    limits: ImageLimits,
+) -> Iterator[FolderImage]:
+    """Segment the images ``batch`` at a time (a batch refined while the next is encoded), writing each
+    label-index PNG under ``out/masks``; yields what became of each image."""
+    batches = _read_batches(run.folder, relatives, batch, limits)
+    for (unreadable, names), segmentations in segmenter.segment_batches(batches, run.labels, run.options):
         yield from unreadable
-        unreadable.clear()
         for relative, segmentation in zip(names, segmentations):
-            results = brush_results(segmentation, from_name, to_name)
+            results = brush_results(segmentation, run.from_name, run.to_name)
             height, width = segmentation.label_map.shape
-            mask_path = (Path(out) / "masks" / relative).with_suffix(".png")
+            mask_path = (run.out / "masks" / relative).with_suffix(".png")
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             label_index_image(segmentation.label_map).save(mask_path)
-            yield relative, ImageRecord(relative, prediction(results, segmentation.score, model_version),
-                                        int(width), int(height), coco_annotations(segmentation))
-    yield from unreadable
+            yield FolderImage(relative, ImageRecord(relative, prediction(results, segmentation.score, model_version),
+                                                    int(width), int(height), coco_annotations(segmentation)))
+
+
+def _read_batches(
+    folder: Path, relatives: Sequence[str], batch: int, limits: ImageLimits,
+) -> Iterator[tuple[tuple[list[FolderImage], list[str]], list[np.ndarray]]]:
+    """Batches of decoded images, each tagged with its unreadable images (as failures) and its readable names."""
+    for first in range(0, len(relatives), batch):
+        unreadable, names, images = [], [], []
+        for relative in relatives[first:first + batch]:
+            try:
+                images.append(read_image_file(folder / relative, limits))
+                names.append(relative)
+            except ImageError as error:
+                unreadable.append(FolderImage(relative, None, " ".join(str(error).split())))
+        yield (unreadable, names), images
 
 
 def write_dataset(out: Path, labels: Sequence[Label], records: Sequence[ImageRecord],
@@ -196,49 +194,41 @@ def write_dataset(out: Path, labels: Sequence[Label], records: Sequence[ImageRec
     _write_json_atomically(Path(out) / "coco.json", coco)
 
 
-def _prepare(folder: Path, labels: Sequence[Label], out: Path,
-             image_reference: Callable[[Path], str]) -> tuple[list[str], dict[str, str]]:
+def _prepare(run: FolderRun, image_reference: Callable[[Path], str]) -> tuple[list[str], dict[str, str]]:
     """The images' relative paths and references; a path the reference refuses stops the run before any model runs."""
-    if not labels:
+    if not run.labels:
         raise ValueError("annotate_folder() needs at least one label")
-    paths = find_images(folder, exclude=out)
-    relatives = [path.relative_to(folder).as_posix() for path in paths]
+    paths = find_images(run.folder, exclude=run.out)
+    relatives = [path.relative_to(run.folder).as_posix() for path in paths]
     references = {relative: image_reference(path) for relative, path in zip(relatives, paths)}
-    Path(out).mkdir(parents=True, exist_ok=True)
+    run.out.mkdir(parents=True, exist_ok=True)
     return relatives, references
 
 
 def annotate_folder(
-    folder: Path,
-    labels: Sequence[Label],
-    out: Path,
+    run: FolderRun,
     segmenter: Segmenter,
-    options: SegmentOptions,
     model_version: str,
     image_reference: Callable[[Path], str],
-    from_name: str = "label",
-    to_name: str = "image",
     batch: int = 4,
     limits: ImageLimits = ImageLimits(),  # noqa: B008 (frozen, so a shared default is safe)
     progress: bool = True,
 ) -> FolderSummary:
-    """Segment every image below ``folder`` in this process; write tasks.json, coco.json and masks/ under ``out``."""
+    """Segment every image below the run's folder in this process; write tasks.json, coco.json and masks/."""
     if batch < 1:
         raise ValueError("batch must be at least 1")
-    folder, out = Path(folder), Path(out)
-    relatives, references = _prepare(folder, labels, out, image_reference)
+    relatives, references = _prepare(run, image_reference)
     ledger = MemoryLedger(len(relatives))
     records = []
     with RunBar(len(relatives), "annotate", progress, unit="image") as bar:
-        for relative, result in segment_folder_images(folder, relatives, labels, out, segmenter, options,
-                                                      model_version, from_name, to_name, batch, limits):
-            if isinstance(result, ImageRecord):
-                records.append(result)
-                ledger.record(relative, Outcome.DONE)
+        for image in segment_folder_images(run, relatives, segmenter, model_version, batch, limits):
+            if image.record is not None:
+                records.append(image.record)
+                ledger.record(image.relative, Outcome.DONE)
             else:
-                ledger.record(relative, Outcome.FAILED, result)
+                ledger.record(image.relative, Outcome.FAILED, image.failure)
             bar.show(ledger.progress())
-    write_dataset(out, labels, records, references)
+    write_dataset(run.out, run.labels, records, references)
     return _summary(ledger.progress())
 
 
@@ -246,65 +236,51 @@ def _summary(progress: RunProgress) -> FolderSummary:
     return FolderSummary(done=progress.done, failed=progress.failures, seconds=progress.seconds)
 
 
-def annotate_folder_queued(
-    folder: Path,
-    labels: Sequence[Label],
-    out: Path,
-    options: SegmentOptions,
-    image_reference: Callable[[Path], str],
-    settings: Settings,
-    from_name: str = "label",
-    to_name: str = "image",
-    progress: bool = True,
-) -> FolderSummary:
+def annotate_folder_queued(run: FolderRun, image_reference: Callable[[Path], str], settings: Settings,
+                           progress: bool = True) -> FolderSummary:
     """The same files as ``annotate_folder``, the images segmented by RQ workers (``freesegdiff worker``).
 
-    Workers read ``folder`` and write under ``out`` at the same paths, so on several machines
+    Workers read the folder and write under ``out`` at the same paths, so on several machines
     both must be on a shared file system. Each worker writes its images' masks and one record
     per image in ``out/.parts-<run>/``; this process waits for the run, writes tasks.json and
     coco.json in the images' order, and removes the records. ``seconds`` is the workers' time,
     from the first chunk's start to the last image.
     """
-    folder, out = Path(folder).resolve(), Path(out).resolve()
-    relatives, references = _prepare(folder, labels, out, image_reference)
+    run = dataclasses.replace(run, folder=run.folder.resolve(), out=run.out.resolve())
+    relatives, references = _prepare(run, image_reference)
     connection = redis_connection(settings)
     queue = job_queue(connection, settings)
-    ledger = RedisLedger.create(connection, "folder", str(out), len(relatives))
-    enqueue_chunks(queue, ledger, "backend.jobs.folder.annotate_folder_chunk", relatives, {
-        "folder": str(folder), "out": str(out), "labels": [[label.name, list(label.synonyms)] for label in labels],
-        "options": dataclasses.asdict(options), "from_name": from_name, "to_name": to_name,
-    }, settings)
+    ledger = RedisLedger.create(connection, "folder", str(run.out), len(relatives))
+    enqueue_chunks(queue, ledger, "backend.jobs.folder.annotate_folder_chunk", relatives, {"run": run.to_json()},
+                   settings)
     log.info("run %s: %d images in %d chunks on queue %s", ledger.run_id, len(relatives),
              len(ledger.job_ids()), settings.queue_name)
     outcome = wait_for_run(queue, ledger, progress, unit="image")
-    parts = _parts_folder(out, ledger.run_id)
+    parts = _parts_folder(run.out, ledger.run_id)
     records = [ImageRecord(**json.loads(path.read_text(encoding="utf-8")))
                for path in (_part_path(parts, relative) for relative in relatives) if path.is_file()]
-    write_dataset(out, labels, records, references)
+    write_dataset(run.out, run.labels, records, references)
     shutil.rmtree(parts, ignore_errors=True)
     return _summary(outcome)
 
 
-def annotate_folder_chunk(run_id: str, images: list[str], *, folder: str, out: str, labels: list[list],
-                          options: dict, from_name: str, to_name: str) -> int:
+def annotate_folder_chunk(run_id: str, images: list[str], *, run: dict) -> int:
     """RQ job (by dotted path, JSON arguments): segment a chunk of a queued folder run. Returns its size."""
     context = chunk_context(run_id)
     settings = context.settings
-    parts = _parts_folder(Path(out), run_id)
+    folder_run = FolderRun.from_json(run)
+    parts = _parts_folder(folder_run.out, run_id)
     pending = [relative for relative in images if not context.ledger.settled(relative)]
-    for relative, result in segment_folder_images(
-        Path(folder), pending, [Label(name, tuple(synonyms)) for name, synonyms in labels], Path(out),
-        Segmenter.from_settings(settings), SegmentOptions(**options), context.version, from_name, to_name,
-        settings.max_batch, settings.image_limits,
-    ):
-        if isinstance(result, ImageRecord):
-            path = _part_path(parts, relative)
+    for image in segment_folder_images(folder_run, pending, Segmenter.from_settings(settings), context.version,
+                                       settings.max_batch, settings.image_limits):
+        if image.record is not None:
+            path = _part_path(parts, image.relative)
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_json_atomically(path, dataclasses.asdict(result))
-            context.ledger.record(relative, Outcome.DONE)
+            _write_json_atomically(path, dataclasses.asdict(image.record))
+            context.ledger.record(image.relative, Outcome.DONE)
         else:
-            log.warning("%s failed: %s", relative, result)
-            context.ledger.record(relative, Outcome.FAILED, result)
+            log.warning("%s failed: %s", image.relative, image.failure)
+            context.ledger.record(image.relative, Outcome.FAILED, image.failure)
     return len(images)
 
 
