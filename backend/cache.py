@@ -84,11 +84,9 @@ class CacheMetrics(Protocol):
 
     def error(self) -> None: ...  # a get or put that Redis could not serve (failed, or skipped while backing off)
 
-    def stored(self, total_bytes: int) -> None:
-        """MemoryCache: the bytes it holds now (a gauge, to set).
+    def held(self, total_bytes: int) -> None: ...  # MemoryCache: the bytes it holds now
 
-        RedisCache: the bytes of the value just written (a counter, to add to).
-        """
+    def written(self, value_bytes: int) -> None: ...  # RedisCache: the bytes of the value it just wrote
 
 
 class FeatureCache(Protocol):
@@ -107,7 +105,10 @@ class _NoMetrics:
     def error(self) -> None:
         pass
 
-    def stored(self, total_bytes: int) -> None:
+    def held(self, total_bytes: int) -> None:
+        pass
+
+    def written(self, value_bytes: int) -> None:
         pass
 
 
@@ -177,7 +178,7 @@ class MemoryCache:
             with self._lock:
                 if self._entries.get(key) is data:  # not replaced meanwhile
                     self._remove(key)
-                    self._metrics.stored(self._total_bytes)
+                    self._metrics.held(self._total_bytes)
             self._metrics.miss()
             return None
         self._metrics.hit()
@@ -192,7 +193,7 @@ class MemoryCache:
                 self._total_bytes += len(data)
                 while self._total_bytes > self._max_bytes:
                     self._remove(next(iter(self._entries)))
-            self._metrics.stored(self._total_bytes)
+            self._metrics.held(self._total_bytes)
 
     def _remove(self, key: str) -> None:
         data = self._entries.pop(key, None)
@@ -258,7 +259,7 @@ class RedisCache:
             return
         data = serialize(encoding)
         if self._call(self._client.set, key, data, ex=self._ttl_seconds) is not _FAILED:
-            self._metrics.stored(len(data))
+            self._metrics.written(len(data))
 
     def _call(self, command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """The command's result, or ``_FAILED`` (counted, the outage logged) if Redis did not answer."""
@@ -299,14 +300,13 @@ class RedisCache:
             log.info("feature cache is back (%s)", self._where)
 
 
-def create_cache(settings: Settings, metrics_for: Callable[[bool], CacheMetrics]) -> FeatureCache:
+def create_cache(settings: Settings, metrics: CacheMetrics) -> FeatureCache:
     """Redis when ``REDIS_URL`` is set, else the in-process cache bounded in bytes.
 
-    ``metrics_for(cumulative_bytes)`` gives the metrics sink; Redis reports bytes written,
-    the in-process cache the bytes it holds.
+    Both report to ``metrics``: Redis the bytes it writes, the in-process cache the bytes it holds.
     """
     if settings.redis_url:
-        return RedisCache(settings.redis_url, settings.cache_ttl_seconds, metrics_for(True),
+        return RedisCache(settings.redis_url, settings.cache_ttl_seconds, metrics,
                           timeout_seconds=settings.cache_timeout_seconds,
                           retry_after_seconds=settings.cache_retry_after_seconds)
-    return MemoryCache(settings.cache_max_bytes, metrics_for(False))
+    return MemoryCache(settings.cache_max_bytes, metrics)

@@ -24,7 +24,8 @@ PASSWORD = "s3cr3t-Pa55word"
 class RecordingMetrics:
     def __init__(self) -> None:
         self.hits = self.misses = self.errors = 0
-        self.stored_values: list[int] = []
+        self.held_values: list[int] = []
+        self.written_values: list[int] = []
         self._lock = threading.Lock()
 
     def hit(self) -> None:
@@ -39,9 +40,13 @@ class RecordingMetrics:
         with self._lock:
             self.errors += 1
 
-    def stored(self, total_bytes: int) -> None:
+    def held(self, total_bytes: int) -> None:
         with self._lock:
-            self.stored_values.append(total_bytes)
+            self.held_values.append(total_bytes)
+
+    def written(self, value_bytes: int) -> None:
+        with self._lock:
+            self.written_values.append(value_bytes)
 
 
 def make_encoding(seed: int = 0, fingerprint: str = FINGERPRINT, channels: int = 64) -> Encoding:
@@ -134,7 +139,7 @@ def test_memory_miss_then_hit():
     assert_same(first, encoding)
     assert first is not second  # fresh objects each time
     assert (metrics.hits, metrics.misses, metrics.errors) == (2, 1, 0)
-    [total] = metrics.stored_values
+    [total] = metrics.held_values
     assert total == pytest.approx(len(serialize(encoding)), abs=64)  # safetensors orders metadata at random
 
 
@@ -152,7 +157,7 @@ def test_memory_entry_of_other_fingerprint_than_its_key_is_dropped(caplog):
         cache.put(key_for(name), make_encoding(fingerprint="fedcba9876543210"))
         assert cache.get(key_for(name)) is None
     assert (metrics.hits, metrics.misses) == (0, 2)
-    assert metrics.stored_values[-1] == 0  # both dropped
+    assert metrics.held_values[-1] == 0  # both dropped
     assert len([r for r in caplog.records if "fingerprint" in r.getMessage()]) == 1  # once, not per entry
     good = make_encoding(seed=1)
     cache.put(key_for("a"), good)
@@ -170,8 +175,8 @@ def test_memory_is_bounded_in_bytes_and_evicts_least_recently_used():
         cache.put(key_for(name), encodings[name])
     assert cache.get(key_for("a")) is not None  # a is now more recent than b
     cache.put(key_for("d"), encodings["d"])
-    assert all(total <= max_bytes for total in metrics.stored_values)
-    assert metrics.stored_values[-1] == pytest.approx(sizes["a"] + sizes["c"] + sizes["d"], abs=200)
+    assert all(total <= max_bytes for total in metrics.held_values)
+    assert metrics.held_values[-1] == pytest.approx(sizes["a"] + sizes["c"] + sizes["d"], abs=200)
     assert cache.get(key_for("b")) is None
     for name in "acd":
         assert_same(cache.get(key_for(name)), encodings[name])
@@ -182,7 +187,7 @@ def test_memory_does_not_store_an_entry_larger_than_its_bound():
     cache = MemoryCache(max_bytes=1000, metrics=metrics)
     cache.put(key_for("a"), make_encoding())
     assert cache.get(key_for("a")) is None
-    assert metrics.stored_values == [0]
+    assert metrics.held_values == [0]
 
 
 def test_memory_is_thread_safe():
@@ -213,7 +218,7 @@ def test_memory_is_thread_safe():
         thread.join()
     assert failures == []
     assert metrics.hits > 0 and metrics.misses > 0 and metrics.errors == 0
-    assert all(0 <= total <= max_bytes for total in metrics.stored_values)
+    assert all(0 <= total <= max_bytes for total in metrics.held_values)
 
 
 # --- real redis-server processes (tests/redis_server.py, fixtures in conftest.py) -------------
@@ -235,7 +240,7 @@ def test_redis_miss_then_hit(redis_server, raw):
     cache.put(key_for("a"), encoding)
     assert_same(cache.get(key_for("a")), encoding)
     assert (metrics.hits, metrics.misses, metrics.errors) == (1, 1, 0)
-    assert metrics.stored_values == [raw.strlen(key_for("a"))]
+    assert metrics.written_values == [raw.strlen(key_for("a"))] and metrics.held_values == []
     assert RedisCache(redis_server.url, ttl_seconds=60).get(key_for("a")) is not None  # shared by clients
 
 

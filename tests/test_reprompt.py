@@ -73,7 +73,7 @@ def test_another_label_set_or_k_reuses_the_cached_encoding(cached_client, image_
     metrics = client.get("/metrics").text
     assert metric(metrics, "freeseg_feature_cache_hits_total") == 1
     assert metric(metrics, "freeseg_feature_cache_misses_total") == 1
-    assert metric(metrics, "freeseg_feature_cache_bytes") > 100_000
+    assert metric(metrics, "freeseg_feature_cache_written_bytes_total") > 100_000
 
 
 def test_clicks_return_the_region_under_each_point_with_its_label(cached_client, image_server, tiny_segmenter, china):

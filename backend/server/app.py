@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     worker = InferenceWorker(load, settings.queue_size, on_state=metrics.set_model_state,
                              on_depth=metrics.queue_depth.set, max_batch=settings.max_batch,
                              max_wait_seconds=settings.max_wait_ms / 1000)
-    cache = create_cache(settings, metrics.cache_metrics)
+    cache = create_cache(settings, metrics.cache_metrics())
     feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"), metrics,
                                 Backoff.from_settings(settings))
     cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-STAGES = ("caption", "features", "candidates", "clustering", "labelling", "refine", "results")
 MODEL_STATES = ("loading", "ready", "failed")
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -28,9 +27,11 @@ class Metrics:
                                     registry=self.registry)
         self.cache_skipped_writes = Counter("freeseg_feature_cache_skipped_writes",
                                             "Encodings not cached because the writer was busy", registry=self.registry)
-        self.cache_bytes = Gauge("freeseg_feature_cache_bytes",
-                                 "In-process cache: bytes held now; Redis: bytes this process has written",
-                                 registry=self.registry)
+        self.cache_held_bytes = Gauge("freeseg_feature_cache_held_bytes",
+                                      "Bytes the in-process feature cache holds now", registry=self.registry)
+        self.cache_written_bytes = Counter("freeseg_feature_cache_written_bytes",
+                                           "Bytes this process has written to the Redis feature cache",
+                                           registry=self.registry)
 
         self.feedback_iou = Histogram("freeseg_feedback_iou", "IoU of predicted and corrected masks, per label",
                                       ["label"], buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0),
@@ -38,8 +39,8 @@ class Metrics:
         self.feedback_regions = Counter("freeseg_feedback_regions", "Predicted regions kept, edited or deleted, "
                                         "and regions added, per label", ["label", "outcome"], registry=self.registry)
 
-    def cache_metrics(self, cumulative_bytes: bool) -> CacheMetricsAdapter:
-        return CacheMetricsAdapter(self, cumulative_bytes)
+    def cache_metrics(self) -> CacheMetricsAdapter:
+        return CacheMetricsAdapter(self)
 
     def set_model_state(self, state: str) -> None:
         for known in MODEL_STATES:
@@ -52,8 +53,8 @@ class Metrics:
 class CacheMetricsAdapter:
     """The cache's reports (``backend.cache.CacheMetrics``) as Prometheus metrics."""
 
-    def __init__(self, metrics: Metrics, cumulative_bytes: bool):
-        self.metrics, self.cumulative_bytes = metrics, cumulative_bytes
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
 
     def hit(self) -> None:
         self.metrics.cache_hits.inc()
@@ -64,8 +65,8 @@ class CacheMetricsAdapter:
     def error(self) -> None:
         self.metrics.cache_errors.inc()
 
-    def stored(self, total_bytes: int) -> None:
-        if self.cumulative_bytes:
-            self.metrics.cache_bytes.inc(total_bytes)
-        else:
-            self.metrics.cache_bytes.set(total_bytes)
+    def held(self, total_bytes: int) -> None:
+        self.metrics.cache_held_bytes.set(total_bytes)
+
+    def written(self, value_bytes: int) -> None:
+        self.metrics.cache_written_bytes.inc(value_bytes)
