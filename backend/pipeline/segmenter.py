@@ -299,7 +299,7 @@ class Segmenter:
         self, encoding: Encoding, labels: Sequence[Label], vectors: np.ndarray, options: SegmentOptions
     ) -> tuple[list[int], bool]:
         if options.prompt.strip():
-            words = prompt_words(self.nlp, options.prompt)
+            words = prompt_words(options.prompt, labels)
             return match_candidates(words, labels, vectors, self.clip, drop_far=False), False
         if not options.use_caption:
             return list(range(len(labels))), False
