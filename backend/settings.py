@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"
+    clip_checkpoint: Path | None = None  # a weights file for clip_model; activation and normalisation from the tag
     captioner: CaptionerKind = "blip2"
     captioner_model: str | None = None
     captioner_device: DeviceChoice = "auto"  # "cpu" keeps the largest model off a small GPU

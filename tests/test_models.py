@@ -13,7 +13,7 @@ from backend.models.tiny import build_tiny_models, tiny_model_folder
 from backend.pipeline.segmenter import model_version
 from backend.settings import Settings
 
-CPU = {"allow_downloads": False, "device": torch.device("cpu"), "dtype": torch.float32}
+CPU = {"device": torch.device("cpu"), "dtype": torch.float32}
 
 
 @pytest.mark.parametrize(

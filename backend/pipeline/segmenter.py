@@ -344,6 +344,8 @@ def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
     if settings.models == "pretrained":
         described.update(sd=settings.sd_model, clip=[settings.clip_model, settings.clip_pretrained],
                          captioner_model=settings.captioner_source)
+        if settings.clip_checkpoint:
+            described["clip_checkpoint"] = str(settings.clip_checkpoint)
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
