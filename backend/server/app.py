@@ -34,7 +34,8 @@ from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
 from backend.server.predictions import Predictor
 from backend.server.protocol import PredictRequest, SetupRequest, WebhookRequest
-from backend.server.worker import InferenceWorker, ModelsNotReadyError, QueueFullError
+from backend.models import downloads_wanted, ensure_downloaded
+from backend.server.worker import InferenceWorker, ModelsNotReadyError, ModelState, QueueFullError
 from backend.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,11 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         segmenter.observer = metrics.observe_stage
         return segmenter
 
+    download = (lambda: ensure_downloaded(settings)) if load_segmenter is None and downloads_wanted(settings) else None
     worker = InferenceWorker(load, settings.queue_size, on_state=metrics.set_model_state,
                              on_depth=metrics.queue_depth.set, max_batch=settings.max_batch,
-                             max_wait_seconds=settings.max_wait_ms / 1000)
+                             max_wait_seconds=settings.max_wait_ms / 1000, download=download,
+                             load_wait_seconds=settings.load_wait_seconds)
     cache = create_cache(settings, metrics.cache_metrics)
     feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"), metrics)
     cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)
@@ -110,9 +113,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     async def health() -> JSONResponse:
         """The only endpoint open without basic auth: Label Studio's and the container's health checks."""
         count("health")
-        body = {"status": "UP", "model_class": "FreeSegDiff", "model_state": worker.state,
+        body = {"status": "UP", "model_class": "FreeSegDiff", "model_state": worker.state.value,
                 "model_version": version, "queue_depth": worker.depth}
-        if worker.state == "failed":
+        if worker.state == ModelState.FAILED:
             return JSONResponse({**body, "status": "ERROR", "error": worker.error}, status_code=503)
         return JSONResponse(body)
 
@@ -151,6 +154,8 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         options = default_options.with_overrides(vocabulary.options).with_overrides(known.options)
         access = _label_studio_access(settings, known.access)
         interaction = parse_context(request.params.context if request.params else None, vocabulary)
+        if worker.state != ModelState.READY:  # just started: wait for the models rather than answer 503
+            await asyncio.to_thread(worker.wait_until_loaded)
         try:
             results = await predictor.predict(request.tasks, vocabulary, options, access, interaction)
         except (QueueFullError, ModelsNotReadyError):
