@@ -135,7 +135,6 @@ def _download_parser(commands: argparse._SubParsersAction) -> None:
 def run_download(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.utils import enable_progress_bars
 
     from backend.models import download_models
 
@@ -146,7 +145,6 @@ def run_download(args: argparse.Namespace) -> int:
     if constants.is_offline_mode():
         log.error("HF_HUB_OFFLINE is set: unset it to download")
         return 2
-    enable_progress_bars()  # configure_logging turned the libraries' bars off; here they are the point
     try:
         download_models(settings)
     except (ValueError, HfHubHTTPError) as error:  # no such repo, no access, no loadable weights in it

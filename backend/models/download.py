@@ -14,6 +14,7 @@ from pathlib import Path
 
 import open_clip
 from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.utils import enable_progress_bars
 
 from backend.models.selection import CAPTIONER, OPEN_CLIP, STABLE_DIFFUSION, Component, select_files
 from backend.settings import Settings
@@ -80,6 +81,7 @@ def plan(requests: list[RepoRequest], api: HfApi) -> list[PlannedFile]:
 
 def fetch(planned: list[PlannedFile], echo: Echo = print) -> int:
     """Download the files not yet cached, printing each with its size; the bytes fetched."""
+    enable_progress_bars()  # the CLI turns the libraries' bars off; a download is where they belong
     fetched = 0
     for file in planned:
         state = "cached" if file.cached else "fetch"
