@@ -118,3 +118,7 @@ def test_typed_prompts_give_the_labels_they_name():
     assert candidates("a red car") == {"car"}
     assert candidates("dog cat") == {"dog", "cat"}
     assert candidates("a sailboat") == {"boat"}
+
+
+def test_prompt_punctuation_is_not_part_of_a_word():
+    assert prompt_words("A red car! And a dog.", [Label("car"), Label("dog")]) == ["car", "dog"]

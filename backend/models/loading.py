@@ -123,20 +123,24 @@ def load_stable_diffusion(source: str, *, device: torch.device, dtype: torch.dty
     return parts
 
 
-def _open_clip_weights(model_name: str, tag: str) -> tuple[str, dict]:
-    """The cached weight file of an open_clip pretrained tag (such as ``openai``), and its config."""
+def _open_clip_tag(model_name: str, tag: str) -> dict:
+    """open_clip's config of a pretrained tag: where its weights are, its activation and normalisation."""
     config = open_clip.get_pretrained_cfg(model_name, tag)
     if not config or not config.get("hf_hub"):
         raise ModelUnavailableError(
             f"open_clip has no pretrained tag '{tag}' for '{model_name}' (FREESEG_CLIP_PRETRAINED); "
             f"use a tag from open_clip.list_pretrained(), and FREESEG_CLIP_CHECKPOINT for a checkpoint file."
         )
-    repo = config["hf_hub"].strip("/")
-    setting = "FREESEG_CLIP_PRETRAINED"
+    return config
+
+
+def _open_clip_weights(config: dict) -> str:
+    """The cached weight file of an open_clip pretrained tag (such as ``openai``)."""
+    repo, setting = config["hf_hub"].strip("/"), "FREESEG_CLIP_PRETRAINED"
     folder = resolve_folder(repo, what="CLIP weights", setting=setting)
     (component,) = OPEN_CLIP
     weights = local_weights(folder, component, torch.float32, what="CLIP weights", source=repo, setting=setting)
-    return str(folder / weights.files[0]), config
+    return str(folder / weights.files[0])
 
 
 def load_clip(
@@ -157,10 +161,8 @@ def load_clip(
         std = preprocess.get("std", open_clip.OPENAI_DATASET_STD)
         tokenizer = open_clip.get_tokenizer(name)
     else:
-        if checkpoint is not None:
-            weights, config = str(Path(checkpoint).expanduser()), open_clip.get_pretrained_cfg(model_name, pretrained)
-        else:
-            weights, config = _open_clip_weights(model_name, pretrained)
+        config = _open_clip_tag(model_name, pretrained)
+        weights = str(Path(checkpoint).expanduser()) if checkpoint is not None else _open_clip_weights(config)
         model = open_clip.create_model(
             model_name, pretrained=weights, device=device, force_quick_gelu=config.get("quick_gelu", False)
         )

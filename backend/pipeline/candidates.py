@@ -6,12 +6,12 @@ candidate outright. Every other noun is matched to its nearest label by cosine d
 between CLIP text embeddings and kept only when that distance is at most the mean
 nearest distance over all of the caption's nouns, exact matches counting at distance 0
 ("above average distance is ignored", as in the paper and the authors' code).
+The released code used Stable Diffusion's text encoder mean-pooled over padding, which
+made most class embeddings identical; CLIP's text tower with a prompt template does not.
 
 Typed prompts are not captions: a person means every word, whatever spaCy would tag it.
 A prompt is split into phrases; a phrase that names labels (or synonyms) word for word
 gives those labels, and any other phrase is matched whole to its nearest label.
-The released code used Stable Diffusion's text encoder mean-pooled over padding, which
-made most class embeddings identical; CLIP's text tower with a prompt template does not.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from backend.pipeline.clip_embeddings import TextImageEmbedder, prompts_for
 from backend.pipeline.vocabulary import Label
 
 _PHRASE_SEPARATORS = re.compile(r"[,;\n]|\band\b")
+_WORD = re.compile(r"[\w'-]+")  # a phrase's words, without its punctuation
 
 
 def caption_nouns(nlp: Language, caption: str) -> list[str]:
@@ -41,8 +42,8 @@ def caption_nouns(nlp: Language, caption: str) -> list[str]:
 
 def prompt_phrases(prompt: str) -> list[str]:
     """A typed prompt's phrases, lower-cased: split at commas, semicolons, new lines and "and"."""
-    parts = _PHRASE_SEPARATORS.split(prompt.lower())
-    return list(dict.fromkeys(" ".join(part.split()) for part in parts if part.strip()))
+    parts = (" ".join(_WORD.findall(part)) for part in _PHRASE_SEPARATORS.split(prompt.lower()))
+    return list(dict.fromkeys(part for part in parts if part))
 
 
 def prompt_words(prompt: str, labels: Sequence[Label]) -> list[str]:
