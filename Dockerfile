@@ -5,6 +5,8 @@
 # second copy of torch; the host needs the NVIDIA driver only.
 FROM python:3.11-slim-bookworm
 
+# The image alone never asks the hub (HF_HUB_OFFLINE=1); docker-compose.yml turns downloads on
+# (FREESEG_ALLOW_DOWNLOADS=true, HF_HUB_OFFLINE=0) into the models volume, or run `freesegdiff download`.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     MODEL_DIR=/data/models \

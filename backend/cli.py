@@ -133,6 +133,31 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download_parser(commands: argparse._SubParsersAction) -> None:
+    commands.add_parser("download", help="fetch exactly the model files the settings load (HF_ENDPOINT, HF_TOKEN, HF_HOME)")
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from backend.models import download_models
+
+    settings = get_settings()
+    if settings.models != "pretrained":
+        print(f"FREESEG_MODELS={settings.models} downloads nothing")
+        return 0
+    if constants.is_offline_mode():
+        log.error("HF_HUB_OFFLINE is set: unset it to download")
+        return 2
+    try:
+        download_models(settings)
+    except (ValueError, HfHubHTTPError) as error:  # no such repo, no access, no loadable weights in it
+        log.error("download failed: %s", error)
+        return 2
+    return 0
+
+
 def _bench_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("bench", help="measure throughput, latency and re-prompt cost against a naive baseline")
     parser.add_argument("--profile", choices=["tiny", "random-full", "pretrained"], default="tiny")
@@ -338,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _segment_parser(commands)
     _serve_parser(commands)
+    _download_parser(commands)
     _bench_parser(commands)
     _eval_parser(commands)
     _report_parser(commands)
@@ -361,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(get_settings().log_level)
     try:
-        return {"segment": run_segment, "serve": run_serve, "bench": run_bench_command, "eval": run_eval,
+        return {"segment": run_segment, "serve": run_serve, "download": run_download, "bench": run_bench_command, "eval": run_eval,
                 "report": run_report, "annotate-folder": run_annotate_folder, "annotate-project": run_annotate_project,
                 "worker": run_worker_command, "jobs": run_jobs}[args.command](args)
     except ModelUnavailableError as error:

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"
+    clip_checkpoint: Path | None = None  # a weights file for clip_model; activation and normalisation from the tag
     captioner: CaptionerKind = "blip2"
     captioner_model: str | None = None
     captioner_device: DeviceChoice = "auto"  # "cpu" keeps the largest model off a small GPU
@@ -87,6 +88,7 @@ class Settings(BaseSettings):
     allowed_url_hosts: Annotated[tuple[str, ...], NoDecode] = ()  # JSON list or a,.b.org; a tuple keeps Settings hashable
     allow_private_urls: bool = False
     retry_after_seconds: int = Field(5, ge=1)
+    load_wait_seconds: float = Field(90.0, ge=0)  # under Label Studio's ML_TIMEOUT_PREDICT (100 s)
 
     # Feature cache: Redis when REDIS_URL is set, else in-process memory
     redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "FREESEG_REDIS_URL"), repr=False)

@@ -45,3 +45,17 @@ def test_dockerfile_installs_like_ci_and_runs_unprivileged():
     assert "RUN bash scripts/setup.sh" in dockerfile and "bash scripts/setup.sh" in ci
     assert "\nUSER freeseg" in dockerfile and "HEALTHCHECK" in dockerfile and "/health" in dockerfile
     assert "MODEL_DIR=/data/models" in dockerfile and "VOLUME /data/models" in dockerfile
+
+
+@needs_compose
+def test_compose_downloads_on_first_start_and_offline_users_can_turn_the_hub_off():
+    def environment(**env: str) -> dict:
+        shell = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FREESEG_"))}  # conftest sets some
+        result = subprocess.run([COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True,
+                                text=True, timeout=60, cwd=ROOT, env={**shell, **env})
+        return yaml.safe_load(result.stdout)["services"]["freesegdiff"]["environment"]
+
+    online = environment()
+    assert (online["FREESEG_ALLOW_DOWNLOADS"], online["HF_HUB_OFFLINE"]) == ("true", "0")
+    assert float(online["FREESEG_LOAD_WAIT_SECONDS"]) < 100  # under Label Studio's ML_TIMEOUT_PREDICT
+    assert environment(HF_HUB_OFFLINE="1")["HF_HUB_OFFLINE"] == "1"

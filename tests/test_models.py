@@ -13,7 +13,7 @@ from backend.models.tiny import build_tiny_models, tiny_model_folder
 from backend.pipeline.segmenter import model_version
 from backend.settings import Settings
 
-CPU = {"allow_downloads": False, "device": torch.device("cpu"), "dtype": torch.float32}
+CPU = {"device": torch.device("cpu"), "dtype": torch.float32}
 
 
 @pytest.mark.parametrize(
@@ -82,3 +82,41 @@ def test_attention_uses_torch_scaled_dot_product_attention(tiny_settings):
     processors = {type(p).__name__ for p in parts.stable_diffusion.unet.attn_processors.values()}
     assert processors == {"AttnProcessor2_0"}  # diffusers' F.scaled_dot_product_attention processor
     assert parts.captioner.model.config._attn_implementation == "sdpa"
+
+
+def test_loading_the_tiny_profile_warns_of_nothing_about_accelerate(tiny_settings, caplog, recwarn):
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):  # their loggers do not propagate by default
+        library.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            load_model_parts(tiny_settings)
+    finally:
+        for library in (diffusers_logging, transformers_logging):
+            library.disable_propagation()
+    said = [record.getMessage() for record in caplog.records] + [str(w.message) for w in recwarn]
+    assert not [line for line in said if "accelerate" in line or "low_cpu_mem_usage" in line]
+
+
+def test_a_clip_checkpoint_file_keeps_the_activation_of_its_pretrained_tag(tmp_path, monkeypatch):
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    built: list[str] = []
+    create = open_clip.create_model
+
+    def create_without_reading(name, pretrained=None, **kwargs):  # a ViT-B-32 file would be 600 MB
+        built.append(pretrained)
+        return create(name, pretrained=None, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model", create_without_reading)
+    checkpoint = tmp_path / "vit-b-32-openai.safetensors"
+    checkpoint.write_bytes(b"")
+    parts = load_clip("ViT-B-32", "openai", checkpoint, **CPU)
+    assert built == [str(checkpoint)]
+    assert isinstance(parts.model.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert parts.mean == open_clip.OPENAI_DATASET_MEAN

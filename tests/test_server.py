@@ -117,16 +117,59 @@ def test_health_answers_at_once_while_models_load(tiny_settings, tiny_segmenter)
         release.wait(30)
         return tiny_segmenter
 
-    with _client(tiny_settings, slow_load) as client:
+    with _client(tiny_settings.model_copy(update={"load_wait_seconds": 0.2}), slow_load) as client:
         start = time.perf_counter()
         health = client.get("/health")
         assert time.perf_counter() - start < 1
         assert health.json()["model_state"] == "loading"
         assert client.post("/setup", json={"project": "1.1", "schema": BRUSH_CONFIG}).status_code == 200
-        busy = _predict(client, [{"id": 1, "data": {"image": "http://127.0.0.1:9/x.jpg"}}])
+        busy = _predict(client, [{"id": 1, "data": {"image": "http://127.0.0.1:9/x.jpg"}}])  # after the 0.2 s wait
         assert busy.status_code == 503 and busy.headers["Retry-After"]
         release.set()
         _wait_ready(client)
+
+
+def test_a_prediction_sent_while_models_load_waits_for_them(tiny_settings, tiny_segmenter, image_server):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return tiny_segmenter
+
+    with _client(tiny_settings.model_copy(update={"load_wait_seconds": 60}), slow_load) as client:
+        answer: list = []
+        request = threading.Thread(target=lambda: answer.append(
+            _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}])))
+        request.start()
+        request.join(0.5)
+        assert request.is_alive() and client.get("/health").json()["model_state"] == "loading"
+        release.set()
+        request.join(60)
+        assert answer[0].status_code == 200 and answer[0].json()["results"][0]["result"]
+
+
+def test_a_failed_load_answers_a_waiting_prediction_at_once_with_the_error(tiny_settings):
+    release = threading.Event()
+
+    def broken_load():
+        release.wait(30)
+        raise RuntimeError("weights missing: set FREESEG_SD_MODEL")
+
+    with _client(tiny_settings.model_copy(update={"load_wait_seconds": 60}), broken_load) as client:
+        answer: list = []
+        request = threading.Thread(target=lambda: answer.append(
+            _predict(client, [{"id": 1, "data": {"image": "http://127.0.0.1:9/x.jpg"}}])))
+        request.start()
+        request.join(0.3)
+        assert request.is_alive()
+        start = time.monotonic()
+        release.set()
+        request.join(30)
+        assert time.monotonic() - start < 10  # not the 60 s of the wait
+        assert answer[0].status_code == 503 and "FREESEG_SD_MODEL" in answer[0].json()["error"]
+        later = time.monotonic()
+        assert _predict(client, [{"id": 1, "data": {"image": "http://127.0.0.1:9/x.jpg"}}]).status_code == 503
+        assert time.monotonic() - later < 5
 
 
 def test_failed_model_load_shows_on_health(tiny_settings):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
+from huggingface_hub import HfApi, constants
 from spacy.language import Language
 
-from backend.models import random_full
+from backend.models import download, random_full
 from backend.models.loading import (
     CaptionerParts,
     ClipParts,
@@ -21,7 +24,9 @@ from backend.models.loading import (
 from backend.models.tiny import tiny_model_folder
 from backend.settings import Settings
 
-__all__ = ["ModelParts", "ModelUnavailableError", "load_model_parts", "resolve_device"]
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelParts", "ModelUnavailableError", "download_models", "load_model_parts", "resolve_device"]
 
 
 @dataclass
@@ -47,14 +52,52 @@ def resolve_device(choice: str) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def load_model_parts(settings: Settings) -> ModelParts:
-    """Load (or, for the offline profiles, build) the models that ``settings`` names."""
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision the models run: the captioner may run elsewhere."""
+
+    device: torch.device
+    dtype: torch.dtype
+    captioner_device: torch.device
+    captioner_dtype: torch.dtype
+
+
+def resolve_placement(settings: Settings) -> Placement:
+    """FREESEG_DEVICE and FREESEG_CAPTIONER_DEVICE, resolved by ``resolve_device``."""
     device, dtype = resolve_device(settings.device)
     captioner_device, captioner_dtype = (device, dtype) if settings.captioner_device == "auto" else resolve_device(
         settings.captioner_device
     )
-    placement = {"device": device, "dtype": dtype, "captioner_device": captioner_device,
-                 "captioner_dtype": captioner_dtype}
+    return Placement(device, dtype, captioner_device, captioner_dtype)
+
+
+def is_half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def download_models(settings: Settings, echo: download.Echo = print) -> int:
+    """Fetch the files the pretrained models load (the fp16 variants when they run in half
+    precision) into the Hugging Face cache; the bytes fetched (0 when all were there)."""
+    placement = resolve_placement(settings)
+    requests = download.repo_requests(settings, is_half(placement.dtype), is_half(placement.captioner_dtype))
+    return download.fetch(download.plan(requests, HfApi()), echo)
+
+
+@lru_cache(maxsize=2)
+def ensure_downloaded(settings: Settings) -> None:
+    """``download_models`` once per process and settings (the server runs it before loading)."""
+    download_models(settings, echo=lambda line: log.info("%s", line))
+
+
+def load_model_parts(settings: Settings) -> ModelParts:
+    """Load (or, for the offline profiles, build) the models that ``settings`` names.
+
+    With FREESEG_ALLOW_DOWNLOADS=true (and HF_HUB_OFFLINE unset) the pretrained files
+    missing from the cache are fetched first; loading itself never asks the hub.
+    """
+    placement = resolve_placement(settings)
+    device, dtype = placement.device, placement.dtype
+    captioner_device, captioner_dtype = placement.captioner_device, placement.captioner_dtype
     nlp = load_spacy(settings.spacy_model)
     if settings.models == "random-full":
         tokenizer_folder = settings.model_dir / "random-full-clip-tokenizer"
@@ -62,20 +105,26 @@ def load_model_parts(settings: Settings) -> ModelParts:
             stable_diffusion=random_full.build_stable_diffusion(tokenizer_folder, device, dtype),
             clip=random_full.build_clip(device, dtype),
             captioner=random_full.build_captioner(settings.captioner, captioner_device, captioner_dtype),
-            nlp=nlp, **placement,
+            nlp=nlp, **vars(placement),
         )
     if settings.models == "tiny":
         folder = tiny_model_folder(settings.model_dir)
         sd_source, clip_name, clip_weights = str(folder / "stable-diffusion"), str(folder / "clip"), ""
         captioner_source = str(folder / settings.captioner)
+        checkpoint = None
     else:
+        if downloads_wanted(settings):
+            ensure_downloaded(settings)
         sd_source, clip_name, clip_weights = settings.sd_model, settings.clip_model, settings.clip_pretrained
-        captioner_source = settings.captioner_source
-    allow = settings.allow_downloads
+        captioner_source, checkpoint = settings.captioner_source, settings.clip_checkpoint
     return ModelParts(
-        stable_diffusion=load_stable_diffusion(sd_source, allow_downloads=allow, device=device, dtype=dtype),
-        clip=load_clip(clip_name, clip_weights, allow_downloads=allow, device=device, dtype=dtype),
-        captioner=load_captioner(settings.captioner, captioner_source, allow_downloads=allow,
-                                 device=captioner_device, dtype=captioner_dtype),
-        nlp=nlp, **placement,
+        stable_diffusion=load_stable_diffusion(sd_source, device=device, dtype=dtype),
+        clip=load_clip(clip_name, clip_weights, checkpoint, device=device, dtype=dtype),
+        captioner=load_captioner(settings.captioner, captioner_source, device=captioner_device, dtype=captioner_dtype),
+        nlp=nlp, **vars(placement),
     )
+
+
+def downloads_wanted(settings: Settings) -> bool:
+    """FREESEG_ALLOW_DOWNLOADS=true for the pretrained profile, unless HF_HUB_OFFLINE=1 forbids asking."""
+    return settings.allow_downloads and settings.models == "pretrained" and not constants.is_offline_mode()

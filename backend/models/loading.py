@@ -1,10 +1,12 @@
 """Loading pretrained models by hub id or local folder, without ever hanging on a hub.
 
 Each loader takes a source as a user gives it: a folder, or a Hugging Face hub id that
-is resolved in the local Hugging Face cache. Downloads happen only when
-``FREESEG_ALLOW_DOWNLOADS=true``; otherwise a missing model fails at once with a message
-that names the setting and the command that fetches it (an unreachable hub would
-otherwise stall for minutes before failing).
+is resolved in the local Hugging Face cache, and never asks the hub: ``freesegdiff
+download`` (or FREESEG_ALLOW_DOWNLOADS=true, before loading) fetches the files first. A
+missing model fails at once with a message that names the setting and the command that
+fetches it (an unreachable hub would otherwise stall for minutes before failing). Each
+component loads the weights ``backend.models.selection`` picks from the files that are
+there, the same rule that chose what to download (the fp16 variant where that is it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import open_clip
 import spacy
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub import snapshot_download
 from spacy.language import Language
 from transformers import (
     AutoProcessor,
@@ -30,8 +32,8 @@ from transformers import (
     ProcessorMixin,
 )
 
-SD_COMPONENTS = ("unet/*", "vae/*", "text_encoder/*", "tokenizer/*", "model_index.json")
-OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+from backend.models.selection import CAPTIONER, OPEN_CLIP, STABLE_DIFFUSION, Component, Weights, select_weights
+
 CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip2": Blip2ForConditionalGeneration}
 
 
@@ -65,74 +67,90 @@ class CaptionerParts:
 def _unavailable(what: str, source: str, setting: str, cause: Exception) -> ModelUnavailableError:
     return ModelUnavailableError(
         f"{what} '{source}' (set by {setting}) is neither a local folder nor in the Hugging Face "
-        f"cache. Fetch it once where the hub is reachable with `hf download {source}` (then copy "
-        f"the cache or the folder here), or set {setting} to a folder that holds it, or set "
-        f"FREESEG_ALLOW_DOWNLOADS=true to download it now. ({type(cause).__name__}: {cause})"
+        f"cache. Fetch it once where the hub is reachable with `freesegdiff download` (or the "
+        f"README's `hf download` lines; then copy the cache or the folder here), or set {setting} to a folder that holds it, or set "
+        f"FREESEG_ALLOW_DOWNLOADS=true to download it at start. ({type(cause).__name__}: {cause})"
     )
 
 
-def resolve_folder(
-    source: str, *, what: str, setting: str, allow_downloads: bool, patterns: tuple[str, ...] | None = None
-) -> Path:
+def resolve_folder(source: str, *, what: str, setting: str) -> Path:
     """A local folder for ``source``: the folder itself, or the hub id's cached snapshot."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     try:
-        folder = snapshot_download(
-            source, allow_patterns=list(patterns) if patterns else None, local_files_only=not allow_downloads
-        )
+        return Path(snapshot_download(source, local_files_only=True))
     except Exception as error:  # the hub client raises many kinds; all mean "not here"
         raise _unavailable(what, source, setting, error) from error
-    return Path(folder)
 
 
-def load_stable_diffusion(
-    source: str, *, allow_downloads: bool, device: torch.device, dtype: torch.dtype
-) -> StableDiffusionParts:
+def local_weights(folder: Path, component: Component, dtype: torch.dtype, *, what: str, source: str,
+                  setting: str) -> Weights:
+    """The weights of ``component`` in ``folder`` that its loader reads (as ``freesegdiff download`` chose)."""
+    base = folder / component.folder
+    paths = [str(p.relative_to(folder)) for p in base.iterdir()] if base.is_dir() else []
+    weights = select_weights(paths, component, half=dtype in (torch.float16, torch.bfloat16))
+    if weights is None:
+        missing = FileNotFoundError(f"no weights in {base}")
+        raise _unavailable(what, source, setting, missing)
+    return weights
+
+
+def load_stable_diffusion(source: str, *, device: torch.device, dtype: torch.dtype) -> StableDiffusionParts:
     """The VAE, U-Net, text encoder and tokenizer of an SD1.x pipeline folder or hub id."""
-    folder = resolve_folder(
-        source, what="Stable Diffusion", setting="FREESEG_SD_MODEL", allow_downloads=allow_downloads,
-        patterns=SD_COMPONENTS,
-    )
+    what, setting = "Stable Diffusion", "FREESEG_SD_MODEL"
+    folder = resolve_folder(source, what=what, setting=setting)
+    unet_part, vae_part, text_part, _ = STABLE_DIFFUSION
+    chosen = {part.folder: local_weights(folder, part, dtype, what=what, source=source, setting=setting)
+              for part in (unet_part, vae_part, text_part)}
+
+    def options(subfolder: str) -> dict:
+        weights = chosen[subfolder]
+        return {"subfolder": subfolder, "torch_dtype": dtype, "variant": weights.variant,
+                "use_safetensors": weights.use_safetensors}
+
     try:
         parts = StableDiffusionParts(
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(folder, **options("vae")),
+            unet=UNet2DConditionModel.from_pretrained(folder, **options("unet")),
+            text_encoder=CLIPTextModel.from_pretrained(folder, **options("text_encoder")),
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
         )
     except (OSError, ValueError) as error:
-        raise _unavailable("Stable Diffusion", source, "FREESEG_SD_MODEL", error) from error
+        raise _unavailable(what, source, setting, error) from error
     for module in (parts.vae, parts.unet, parts.text_encoder):
         module.to(device).eval().requires_grad_(False)
     return parts
 
 
-def _open_clip_weights(model_name: str, tag: str, allow_downloads: bool) -> tuple[str, dict]:
-    """A local weight file for an open_clip pretrained tag (such as ``openai``), and its config."""
+def _open_clip_tag(model_name: str, tag: str) -> dict:
+    """open_clip's config of a pretrained tag: where its weights are, its activation and normalisation."""
     config = open_clip.get_pretrained_cfg(model_name, tag)
     if not config or not config.get("hf_hub"):
         raise ModelUnavailableError(
             f"open_clip has no pretrained tag '{tag}' for '{model_name}' (FREESEG_CLIP_PRETRAINED); "
-            f"use a tag from open_clip.list_pretrained() or the path of a checkpoint file."
+            f"use a tag from open_clip.list_pretrained(), and FREESEG_CLIP_CHECKPOINT for a checkpoint file."
         )
-    repo = config["hf_hub"].strip("/")
-    errors: list[Exception] = []
-    for filename in OPEN_CLIP_WEIGHT_FILES:
-        try:
-            return hf_hub_download(repo, filename, local_files_only=not allow_downloads), config
-        except Exception as error:  # try the other file name before giving up
-            errors.append(error)
-    raise _unavailable("CLIP weights", f"{repo}", "FREESEG_CLIP_PRETRAINED", errors[-1])
+    return config
+
+
+def _open_clip_weights(config: dict) -> str:
+    """The cached weight file of an open_clip pretrained tag (such as ``openai``)."""
+    repo, setting = config["hf_hub"].strip("/"), "FREESEG_CLIP_PRETRAINED"
+    folder = resolve_folder(repo, what="CLIP weights", setting=setting)
+    (component,) = OPEN_CLIP
+    weights = local_weights(folder, component, torch.float32, what="CLIP weights", source=repo, setting=setting)
+    return str(folder / weights.files[0])
 
 
 def load_clip(
-    model_name: str, pretrained: str, *, allow_downloads: bool, device: torch.device, dtype: torch.dtype
+    model_name: str, pretrained: str, checkpoint: Path | None = None, *, device: torch.device, dtype: torch.dtype
 ) -> ClipParts:
     """An open_clip model from a folder (``local-dir`` layout), or an architecture plus weights.
 
-    ``pretrained`` is an open_clip tag (resolved in the Hugging Face cache) or a checkpoint file.
+    The weights are those of the pretrained tag ``pretrained`` (resolved in the Hugging Face
+    cache), or the file ``checkpoint``; either way the tag's config sets the activation
+    (QuickGELU for OpenAI's weights) and the image normalisation.
     """
     if Path(model_name).expanduser().is_dir():
         folder = Path(model_name).expanduser()
@@ -143,10 +161,8 @@ def load_clip(
         std = preprocess.get("std", open_clip.OPENAI_DATASET_STD)
         tokenizer = open_clip.get_tokenizer(name)
     else:
-        if Path(pretrained).expanduser().is_file():
-            weights, config = str(Path(pretrained).expanduser()), {}
-        else:
-            weights, config = _open_clip_weights(model_name, pretrained, allow_downloads)
+        config = _open_clip_tag(model_name, pretrained)
+        weights = str(Path(checkpoint).expanduser()) if checkpoint is not None else _open_clip_weights(config)
         model = open_clip.create_model(
             model_name, pretrained=weights, device=device, force_quick_gelu=config.get("quick_gelu", False)
         )
@@ -157,17 +173,18 @@ def load_clip(
     return ClipParts(model=model, tokenizer=tokenizer, mean=tuple(mean), std=tuple(std))
 
 
-def load_captioner(
-    kind: str, source: str, *, allow_downloads: bool, device: torch.device, dtype: torch.dtype
-) -> CaptionerParts:
+def load_captioner(kind: str, source: str, *, device: torch.device, dtype: torch.dtype) -> CaptionerParts:
     """BLIP or BLIP-2 (``kind``) with its processor, from a folder or hub id."""
-    setting = "FREESEG_CAPTIONER_MODEL"
-    folder = resolve_folder(source, what=f"Captioner ({kind})", setting=setting, allow_downloads=allow_downloads)
+    what, setting = f"Captioner ({kind})", "FREESEG_CAPTIONER_MODEL"
+    folder = resolve_folder(source, what=what, setting=setting)
+    (component,) = CAPTIONER
+    weights = local_weights(folder, component, dtype, what=what, source=source, setting=setting)
     try:
         processor = AutoProcessor.from_pretrained(folder)
-        model = CAPTIONER_CLASSES[kind].from_pretrained(folder, torch_dtype=dtype)
+        model = CAPTIONER_CLASSES[kind].from_pretrained(folder, torch_dtype=dtype, variant=weights.variant,
+                                                        use_safetensors=weights.use_safetensors)
     except (OSError, ValueError) as error:
-        raise _unavailable(f"Captioner ({kind})", source, setting, error) from error
+        raise _unavailable(what, source, setting, error) from error
     model.to(device).eval().requires_grad_(False)
     return CaptionerParts(kind=kind, model=model, processor=processor)
 

@@ -4,13 +4,19 @@ Nouns are the caption's NOUN tokens that are not stop words, plus the head noun 
 adjective (spaCy). A noun equal to a label or one of its synonyms makes that label a
 candidate outright. Every other noun is matched to its nearest label by cosine distance
 between CLIP text embeddings and kept only when that distance is at most the mean
-nearest distance of those nouns ("above average distance is ignored", as in the paper).
+nearest distance over all of the caption's nouns, exact matches counting at distance 0
+("above average distance is ignored", as in the paper and the authors' code).
 The released code used Stable Diffusion's text encoder mean-pooled over padding, which
 made most class embeddings identical; CLIP's text tower with a prompt template does not.
+
+Typed prompts are not captions: a person means every word, whatever spaCy would tag it.
+A prompt is split into phrases; a phrase that names labels (or synonyms) word for word
+gives those labels, and any other phrase is matched whole to its nearest label.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,6 +24,9 @@ from spacy.language import Language
 
 from backend.pipeline.clip_embeddings import TextImageEmbedder, prompts_for
 from backend.pipeline.vocabulary import Label
+
+_PHRASE_SEPARATORS = re.compile(r"[,;\n]|\band\b")
+_WORD = re.compile(r"[\w'-]+")  # a phrase's words, without its punctuation
 
 
 def caption_nouns(nlp: Language, caption: str) -> list[str]:
@@ -31,9 +40,29 @@ def caption_nouns(nlp: Language, caption: str) -> list[str]:
     return list(dict.fromkeys(n for n in nouns if n.isalpha() or " " in n or "-" in n))
 
 
-def prompt_words(nlp: Language, prompt: str) -> list[str]:
-    """The nouns of a typed prompt, or its words when it has none ("sofa" alone may not parse as a noun)."""
-    return caption_nouns(nlp, prompt) or [w.lower() for w in prompt.replace(",", " ").split() if w.isalpha()]
+def prompt_phrases(prompt: str) -> list[str]:
+    """A typed prompt's phrases, lower-cased: split at commas, semicolons, new lines and "and"."""
+    parts = (" ".join(_WORD.findall(part)) for part in _PHRASE_SEPARATORS.split(prompt.lower()))
+    return list(dict.fromkeys(part for part in parts if part))
+
+
+def prompt_words(prompt: str, labels: Sequence[Label]) -> list[str]:
+    """What a typed prompt names: the label words each phrase contains, else the phrase itself.
+
+    "a red car" gives "car" and "dog cat" gives "dog" and "cat" (words of labels, found
+    without separators); "sailboat" stays "sailboat", to be matched to its nearest label.
+    """
+    label_words = {word for label in labels for word in label.words}
+    found: list[str] = []
+    for phrase in prompt_phrases(prompt):
+        words = phrase.split()
+        named = [w for n in range(len(words), 0, -1) for w in _ngrams(words, n) if w in label_words]
+        found.extend(named or [phrase])
+    return list(dict.fromkeys(found))
+
+
+def _ngrams(words: Sequence[str], n: int) -> list[str]:
+    return [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def match_candidates(
@@ -52,5 +81,6 @@ def match_candidates(
         similarity = clip.embed_texts(prompts_for(others)) @ label_vectors.T
         nearest = similarity.argmax(axis=1)
         distance = 1.0 - similarity.max(axis=1)
-        candidates.update(int(i) for i, d in zip(nearest, distance) if not drop_far or d <= distance.mean() + 1e-6)
+        mean_distance = distance.sum() / len(nouns)  # exact matches count in the mean, at distance 0
+        candidates.update(int(i) for i, d in zip(nearest, distance) if not drop_far or d <= mean_distance + 1e-6)
     return sorted(candidates)

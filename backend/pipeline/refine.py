@@ -168,20 +168,19 @@ def _neighbours(x: torch.Tensor, dilation: int) -> torch.Tensor:
 def _pamr_affinities(rgb: torch.Tensor) -> torch.Tensor:
     """Affinity of each pixel to its neighbours over all dilations: (D, 8, H, W).
 
-    For each dilation, the absolute colour difference to each neighbour is divided by
-    the colour's standard deviation over that 3x3 window (times the temperature),
-    negated and averaged over the colour channels; a softmax over all D x 8
-    neighbours turns these logits into weights that sum to one at every pixel.
+    As in the original PAMR: the colour's standard deviation is taken per pixel over the
+    samples of all dilations together (each dilation's 3x3 window, centre included); the
+    absolute colour difference to each neighbour is divided by it (times the temperature),
+    negated and averaged over the colour channels; a softmax over all D x 8 neighbours
+    turns these logits into weights that sum to one at every pixel.
     """
-    logits = []
-    for dilation in PAMR_DILATIONS:
-        neighbours = _neighbours(rgb, dilation)  # (3, 8, H, W)
-        window = torch.cat([rgb[:, None], neighbours], dim=1)  # (3, 9, H, W)
-        std = window.std(dim=1, keepdim=True)
-        difference = (neighbours - rgb[:, None]).abs()
-        logits.append((-difference / (_STD_EPS + PAMR_TEMPERATURE * std)).mean(dim=0))
-    stacked = torch.stack(logits)  # (D, 8, H, W)
-    weights = torch.softmax(stacked.flatten(0, 1), dim=0).view_as(stacked)
+    neighbours = torch.stack([_neighbours(rgb, dilation) for dilation in PAMR_DILATIONS])  # (D, 3, 8, H, W)
+    centre = rgb[None, :, None].expand(len(PAMR_DILATIONS), -1, 1, -1, -1)
+    samples = torch.cat([centre, neighbours], dim=2).transpose(0, 1).flatten(1, 2)  # (3, D x 9, H, W)
+    std = samples.std(dim=1)[None, :, None]  # (1, 3, 1, H, W)
+    difference = (neighbours - rgb[None, :, None]).abs()
+    logits = (-difference / (_STD_EPS + PAMR_TEMPERATURE * std)).mean(dim=1)  # (D, 8, H, W)
+    weights = torch.softmax(logits.flatten(0, 1), dim=0).view_as(logits)
     return weights.masked_fill_(weights < _NEGLIGIBLE, 0.0)
 
 

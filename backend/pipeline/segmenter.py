@@ -292,7 +292,7 @@ class Segmenter:
         self, encoding: Encoding, labels: Sequence[Label], vectors: np.ndarray, options: SegmentOptions
     ) -> tuple[list[int], bool]:
         if options.prompt.strip():
-            words = prompt_words(self.nlp, options.prompt)
+            words = prompt_words(options.prompt, labels)
             return match_candidates(words, labels, vectors, self.clip, drop_far=False), False
         if not options.use_caption:
             return list(range(len(labels))), False
@@ -337,6 +337,8 @@ def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
     if settings.models == "pretrained":
         described.update(sd=settings.sd_model, clip=[settings.clip_model, settings.clip_pretrained],
                          captioner_model=settings.captioner_source)
+        if settings.clip_checkpoint:
+            described["clip_checkpoint"] = str(settings.clip_checkpoint)
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 

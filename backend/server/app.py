@@ -28,6 +28,7 @@ from backend.labelstudio.backoff import Backoff
 from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, parse_label_config
 from backend.labelstudio.context import ContextError, parse_context
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
+from backend.models import downloads_wanted, ensure_downloaded
 from backend.options import OptionError, option_changes
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
 from backend.server.cache_writer import CacheWriter
@@ -36,7 +37,7 @@ from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
 from backend.server.predictions import Predictor
 from backend.server.protocol import PredictRequest, SetupRequest, WebhookRequest
-from backend.server.worker import InferenceWorker, ModelsNotReadyError, QueueFullError
+from backend.server.worker import InferenceWorker, ModelsNotReadyError, ModelState, QueueFullError
 from backend.settings import Settings, get_settings
 from backend.store import StoreError, create_store
 
@@ -60,9 +61,11 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         segmenter.observer = metrics.observe_stage
         return segmenter
 
+    download = (lambda: ensure_downloaded(settings)) if load_segmenter is None and downloads_wanted(settings) else None
     worker = InferenceWorker(load, settings.queue_size, on_state=metrics.set_model_state,
                              on_depth=metrics.queue_depth.set, max_batch=settings.max_batch,
-                             max_wait_seconds=settings.max_wait_ms / 1000)
+                             max_wait_seconds=settings.max_wait_ms / 1000, download=download,
+                             load_wait_seconds=settings.load_wait_seconds)
     cache = create_cache(settings, metrics.cache_metrics())
     feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"), metrics,
                                 Backoff.from_settings(settings))
@@ -111,9 +114,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     async def health() -> JSONResponse:
         """The only endpoint open without basic auth: Label Studio's and the container's health checks."""
         count("health")
-        body = {"status": "UP", "model_class": "FreeSegDiff", "model_state": worker.state,
+        body = {"status": "UP", "model_class": "FreeSegDiff", "model_state": worker.state.value,
                 "model_version": version, "queue_depth": worker.depth}
-        if worker.state == "failed":
+        if worker.state == ModelState.FAILED:
             return JSONResponse({**body, "status": "ERROR", "error": worker.error}, status_code=503)
         return JSONResponse(body)
 
@@ -153,6 +156,8 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         options = dataclasses.replace(default_options, **{**vocabulary.options, **known.options})
         access = _label_studio_access(settings, known.access)
         interaction = parse_context(request.params.context if request.params else None, vocabulary)
+        if worker.state != ModelState.READY:  # just started: wait for the models rather than answer 503
+            await asyncio.to_thread(worker.wait_until_loaded)
         try:
             results = await predictor.predict(request.tasks, vocabulary, options, access, interaction)
         except (QueueFullError, ModelsNotReadyError):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-MODEL_STATES = ("loading", "ready", "failed")
+from backend.server.worker import ModelState
+
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -42,9 +43,9 @@ class Metrics:
     def cache_metrics(self) -> CacheMetricsAdapter:
         return CacheMetricsAdapter(self)
 
-    def set_model_state(self, state: str) -> None:
-        for known in MODEL_STATES:
-            self.model_state.labels(state=known).set(1 if known == state else 0)
+    def set_model_state(self, state: ModelState) -> None:
+        for known in ModelState:
+            self.model_state.labels(state=known.value).set(1 if known == state else 0)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage=stage).observe(seconds)

@@ -5,8 +5,10 @@ owns the segmenter and takes jobs from a queue of fixed capacity. Encode jobs of
 concurrent requests are batched together (up to ``max_batch`` images, waiting at most
 ``max_wait_seconds`` for more), since the U-Net and captioner run batches far faster. When the queue is
 full, callers are told at once (and answer 503 with Retry-After) instead of piling up
-threads. Models load in the same thread at start, so the server answers ``/health``
-while they load.
+threads. Models download (when allowed) and load in the same thread at start, so the
+server answers ``/health`` meanwhile; a request that comes then waits for them, up to
+``load_wait_seconds`` (FREESEG_LOAD_WAIT_SECONDS), so that the tasks Label Studio sends
+right after connecting get predictions.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from enum import Enum
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -26,6 +29,15 @@ from backend.pipeline.segmenter import Proposal, Segmentation, Segmenter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class ModelState(str, Enum):
+    """The models' state as ``/health`` and the metrics show it."""
+
+    DOWNLOADING = "downloading"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
 
 
 class QueueFullError(RuntimeError):
@@ -46,16 +58,19 @@ class _Job(Generic[T]):
 
 class InferenceWorker:
     def __init__(self, load_segmenter: Callable[[], Segmenter], capacity: int,
-                 on_state: Callable[[str], None] = lambda state: None,
+                 on_state: Callable[[ModelState], None] = lambda state: None,
                  on_depth: Callable[[int], None] = lambda depth: None,
-                 max_batch: int = 8, max_wait_seconds: float = 0.01):
-        self._load_segmenter = load_segmenter
+                 max_batch: int = 8, max_wait_seconds: float = 0.01,
+                 download: Callable[[], object] | None = None, load_wait_seconds: float = 0.0):
+        self._load_segmenter, self._download = load_segmenter, download
+        self.load_wait_seconds = load_wait_seconds
+        self._settled = threading.Event()  # set once the models are ready or failed
         self.max_batch, self.max_wait_seconds = max_batch, max_wait_seconds
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=capacity)
         self._on_state, self._on_depth = on_state, on_depth
         self._pending = 0
         self._lock = threading.Lock()
-        self.state = "loading"
+        self.state = ModelState.DOWNLOADING if download else ModelState.LOADING
         self.error: str | None = None
         self.fingerprint = ""  # of the loaded models: part of every feature cache key
         self._segmenter: Segmenter | None = None
@@ -76,8 +91,12 @@ class InferenceWorker:
 
     def ensure_ready(self) -> None:
         """Raise ModelsNotReadyError unless the models are loaded."""
-        if self.state != "ready":
-            raise ModelsNotReadyError(self.error or "models are loading")
+        if self.state != ModelState.READY:
+            raise ModelsNotReadyError(self.error or f"models are {self.state.value}")
+
+    def wait_until_loaded(self) -> None:
+        """Block up to ``load_wait_seconds`` while the models download or load (not when failed)."""
+        self._settled.wait(self.load_wait_seconds)
 
     def ensure_accepting(self) -> None:
         """Raise now what submitting would (not ready, queue full): callers check before costly work."""
@@ -115,20 +134,25 @@ class InferenceWorker:
             self._pending += delta
             self._on_depth(self._pending)
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: ModelState) -> None:
         self.state = state
         self._on_state(state)
+        if state in (ModelState.READY, ModelState.FAILED):
+            self._settled.set()
 
     def _run(self) -> None:
         try:
+            if self._download is not None:
+                self._download()
+                self._set_state(ModelState.LOADING)
             segmenter = self._load_segmenter()
         except Exception as error:  # any failure to load must show on /health, not kill the server
             log.exception("models failed to load")
             self.error = f"models failed to load: {error}"
-            self._set_state("failed")
+            self._set_state(ModelState.FAILED)
             return
         self.fingerprint, self._segmenter = segmenter.fingerprint, segmenter
-        self._set_state("ready")
+        self._set_state(ModelState.READY)
         log.info("models ready")
         while (job := self._jobs.get()) is not None:
             if job.images is None:
