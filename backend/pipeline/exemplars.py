@@ -1,7 +1,7 @@
 """Labelling with a project's memory: CLIP's scores combined with the taught exemplars.
 
-1. A cell's exemplar probability q is a softmax, over the taught labels (``UNLABELED`` among
-   them when taught), of its best cosine similarity to each label's exemplars, at ``TEMPERATURE``.
+1. A cell's exemplar probability q of label l is the share of l's exemplars among the cell's
+   ``NEIGHBOURS`` most cosine-similar exemplars of all taught labels (``UNLABELED`` among them).
 2. A cell's score for label l is (1 - w) * CLIP + w * q, with w = n / (n + ``HALF_WEIGHT_REGIONS``)
    for the n regions taught of l (0 for an untaught label); CLIP's score is its cluster's.
 3. Taught labels are candidates whatever the caption says, and may take several clusters;
@@ -22,7 +22,7 @@ from backend.pipeline.labelling import ClusterLabel, cluster_masks
 from backend.pipeline.memory import UNLABELED, Memory
 from backend.pipeline.vocabulary import Label
 
-TEMPERATURE = 0.05  # of the cosine similarities' softmax
+NEIGHBOURS = 10  # exemplars that vote on a cell's label: a few mislabelled ones are outvoted
 HALF_WEIGHT_REGIONS = 2  # regions taught at which the exemplars weigh as much as CLIP
 CONFIDENT = 0.9  # exemplar probability at which a cell follows the exemplars, not its cluster
 
@@ -54,18 +54,19 @@ class Exemplars:
 
 def exemplar_probabilities(features: np.ndarray, exemplars: Exemplars, names: Sequence[str],
                            device: torch.device | str = "cpu") -> np.ndarray:
-    """(G*G, len(names)) softmax over the taught ``names`` of each cell's best similarity (0 for untaught)."""
+    """(G*G, len(names)) share of each of ``names`` among each cell's nearest exemplars (0 for untaught)."""
     channels = features.shape[0]
-    cells = torch.from_numpy(np.ascontiguousarray(features.reshape(channels, -1).T, np.float32)).to(device)
-    cells = torch.nn.functional.normalize(cells, dim=1)
-    logits = torch.full((cells.shape[0], len(names)), -torch.inf, device=device)
-    for column, name in enumerate(names):
-        if name in exemplars.vectors and len(exemplars.vectors[name]):
-            vectors = torch.from_numpy(exemplars.vectors[name]).to(device)
-            logits[:, column] = (cells @ vectors.T).max(dim=1).values / TEMPERATURE
-    if bool(torch.isinf(logits).all()):
-        return np.zeros(tuple(logits.shape), np.float32)
-    return torch.softmax(logits, dim=1).cpu().numpy()
+    cells = features.reshape(channels, -1).T
+    columns = [column for column, name in enumerate(names) if len(exemplars.vectors.get(name, ()))]
+    if not columns:
+        return np.zeros((len(cells), len(names)), np.float32)
+    vectors = torch.from_numpy(np.concatenate([exemplars.vectors[names[c]] for c in columns])).to(device)
+    owner = torch.tensor([c for c in columns for _ in range(len(exemplars.vectors[names[c]]))], device=device)
+    cells = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(cells, np.float32)).to(device), dim=1)
+    nearest = (cells @ vectors.T).topk(min(NEIGHBOURS, len(vectors)), dim=1).indices  # (N, k)
+    votes = torch.zeros((len(cells), len(names)), device=device)
+    votes.scatter_add_(1, owner[nearest], torch.ones(nearest.shape, device=device))
+    return (votes / nearest.shape[1]).cpu().numpy()
 
 
 def label_with_exemplars(
