@@ -218,7 +218,7 @@ def _report_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     from backend.evaluation.feedback import create_feedback_store, summarize
-    from backend.evaluation.report import format_table, render_chart
+    from backend.evaluation.report import format_over_time, format_table, render_chart
 
     settings = get_settings()
     records = create_feedback_store(settings.redis_url, settings.model_dir / "feedback").records(args.project)
@@ -226,6 +226,8 @@ def run_report(args: argparse.Namespace) -> int:
         log.error("no feedback recorded for project %s yet (annotations of tasks with our predictions)", args.project)
         return 1
     print(format_table(summarize(records)))
+    print("\nmean IoU per label over time (annotations in time order):")
+    print(format_over_time(records))
     chart = render_chart(records, args.chart or Path(f"feedback-{args.project}.png"))
     print(f"{len(records)} annotations; chart {chart}")
     return 0
