@@ -1,7 +1,8 @@
 """Labelling with a project's memory: CLIP's scores combined with the taught exemplars.
 
 1. A cell's exemplar probability q of label l is the share of l's exemplars among the cell's
-   ``NEIGHBOURS`` most cosine-similar exemplars of all taught labels (``UNLABELED`` among them).
+   ``NEIGHBOURS`` most cosine-similar exemplars of all taught labels (``UNLABELED`` among them),
+   each vote weighted by its similarity (at least 0): a cell unlike every exemplar gets q near 0.
 2. A cell's score for label l is (1 - w) * CLIP + w * q, with w = n / (n + ``HALF_WEIGHT_REGIONS``)
    for the n regions taught of l (0 for an untaught label); CLIP's score is its cluster's.
 3. Taught labels are candidates whatever the caption says, and may take several clusters;
@@ -54,7 +55,7 @@ class Exemplars:
 
 def exemplar_probabilities(features: np.ndarray, exemplars: Exemplars, names: Sequence[str],
                            device: torch.device | str = "cpu") -> np.ndarray:
-    """(G*G, len(names)) share of each of ``names`` among each cell's nearest exemplars (0 for untaught)."""
+    """(G*G, len(names)) similarity-weighted share of each of ``names`` among each cell's nearest exemplars."""
     channels = features.shape[0]
     cells = features.reshape(channels, -1).T
     columns = [column for column, name in enumerate(names) if len(exemplars.vectors.get(name, ()))]
@@ -63,9 +64,9 @@ def exemplar_probabilities(features: np.ndarray, exemplars: Exemplars, names: Se
     vectors = torch.from_numpy(np.concatenate([exemplars.vectors[names[c]] for c in columns])).to(device)
     owner = torch.tensor([c for c in columns for _ in range(len(exemplars.vectors[names[c]]))], device=device)
     cells = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(cells, np.float32)).to(device), dim=1)
-    nearest = (cells @ vectors.T).topk(min(NEIGHBOURS, len(vectors)), dim=1).indices  # (N, k)
+    similarity, nearest = (cells @ vectors.T).topk(min(NEIGHBOURS, len(vectors)), dim=1)  # (N, k)
     votes = torch.zeros((len(cells), len(names)), device=device)
-    votes.scatter_add_(1, owner[nearest], torch.ones(nearest.shape, device=device))
+    votes.scatter_add_(1, owner[nearest], similarity.clamp_min(0))
     return (votes / nearest.shape[1]).cpu().numpy()
 
 
