@@ -103,13 +103,13 @@ class NaiveSegmenter(Segmenter):
         super().__init__(fast.captioner, fast.features, PerClusterClip(fast.clip), fast.nlp, fast.fingerprint, "cpu",
                          refiner=PerClusterRefiner())
 
-    def _cluster_masks(self, encoding: Encoding, options: SegmentOptions) -> np.ndarray:
+    def _clusters(self, encoding: Encoding, options: SegmentOptions) -> tuple[np.ndarray, np.ndarray]:
         with self._stage("clustering"):
             channels = encoding.features.shape[0]
             points = encoding.features.astype(np.float32).reshape(channels, -1).T
             assignment = KMeans(options.k, n_init=10, random_state=options.seed).fit_predict(points)
             grid = canonical_order(assignment).reshape(encoding.features.shape[1:])
-            return cluster_masks(grid, encoding.height, encoding.width)
+            return grid, cluster_masks(grid, encoding.height, encoding.width)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

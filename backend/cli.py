@@ -179,8 +179,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 def _eval_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="mIoU on a standard dataset (VOC, COCO-Object, COCO-27) in a local folder")
-    parser.add_argument("--dataset", choices=["voc", "coco-object", "coco27"], required=True)
+    parser.add_argument("--dataset", choices=["voc", "coco-object", "coco27", "folder"], required=True,
+                        help="folder: a labelled folder (classes.txt, images/, labels/; see README, Quality)")
     parser.add_argument("--root", type=Path, required=True, help="the dataset's folder (see README, Quality)")
+    parser.add_argument("--learn", action="store_true",
+                        help="replay: predict, correct with the ground truth, learn; mIoU with and without learning")
     parser.add_argument("--limit", type=int, help="score only the first N images")
     parser.add_argument("--predictions", type=Path, help="score these label-index PNGs instead of running the models")
     _add_segment_options(parser, strict_flag=False)
@@ -191,6 +194,8 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from backend.evaluation.run import evaluate_predictions, evaluate_with_model, write_json
 
+    if args.learn:
+        return run_replay(args)
     if args.predictions:
         result = evaluate_predictions(args.dataset, args.root, args.predictions, args.limit)
     else:
@@ -207,6 +212,34 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_replay(args: argparse.Namespace) -> int:
+    from backend.evaluation.learning import format_replay, replay_dataset
+    from backend.evaluation.run import write_json
+
+    settings = get_settings()
+    result = replay_dataset(Segmenter.from_settings(settings), args.dataset, args.root, args.limit,
+                            _options(args, settings), settings.memory_bounds)
+    write_json(result.to_dict(), args.json_path)
+    if settings.models != "pretrained":
+        print(f"{settings.models} profile: random weights; the figures measure the memory's mechanics only")
+    print(format_replay(result))
+    return 0
+
+
+def _scenes_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("synthetic-scenes", help="write synthetic labelled scenes (exact ground truth)")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write classes.txt, images/, labels/ to")
+    parser.add_argument("--count", type=int, default=16, help="number of scenes")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_scenes(args: argparse.Namespace) -> int:
+    from backend.evaluation.synthetic import write_scenes
+
+    print(f"{args.count} scenes: {write_scenes(args.out, args.count, args.seed)}")
+    return 0
+
+
 def _report_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("report", help="how annotators corrected the pre-annotations of a project, per label")
     parser.add_argument("--project", required=True, help="Label Studio project id")
@@ -215,7 +248,7 @@ def _report_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     from backend.evaluation.feedback import create_feedback_store, summarize
-    from backend.evaluation.report import format_table, render_chart
+    from backend.evaluation.report import format_over_time, format_table, render_chart
 
     settings = get_settings()
     records = create_feedback_store(settings.redis_url, settings.model_dir / "feedback").records(args.project)
@@ -223,6 +256,8 @@ def run_report(args: argparse.Namespace) -> int:
         log.error("no feedback recorded for project %s yet (annotations of tasks with our predictions)", args.project)
         return 1
     print(format_table(summarize(records)))
+    print("\nmean IoU per label over time (annotations in time order):")
+    print(format_over_time(records))
     chart = render_chart(records, args.chart or Path(f"feedback-{args.project}.png"))
     print(f"{len(records)} annotations; chart {chart}")
     return 0
@@ -367,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(commands)
     _eval_parser(commands)
     _report_parser(commands)
+    _scenes_parser(commands)
     _annotate_folder_parser(commands)
     _annotate_project_parser(commands)
     _worker_parser(commands)
@@ -387,8 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(get_settings().log_level)
     try:
-        return {"segment": run_segment, "serve": run_serve, "download": run_download, "bench": run_bench_command, "eval": run_eval,
-                "report": run_report, "annotate-folder": run_annotate_folder, "annotate-project": run_annotate_project,
+        return {"segment": run_segment, "serve": run_serve, "download": run_download, "bench": run_bench_command,
+                "eval": run_eval, "report": run_report, "synthetic-scenes": run_scenes,
+                "annotate-folder": run_annotate_folder, "annotate-project": run_annotate_project,
                 "worker": run_worker_command, "jobs": run_jobs}[args.command](args)
     except ModelUnavailableError as error:
         log.error("%s", error)

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.images import ImageLimits
 from backend.options import K_RANGE, RefineMethod
+from backend.pipeline.memory import MemoryBounds
 
 Profile = Literal["pretrained", "tiny", "random-full"]
 CaptionerKind = Literal["blip2", "blip"]
@@ -65,6 +66,10 @@ class Settings(BaseSettings):
     use_caption: bool = True
     caption_fallback: bool = True
     seed: int = 0
+
+    # Learning from corrections: a project's memory of feature exemplars, bounded in bytes
+    memory_label_bytes: int = Field(4 * 1024**2, ge=0)
+    memory_project_bytes: int = Field(64 * 1024**2, ge=0)
 
     # Input limits
     max_image_bytes: int = 50 * 1024 * 1024
@@ -123,6 +128,11 @@ class Settings(BaseSettings):
     def image_limits(self) -> ImageLimits:
         """FREESEG_MAX_IMAGE_BYTES and FREESEG_MAX_IMAGE_PIXELS, as the image decoder takes them."""
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    @property
+    def memory_bounds(self) -> MemoryBounds:
+        """FREESEG_MEMORY_LABEL_BYTES and FREESEG_MEMORY_PROJECT_BYTES, as the memory takes them."""
+        return MemoryBounds(label_bytes=self.memory_label_bytes, project_bytes=self.memory_project_bytes)
 
     @property
     def crf_pool_size(self) -> int:

@@ -287,3 +287,16 @@ def test_render_chart_writes_a_png(tmp_path: Path, count: int) -> None:
 def test_render_chart_refuses_no_records(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no label feedback"):
         render_chart([], tmp_path / "chart.png")
+
+
+def test_format_over_time_gives_each_label_its_mean_iou_per_group_of_annotations() -> None:
+    from backend.evaluation.report import format_over_time
+
+    # Given out of time order: the table orders them. sky improves; car only in the last group.
+    records = [record("p", task, 1_700_000_000 + task * DAY, LabelFeedback("sky", task / 10, "edited"),
+                      *([LabelFeedback("car", 1.0, "kept")] if task >= 8 else [])) for task in reversed(range(10))]
+    lines = format_over_time(records, periods=5).splitlines()
+    assert lines[0].split() == ["label", "1-2", "3-4", "5-6", "7-8", "9-10"]
+    assert lines[2].split() == ["car", "-", "-", "-", "-", "1.000"]
+    assert lines[3].split() == ["sky", "0.050", "0.250", "0.450", "0.650", "0.850"]
+    assert format_over_time(records[:2], periods=5).splitlines()[0].split() == ["label", "1-1", "2-2"]

@@ -82,6 +82,7 @@ class Dataset:
     label_dir: str
     id_list: str | None = None
     stored_to_class: tuple[int, ...] | None = None
+    image_suffixes: tuple[str, ...] = (".jpg",)  # the first that exists is the image
 
     @property
     def num_classes(self) -> int:
@@ -113,7 +114,8 @@ class Dataset:
         return ids
 
     def _sample(self, root: Path, image_id: str) -> Sample:
-        image_path = root / self.image_dir / f"{image_id}.jpg"
+        candidates = [root / self.image_dir / f"{image_id}{suffix}" for suffix in self.image_suffixes]
+        image_path = next((path for path in candidates if path.is_file()), candidates[0])
         return Sample(image_id, image_path, self._read_label(root / self.label_dir / f"{image_id}.png"))
 
     def _read_label(self, path: Path) -> np.ndarray:
@@ -191,6 +193,24 @@ DATASETS: dict[str, Dataset] = {
         stored_to_class=COCO_OBJECT_TO_COCO27,
     ),
 }
+
+
+def folder_dataset(root: Path) -> Dataset:
+    """A labelled folder (``--dataset folder``): ``classes.txt`` (one name per line, class 0 first,
+    the background), ``images/<id>.png`` or ``.jpg``, ``labels/<id>.png`` (class ids, 255 ignored)."""
+    path = Path(root) / "classes.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"a labelled folder needs {path}: one class name per line, background first")
+    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if len(names) < 2:
+        raise ValueError(f"{path} names {len(names)} classes; it needs the background and at least one label")
+    return Dataset(key="folder", classes=_same_prompts(names), image_dir="images", label_dir="labels",
+                   image_suffixes=(".png", ".jpg", ".jpeg"))
+
+
+def dataset_at(key: str, root: Path) -> Dataset:
+    """The dataset called ``key``, or for ``folder`` the labelled folder at ``root``."""
+    return folder_dataset(root) if key == "folder" else get_dataset(key)
 
 
 def get_dataset(key: str) -> Dataset:

@@ -27,7 +27,8 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import redis
-from label_studio_sdk.converter.brush import decode_rle
+
+from backend.labelstudio.annotations import decode_brush
 
 from backend.redact import without_credentials
 
@@ -159,7 +160,7 @@ def _label_masks(results: list[dict]) -> dict[_Key, np.ndarray]:
             continue
         value = result.get("value")
         labels = (value.get("brushlabels") if isinstance(value, dict) else None) or []
-        mask = _decode_region(result) if labels else None
+        mask = decode_brush(result) if labels else None
         if mask is None:  # no label to credit, or an RLE that does not decode
             continue
         for label in labels:
@@ -175,24 +176,6 @@ def _merge(masks: dict[_Key, np.ndarray], key: _Key, mask: np.ndarray) -> None:
                     mask.shape, key[1], key[0], masks[key].shape)
     else:
         masks[key] |= mask
-
-
-def _decode_region(result: dict) -> np.ndarray | None:
-    """The region's (H, W) boolean mask (alpha > 0), or None, logged, when the RLE does not fit H*W*4."""
-    try:
-        height, width = int(result["original_height"]), int(result["original_width"])
-        value = result["value"]
-        if value.get("format") != "rle":
-            raise ValueError(f"format {value.get('format')!r} is not rle")
-        rle = value["rle"]
-        expected = height * width * 4
-        # The first 32 bits give the decoded length: check it before decode_rle allocates it.
-        if height <= 0 or width <= 0 or int.from_bytes(bytes(rle[:4]), "big") != expected:
-            raise ValueError(f"RLE does not encode {height}x{width}x4 values")
-        return decode_rle(rle).reshape(height, width, 4)[:, :, 3] > 0
-    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
-        log.warning("skipping brush region %r of %r: %s", result.get("id"), result.get("from_name"), error)
-        return None
 
 
 # --- summaries ----------------------------------------------------------------------------------

@@ -27,12 +27,39 @@ CHART_DPI = 100
 SINGLE_INSTANT_PADDING = timedelta(hours=1)
 
 _HEADER = ("label", "n", "mean IoU", "kept", "edited", "deleted", "added")
+PERIODS = 5  # the over-time table splits the annotations, in time order, into at most this many groups
 
 
 def format_table(summary: Mapping[str, LabelSummary]) -> str:
     """A fixed-width text table, one row per label sorted by label, for logs and terminals."""
     rows = [_HEADER] + [_row(summary[label]) for label in sorted(summary)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
+    return _fixed_width(rows)
+
+
+def format_over_time(records: Iterable[FeedbackRecord], periods: int = PERIODS) -> str:
+    """Per label, the mean IoU of each of ``periods`` consecutive groups of annotations, oldest first.
+
+    The columns are named by the annotations they hold (``1-20``: the first twenty); a label no
+    annotation of a group has shows ``-`` there. Rising figures: pre-annotation got better.
+    """
+    ordered = sorted(records, key=lambda r: r.timestamp)
+    bounds = [round(i * len(ordered) / min(periods, len(ordered))) for i in range(min(periods, len(ordered)) + 1)]
+    groups = [ordered[start:end] for start, end in zip(bounds, bounds[1:])]
+    labels = sorted({f.label for record in ordered for f in record.labels})
+    header = ("label", *(f"{start + 1}-{end}" for start, end in zip(bounds, bounds[1:])))
+    rows = [header]
+    for label in labels:
+        cells = []
+        for group in groups:
+            ious = [f.iou for record in group for f in record.labels if f.label == label]
+            cells.append(f"{sum(ious) / len(ious):.3f}" if ious else "-")
+        rows.append((label, *cells))
+    return _fixed_width(rows)
+
+
+def _fixed_width(rows: list[tuple[str, ...]]) -> str:
+    """Rows as columns: the first left-aligned, the others right-aligned, a rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from backend.evaluation.datasets import Dataset, get_dataset
+from backend.evaluation.datasets import Dataset, dataset_at
 from backend.evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from backend.images import read_image_file
 
@@ -27,7 +27,7 @@ _LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B")
 
 def evaluate_predictions(dataset: str, root: Path, predictions: Path, limit: int | None = None) -> dict[str, Any]:
     """Score ``predictions/<id>.png`` against the ground truth, without any model."""
-    spec = get_dataset(dataset)
+    spec = dataset_at(dataset, root)
     matrix = ConfusionMatrix(spec.num_classes)
     for sample in spec.samples(root, limit):
         _add(matrix, sample.image_id, _read_prediction(Path(predictions), sample.image_id), sample.label)
@@ -36,7 +36,7 @@ def evaluate_predictions(dataset: str, root: Path, predictions: Path, limit: int
 
 def evaluate_with_model(dataset: str, root: Path, limit: int | None, segment: Segment) -> dict[str, Any]:
     """Segment each image with ``segment`` (given the dataset's label names) and score it."""
-    spec = get_dataset(dataset)
+    spec = dataset_at(dataset, root)
     matrix = ConfusionMatrix(spec.num_classes)
     for sample in spec.samples(root, limit):
         prediction = np.asarray(segment(read_image_file(sample.image_path), spec.label_names))

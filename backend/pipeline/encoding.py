@@ -46,7 +46,7 @@ class Encoding:
     def from_bytes(cls, data: bytes) -> Encoding:
         try:
             arrays = load_tensors(data)
-            metadata = _read_metadata(data)
+            metadata = read_safetensors_metadata(data)
             if metadata.get("format") != FORMAT_VERSION:
                 raise EncodingFormatError(f"encoding format {metadata.get('format')!r}, expected {FORMAT_VERSION}")
             return cls(
@@ -63,7 +63,7 @@ class Encoding:
             raise EncodingFormatError(f"not an encoding: {error}") from error
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def read_safetensors_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors header (the numpy loader returns arrays only)."""
     (header_length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + header_length])

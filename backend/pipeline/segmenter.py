@@ -39,6 +39,7 @@ from backend.pipeline.candidates import caption_nouns, match_candidates, prompt_
 from backend.pipeline.clip_embeddings import LOGIT_SCALE, ClipEmbedder, TextImageEmbedder
 from backend.pipeline.clustering import cluster_feature_grid
 from backend.pipeline.encoding import FORMAT_VERSION, Encoding
+from backend.pipeline.exemplars import Exemplars, label_with_exemplars
 from backend.pipeline.features import FeatureExtractor, FeatureSettings
 from backend.pipeline.labelling import ClusterLabel, assign_labels, cluster_label_scores, cluster_masks, softmax
 from backend.pipeline.refine import PendingMasks, Refiner
@@ -183,19 +184,22 @@ class Segmenter:
         return encodings
 
     def segment(
-        self, encoding: Encoding, image: np.ndarray, labels: Sequence[Label], options: SegmentOptions
+        self, encoding: Encoding, image: np.ndarray, labels: Sequence[Label], options: SegmentOptions,
+        exemplars: Exemplars | None = None,
     ) -> Segmentation:
-        """A label map over ``labels`` for ``image``, from its ``encoding``."""
-        return self.segment_batch([encoding], [image], labels, options)[0]
+        """A label map over ``labels`` for ``image``, from its ``encoding`` (and a project's ``exemplars``)."""
+        return self.segment_batch([encoding], [image], labels, options, exemplars)[0]
 
     def segment_batch(
         self, encodings: Sequence[Encoding], images: Sequence[np.ndarray], labels: Sequence[Label],
-        options: SegmentOptions,
+        options: SegmentOptions, exemplars: Exemplars | None = None,
     ) -> list[Segmentation]:
-        return [self.finish(proposal) for proposal in self.propose_batch(encodings, images, labels, options)]
+        proposals = self.propose_batch(encodings, images, labels, options, exemplars)
+        return [self.finish(proposal) for proposal in proposals]
 
     def segment_batches(
-        self, batches: Iterable[tuple[Tag, Sequence[np.ndarray]]], labels: Sequence[Label], options: SegmentOptions
+        self, batches: Iterable[tuple[Tag, Sequence[np.ndarray]]], labels: Sequence[Label], options: SegmentOptions,
+        exemplars: Exemplars | None = None,
     ) -> Iterator[tuple[Tag, list[Segmentation]]]:
         """Encode and segment batch after batch; a batch is refined while the next one is encoded.
 
@@ -205,7 +209,8 @@ class Segmenter:
         """
         previous: tuple[Tag, list[Proposal]] | None = None
         for tag, images in batches:
-            current = (tag, self.propose_batch(self.encode_many(images, len(images)), images, labels, options))
+            encodings = self.encode_many(images, len(images))
+            current = (tag, self.propose_batch(encodings, images, labels, options, exemplars))
             if previous is not None:
                 yield previous[0], [self.finish(proposal) for proposal in previous[1]]
             previous = current
@@ -214,9 +219,13 @@ class Segmenter:
 
     def propose_batch(
         self, encodings: Sequence[Encoding], images: Sequence[np.ndarray], labels: Sequence[Label],
-        options: SegmentOptions,
+        options: SegmentOptions, exemplars: Exemplars | None = None,
     ) -> list[Proposal]:
-        """Candidates, clusters and their labels for each image; refinement started, not awaited."""
+        """Candidates, clusters and their labels for each image; refinement started, not awaited.
+
+        With ``exemplars`` (a project's memory), taught labels are candidates too and the labels
+        follow ``exemplars.label_with_exemplars``; None, or none of ``labels`` taught, is the paper's.
+        """
         for encoding, image in zip(encodings, images, strict=True):
             _check_compatible(encoding, image, self.fingerprint)
         if not labels:
@@ -224,11 +233,24 @@ class Segmenter:
         with self._stage("candidates"):
             vectors = label_embeddings(self.clip, labels)
             chosen = [self._candidates(encoding, labels, vectors, options) for encoding in encodings]
-        masks = [self._cluster_masks(encoding, options) for encoding in encodings]
+            taught = exemplars.taught(labels) if exemplars is not None else []
+            if taught:
+                chosen = [(sorted(set(candidates) | set(taught)), fallback) for candidates, fallback in chosen]
+            else:
+                exemplars = None  # no label of this request taught: the paper's labelling, exactly
+        clusters = [self._clusters(encoding, options) for encoding in encodings]
+        grids, masks = [grid for grid, _ in clusters], [image_masks for _, image_masks in clusters]
         with self._stage("labelling"):
             named = [i for i, (candidates, _) in enumerate(chosen) if candidates]
             scores = cluster_label_scores(self.clip, [images[i] for i in named], [masks[i] for i in named], vectors)
-            assigned = {i: assign_labels(image_scores, chosen[i][0]) for i, image_scores in zip(named, scores)}
+            if exemplars is None:
+                assigned = {i: assign_labels(image_scores, chosen[i][0]) for i, image_scores in zip(named, scores)}
+            else:
+                assigned = {}
+                for i, image_scores in zip(named, scores):
+                    masks[i], assigned[i] = label_with_exemplars(
+                        encodings[i].features, grids[i], image_scores, chosen[i][0], labels, exemplars,
+                        encodings[i].height, encodings[i].width, self.device)
         return [
             self._start_refinement(encoding, image, image_masks, assigned.get(i, []), labels, options,
                                    candidates=[labels[c].name for c in candidates], used_fallback=used_fallback)
@@ -248,7 +270,7 @@ class Segmenter:
     ) -> Proposal:
         """The cluster under each click, with the click's label (a second click on a cluster loses)."""
         _check_compatible(encoding, image, self.fingerprint)
-        masks = self._cluster_masks(encoding, options)
+        _, masks = self._clusters(encoding, options)
         assigned: dict[int, ClusterLabel] = {}
         for click in clicks:
             row = min(max(int(click.y), 0), encoding.height - 1)
@@ -271,10 +293,11 @@ class Segmenter:
         return Segmentation(label_map=label_map, regions=regions, caption=proposal.caption,
                             candidates=proposal.candidates, used_fallback=proposal.used_fallback)
 
-    def _cluster_masks(self, encoding: Encoding, options: SegmentOptions) -> np.ndarray:
+    def _clusters(self, encoding: Encoding, options: SegmentOptions) -> tuple[np.ndarray, np.ndarray]:
+        """The (G, G) cluster map and its (K, H, W) masks at the image's size."""
         with self._stage("clustering"):
             grid = cluster_feature_grid(encoding.features.astype(np.float32), options.k, options.seed, self.device)
-            return cluster_masks(grid, encoding.height, encoding.width)
+            return grid, cluster_masks(grid, encoding.height, encoding.width)
 
     def _start_refinement(
         self, encoding: Encoding, image: np.ndarray, masks: np.ndarray, assigned: list[ClusterLabel],

@@ -1,0 +1,109 @@
+"""Labelling with a project's memory: CLIP's scores combined with the taught exemplars.
+
+1. A cell's exemplar probability q of label l is the share of l's exemplars among the cell's
+   ``NEIGHBOURS`` most cosine-similar exemplars of all taught labels (``UNLABELED`` among them),
+   each vote weighted by its similarity (at least 0): a cell unlike every exemplar gets q near 0.
+2. A cell's score for label l is (1 - w) * CLIP + w * q, with w = n / (n + ``HALF_WEIGHT_REGIONS``)
+   for the n regions taught of l (0 for an untaught label); CLIP's score is its cluster's.
+3. Taught labels are candidates whatever the caption says, and may take several clusters;
+   untaught candidates keep the paper's rule (only their best cluster). A cluster takes the
+   label of best mean score over its cells; ``UNLABELED`` or no score leaves it unlabeled.
+4. A cell whose q for some label reaches ``CONFIDENT`` takes that label, whatever its cluster took.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from backend.pipeline.labelling import ClusterLabel, cluster_masks
+from backend.pipeline.memory import UNLABELED, Memory
+from backend.pipeline.vocabulary import Label
+
+NEIGHBOURS = 10  # exemplars that vote on a cell's label: a few mislabelled ones are outvoted
+HALF_WEIGHT_REGIONS = 2  # regions taught at which the exemplars weigh as much as CLIP
+CONFIDENT = 0.9  # exemplar probability at which a cell follows the exemplars, not its cluster
+
+
+@dataclass(frozen=True)
+class Exemplars:
+    """The memory as prediction uses it: unit-norm vectors and a count of regions, per taught label."""
+
+    vectors: dict[str, np.ndarray]  # label name (or UNLABELED) -> (N, C) float32, unit rows
+    regions: dict[str, int]
+
+    @classmethod
+    def from_memory(cls, memory: Memory) -> Exemplars:
+        vectors = {}
+        for label in memory.labels:
+            rows = memory.vectors(label).astype(np.float32)
+            vectors[label] = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        return cls(vectors=vectors, regions={label: memory.regions_taught(label) for label in memory.labels})
+
+    def taught(self, labels: Sequence[Label]) -> list[int]:
+        """Indices of ``labels`` that have exemplars."""
+        return [index for index, label in enumerate(labels) if label.name in self.vectors]
+
+    def weight(self, label: str) -> float:
+        """How much the exemplars of ``label`` count against CLIP: grows with the regions taught."""
+        count = self.regions.get(label, 0)
+        return count / (count + HALF_WEIGHT_REGIONS)
+
+
+def exemplar_probabilities(features: np.ndarray, exemplars: Exemplars, names: Sequence[str],
+                           device: torch.device | str = "cpu") -> np.ndarray:
+    """(G*G, len(names)) similarity-weighted share of each of ``names`` among each cell's nearest exemplars."""
+    channels = features.shape[0]
+    cells = features.reshape(channels, -1).T
+    columns = [column for column, name in enumerate(names) if len(exemplars.vectors.get(name, ()))]
+    if not columns:
+        return np.zeros((len(cells), len(names)), np.float32)
+    vectors = torch.from_numpy(np.concatenate([exemplars.vectors[names[c]] for c in columns])).to(device)
+    owner = torch.tensor([c for c in columns for _ in range(len(exemplars.vectors[names[c]]))], device=device)
+    cells = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(cells, np.float32)).to(device), dim=1)
+    similarity, nearest = (cells @ vectors.T).topk(min(NEIGHBOURS, len(vectors)), dim=1)  # (N, k)
+    votes = torch.zeros((len(cells), len(names)), device=device)
+    votes.scatter_add_(1, owner[nearest], similarity.clamp_min(0))
+    return (votes / nearest.shape[1]).cpu().numpy()
+
+
+def label_with_exemplars(
+    features: np.ndarray, cluster_grid: np.ndarray, clip_scores: np.ndarray, candidates: Sequence[int],
+    labels: Sequence[Label], exemplars: Exemplars, height: int, width: int, device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, list[ClusterLabel]]:
+    """(M, H, W) masks, one per label given, and the label of each, by the rules of this module's docstring.
+
+    ``clip_scores`` are CLIP's (K, L) probabilities of the clusters of ``cluster_grid``; ``candidates``
+    already include the taught labels. A mask's ``ClusterLabel.cluster`` is its index in the masks.
+    """
+    names = [label.name for label in labels] + [UNLABELED]
+    unlabeled = len(labels)
+    clusters = cluster_grid.ravel()
+    q = exemplar_probabilities(features, exemplars, names, device)  # (N, L + 1)
+    weights = np.array([exemplars.weight(name) for name in names], np.float32)
+    clip = np.concatenate([clip_scores, np.zeros((len(clip_scores), 1), np.float32)], axis=1)[clusters]
+    scores = (1 - weights) * clip + weights * q  # (N, L + 1)
+    allowed = np.zeros(len(names), bool)
+    allowed[list(candidates)] = True
+    allowed[unlabeled] = True
+    cluster_scores = np.stack([scores[clusters == k].mean(axis=0) for k in range(len(clip_scores))])
+    cluster_scores[:, ~allowed] = 0
+    for label in candidates:
+        if weights[label] == 0:  # untaught: only its best cluster, as in the paper
+            best = int(cluster_scores[:, label].argmax())
+            cluster_scores[np.arange(len(cluster_scores)) != best, label] = 0
+    cluster_choice = np.where(cluster_scores.max(axis=1) > 0, cluster_scores.argmax(axis=1), unlabeled)
+    cell_labels = cluster_choice[clusters]
+    confident = (q.max(axis=1) >= CONFIDENT) & allowed[q.argmax(axis=1)]
+    cell_labels = np.where(confident, q.argmax(axis=1), cell_labels)
+    present = [int(label) for label in np.unique(cell_labels) if label != unlabeled]
+    grid = np.full(cluster_grid.shape, len(present), np.int64)  # index len(present): no mask
+    assigned = []
+    for index, label in enumerate(present):
+        chosen = cell_labels == label
+        grid.ravel()[chosen] = index
+        assigned.append(ClusterLabel(cluster=index, label=label, score=float(scores[chosen, label].mean())))
+    return cluster_masks(grid, height, width)[: len(present)], assigned
