@@ -8,7 +8,6 @@ variable names that users of Label Studio's ML backends already know (``MODEL_DI
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -23,6 +22,7 @@ CaptionerKind = Literal["blip2", "blip"]
 RefineMethod = Literal["crf", "pamr", "none"]
 FeatureKind = Literal["attention-query", "resnet"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 
 DEFAULT_CAPTIONER_MODELS: dict[str, str] = {
     "blip2": "Salesforce/blip2-opt-2.7b",
@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     # Models
     models: Profile = "pretrained"
     device: DeviceChoice = "auto"
+    dtype: DtypeChoice = "auto"  # of the VAE, U-Net, CLIP and captioner; auto: fp16 on CUDA, bf16 on CPUs that have it
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"
@@ -60,7 +61,8 @@ class Settings(BaseSettings):
     # Segmentation defaults (each can be changed per request)
     k: int = Field(4, ge=2, le=32)
     refine: RefineMethod = "crf"
-    crf_processes: int | None = Field(None, ge=0)  # CRF pool size; None: one per CPU core, 0: on the inference thread
+    refine_max_side: int = Field(640, ge=64)  # longest side (pixels) the clusters, CLIP crops and refinement run at
+    crf_processes: int | None = Field(None, ge=0)  # CRF pool size; None: from the cores (backend.threads), 0: in line
     use_caption: bool = True
     caption_fallback: bool = True
     seed: int = 0
@@ -121,11 +123,6 @@ class Settings(BaseSettings):
     def image_limits(self) -> ImageLimits:
         """FREESEG_MAX_IMAGE_BYTES and FREESEG_MAX_IMAGE_PIXELS, as the image decoder takes them."""
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
-
-    @property
-    def crf_pool_size(self) -> int:
-        """FREESEG_CRF_PROCESSES, with its default (one process per CPU core) resolved."""
-        return self.crf_processes if self.crf_processes is not None else os.cpu_count() or 1
 
     @property
     def captioner_source(self) -> str:
