@@ -13,6 +13,7 @@ import os
 import platform
 import resource
 import statistics
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ class BenchConfig:
     json_path: Path | None = None
     dtype: str = "auto"  # FREESEG_DTYPE for this run
     image_size: tuple[int, int] = (500, 375)  # (width, height) of the synthetic images
+    compare_sizes: tuple[tuple[int, int], ...] = ()  # measure only single-image predictions at each of these sizes
     naive: bool = True  # also run the naive mode (minutes per image on big photos: its CRF runs at full size)
     compare_dtype: str | None = None  # measure only the features stage and the cluster maps against this dtype
 
@@ -183,7 +185,7 @@ def compare_dtypes(config: BenchConfig, settings: Settings) -> dict:
     images = _bench_images(config)
     names = [_dtype_name(segmenter) for segmenter in segmenters]
     for segmenter in segmenters:
-        segmenter.encode(images[0])  # warm-up
+        segmenter.features(images[:1])  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in names}
     agreements = []
     options = SegmentOptions.from_settings(settings)
@@ -221,10 +223,91 @@ def _write(figures: dict, path: Path | None) -> None:
         path.write_text(json.dumps(figures, indent=2))
 
 
+class _PeakMemory:
+    """The largest resident set size of this process while it is entered, sampled every few milliseconds (Linux)."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._done = threading.Event()
+
+    def __enter__(self) -> _PeakMemory:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+        while True:
+            resident = int(Path("/proc/self/statm").read_text().split()[1]) * page_mb
+            self.peak_mb = max(self.peak_mb, resident)
+            if self._done.wait(0.005):
+                return
+
+
+def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
+    """One image at a time at each size, sizes taking turns: JPEG decoding, encode, segment and brush results.
+
+    This is what a /predict of a photo costs (no cache), so the sizes' ratios hold on a busy machine.
+    """
+    settings = settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype})
+    segmenter = Segmenter.from_settings(settings)
+    labels = labels_from_names(VOC_LABELS)
+    options = SegmentOptions.from_settings(settings)
+    jpegs = {size: [_jpeg(image) for image in synthetic_images(config.images, size=size[::-1])]
+             for size in config.compare_sizes}
+    figures: dict[str, dict] = {f"{w}x{h}": defaultdict(list) for w, h in config.compare_sizes}
+
+    def predict(data: bytes, measured: dict) -> None:
+        start, cpu_start = time.perf_counter(), _cpu_seconds(segmenter)
+        with _PeakMemory() as memory:
+            image = decode_image(data, settings.image_limits)
+            decoded = time.perf_counter()
+            brush_results(segmenter.segment_image(image, labels, options), "tag", "image")
+        measured["seconds"].append(time.perf_counter() - start)
+        measured["decode_seconds"].append(decoded - start)
+        measured["cpu_seconds"].append(_cpu_seconds(segmenter) - cpu_start)
+        measured["peak_rss_mb"].append(memory.peak_mb)
+
+    predict(jpegs[config.compare_sizes[0]][0], defaultdict(list))  # warm-up
+    for index in range(config.images):
+        for size in config.compare_sizes:
+            predict(jpegs[size][index], figures[f"{size[0]}x{size[1]}"])
+    first = f"{config.compare_sizes[0][0]}x{config.compare_sizes[0][1]}"
+    summary = {
+        name: {"megapixels": int(name.split("x")[0]) * int(name.split("x")[1]) / 1e6,
+               "latency_p50_ms": 1000 * statistics.median(m["seconds"]),
+               "decode_p50_ms": 1000 * statistics.median(m["decode_seconds"]),
+               "cpu_p50_ms": 1000 * statistics.median(m["cpu_seconds"]),  # all threads and CRF processes
+               "peak_rss_mb": max(m["peak_rss_mb"])}
+        for name, m in figures.items()
+    }
+    for name, row in summary.items():
+        row["latency_ratio"] = row["latency_p50_ms"] / summary[first]["latency_p50_ms"]
+        row["cpu_ratio"] = row["cpu_p50_ms"] / summary[first]["cpu_p50_ms"]
+    result = {"profile": config.profile, "device": str(segmenter.device), "dtype": _dtype_name(segmenter),
+              "images": config.images, "refine": options.refine, "refine_max_side": segmenter.refine_max_side,
+              "crf_processes": segmenter.refiner.crf_processes, "sizes": summary,
+              "hardware": _hardware(segmenter.device), "date": time.strftime("%Y-%m-%d")}
+    print(f"freesegdiff bench: one image at a time, {config.profile} on {result['device']} in {result['dtype']}, "
+          f"refine={options.refine} at most {segmenter.refine_max_side} px, {config.images} images per size")
+    for name, row in summary.items():
+        print(f"  {name:>11} ({row['megapixels']:5.1f} MP)  p50 {row['latency_p50_ms']:7.0f} ms (x{row['latency_ratio']:.2f})"
+              f"  CPU {row['cpu_p50_ms']:7.0f} ms (x{row['cpu_ratio']:.2f})  decoding {row['decode_p50_ms']:5.0f} ms"
+              f"  peak RSS {row['peak_rss_mb']:6.0f} MB")
+    _write(result, config.json_path)
+    return result
+
+
 def run_bench(config: BenchConfig, settings: Settings) -> dict:
     """Measure, print a summary, and return the figures (also written to ``config.json_path``)."""
     if config.compare_dtype:
         return compare_dtypes(config, settings)
+    if config.compare_sizes:
+        return compare_sizes(config, settings)
     settings = settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype})
     load_start = time.perf_counter()
     fast = Segmenter.from_settings(settings)

@@ -68,3 +68,14 @@ def test_bench_at_an_image_size_without_the_naive_mode(tiny_settings, tmp_path):
     figures = run_bench(config, tiny_settings)
     assert figures["image_size"] == [900, 600] and figures["megapixels"] == 0.54
     assert figures["dtype"] == "float32" and figures["speedup"] is None and figures["decode_p50_ms"] > 0
+
+
+def test_bench_compares_image_sizes_side_by_side(tiny_settings, tmp_path):
+    config = BenchConfig(profile="tiny", device="cpu", images=1, batch=1, compare_sizes=((320, 240), (1200, 800)),
+                         json_path=tmp_path / "sizes.json")
+    figures = run_bench(config, tiny_settings)
+    assert set(figures["sizes"]) == {"320x240", "1200x800"}
+    big = figures["sizes"]["1200x800"]
+    assert big["megapixels"] == 0.96 and big["latency_p50_ms"] > 0 and big["peak_rss_mb"] > 0
+    assert figures["sizes"]["320x240"]["latency_ratio"] == 1.0
+    assert json.loads((tmp_path / "sizes.json").read_text())["sizes"]["1200x800"]["cpu_ratio"] == big["cpu_ratio"]
