@@ -7,11 +7,13 @@ time, scikit-learn K-means, the CPU CRF for each cluster, CLIP called once per c
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import resource
 import statistics
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -20,14 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 from backend.cache import MemoryCache
-from backend.images import read_image_file
+from backend.images import decode_image, read_image_file
 from backend.labelstudio.results import brush_results
 from backend.pipeline.clip_embeddings import TextImageEmbedder
 from backend.pipeline.encoding import Encoding
-from backend.pipeline.clustering import canonical_order
+from backend.pipeline.clustering import canonical_order, cluster_feature_grid
 from backend.pipeline.labelling import cluster_masks
 from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
 from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
@@ -47,6 +51,11 @@ class BenchConfig:
     batch: int
     image_dir: Path | None = None
     json_path: Path | None = None
+    dtype: str = "auto"  # FREESEG_DTYPE for this run
+    image_size: tuple[int, int] = (500, 375)  # (width, height) of the synthetic images
+    compare_sizes: tuple[tuple[int, int], ...] = ()  # measure only single-image predictions at each of these sizes
+    naive: bool = True  # also run the naive mode (minutes per image on big photos: its CRF runs at full size)
+    compare_dtype: str | None = None  # measure only the features stage and the cluster maps against this dtype
 
 
 def synthetic_images(count: int, seed: int = 0, size: tuple[int, int] = (375, 500)) -> list[np.ndarray]:
@@ -88,10 +97,14 @@ class PerClusterRefiner(Refiner):
     def __init__(self) -> None:
         super().__init__("cpu", crf_processes=0)
 
-    def start(self, image: np.ndarray, masks: np.ndarray, method: RefineMethod) -> PendingMasks:
+    def start(
+        self, image: np.ndarray, masks: np.ndarray, method: RefineMethod, full_image: np.ndarray | None = None
+    ) -> PendingMasks:
         def one_cluster_at_a_time() -> np.ndarray:
-            refined = [refine_masks(image, mask[None], method) for mask in masks]
-            return refine_masks(image, np.concatenate(refined) if refined else masks, "none")  # the first mask wins
+            if len(masks) == 0:
+                return refine_masks(image, masks, method, "cpu", full_image)
+            refined = np.concatenate([refine_masks(image, mask[None], method, "cpu", full_image) for mask in masks])
+            return refine_masks(full_image if full_image is not None else image, refined, "none")  # the first mask wins
 
         return one_cluster_at_a_time
 
@@ -103,13 +116,15 @@ class NaiveSegmenter(Segmenter):
         super().__init__(fast.captioner, fast.features, PerClusterClip(fast.clip), fast.nlp, fast.fingerprint, "cpu",
                          refiner=PerClusterRefiner())
 
-    def _clusters(self, encoding: Encoding, options: SegmentOptions) -> tuple[np.ndarray, np.ndarray]:
+    def _clusters(
+        self, encoding: Encoding, options: SegmentOptions, size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         with self._stage("clustering"):
             channels = encoding.features.shape[0]
             points = encoding.features.astype(np.float32).reshape(channels, -1).T
             assignment = KMeans(options.k, n_init=10, random_state=options.seed).fit_predict(points)
             grid = canonical_order(assignment).reshape(encoding.features.shape[1:])
-            return grid, cluster_masks(grid, encoding.height, encoding.width)
+            return grid, cluster_masks(grid, *size)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -143,19 +158,165 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cluster_agreement(first: np.ndarray, second: np.ndarray) -> float:
+    """Share of pixels of two cluster maps that agree once clusters are matched one to one (Hungarian)."""
+    size = int(max(first.max(), second.max())) + 1
+    overlap = np.zeros((size, size), dtype=np.int64)
+    np.add.at(overlap, (first.ravel(), second.ravel()), 1)
+    rows, columns = linear_sum_assignment(-overlap)
+    return float(overlap[rows, columns].sum() / first.size)
+
+
+def _bench_images(config: BenchConfig) -> list[np.ndarray]:
+    if config.image_dir:
+        paths = sorted(p for p in config.image_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        return [read_image_file(p) for p in paths[: config.images]]
+    width, height = config.image_size
+    return synthetic_images(config.images, size=(height, width))
+
+
+def _dtype_name(segmenter: Segmenter) -> str:
+    return str(getattr(segmenter.features, "dtype", "unknown")).removeprefix("torch.")
+
+
+def compare_dtypes(config: BenchConfig, settings: Settings) -> dict:
+    """The features stage in two dtypes, side by side on the same images, and how far their cluster maps agree."""
+    settings = settings.model_copy(update={"models": config.profile, "device": config.device})
+    segmenters = [Segmenter.from_settings(settings.model_copy(update={"dtype": d}))
+                  for d in (config.dtype, config.compare_dtype)]
+    images = _bench_images(config)
+    names = [_dtype_name(segmenter) for segmenter in segmenters]
+    for segmenter in segmenters:
+        segmenter.features(images[:1])  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    agreements = []
+    options = SegmentOptions.from_settings(settings)
+    for image in images:
+        grids = []
+        for name, segmenter in zip(names, segmenters):
+            start = time.perf_counter()
+            features = segmenter.features([image])[0]
+            _sync(segmenter.device)
+            seconds[name].append(time.perf_counter() - start)
+            grids.append(cluster_feature_grid(features.astype(np.float32), options.k, options.seed, segmenter.device))
+        agreements.append(cluster_agreement(*grids))
+    medians = {name: 1000 * statistics.median(values) for name, values in seconds.items()}
+    figures = {
+        "profile": config.profile, "device": str(segmenters[0].device), "images": len(images),
+        "image_size": list(images[0].shape[1::-1]), "k": options.k,
+        "dtype": names[0], "compare_dtype": names[1],
+        "features_ms": medians,  # median per image of the VAE and U-Net (the features stage without CLIP)
+        "features_speedup": medians[names[1]] / medians[names[0]],  # > 1: the first dtype is faster
+        "cluster_agreement_min": min(agreements), "cluster_agreement_median": statistics.median(agreements),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "hardware": _hardware(segmenters[0].device), "date": time.strftime("%Y-%m-%d"),
+    }
+    print(f"freesegdiff bench: {names[0]} against {names[1]}, {config.profile} on {figures['device']}, "
+          f"{len(images)} images: features {medians[names[0]]:.0f} ms against {medians[names[1]]:.0f} ms "
+          f"(x{figures['features_speedup']:.2f}); cluster maps agree on {100 * figures['cluster_agreement_min']:.1f}% "
+          f"of pixels or more (median {100 * figures['cluster_agreement_median']:.1f}%)")
+    _write(figures, config.json_path)
+    return figures
+
+
+def _write(figures: dict, path: Path | None) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=2))
+
+
+class _PeakMemory:
+    """The largest resident set size of this process while it is entered, sampled every few milliseconds (Linux)."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._done = threading.Event()
+
+    def __enter__(self) -> _PeakMemory:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+        while True:
+            resident = int(Path("/proc/self/statm").read_text().split()[1]) * page_mb
+            self.peak_mb = max(self.peak_mb, resident)
+            if self._done.wait(0.005):
+                return
+
+
+def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
+    """One image at a time at each size, sizes taking turns: JPEG decoding, encode, segment and brush results.
+
+    This is what a /predict of a photo costs (no cache), so the sizes' ratios hold on a busy machine.
+    """
+    settings = settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype})
+    segmenter = Segmenter.from_settings(settings)
+    labels = labels_from_names(VOC_LABELS)
+    options = SegmentOptions.from_settings(settings)
+    jpegs = {size: [_jpeg(image) for image in synthetic_images(config.images, size=size[::-1])]
+             for size in config.compare_sizes}
+    figures: dict[str, dict] = {f"{w}x{h}": defaultdict(list) for w, h in config.compare_sizes}
+
+    def predict(data: bytes, measured: dict) -> None:
+        start, cpu_start = time.perf_counter(), _cpu_seconds(segmenter)
+        with _PeakMemory() as memory:
+            image = decode_image(data, settings.image_limits)
+            decoded = time.perf_counter()
+            brush_results(segmenter.segment_image(image, labels, options), "tag", "image")
+        measured["seconds"].append(time.perf_counter() - start)
+        measured["decode_seconds"].append(decoded - start)
+        measured["cpu_seconds"].append(_cpu_seconds(segmenter) - cpu_start)
+        measured["peak_rss_mb"].append(memory.peak_mb)
+
+    predict(jpegs[config.compare_sizes[0]][0], defaultdict(list))  # warm-up
+    for index in range(config.images):
+        for size in config.compare_sizes:
+            predict(jpegs[size][index], figures[f"{size[0]}x{size[1]}"])
+    first = f"{config.compare_sizes[0][0]}x{config.compare_sizes[0][1]}"
+    summary = {
+        name: {"megapixels": int(name.split("x")[0]) * int(name.split("x")[1]) / 1e6,
+               "latency_p50_ms": 1000 * statistics.median(m["seconds"]),
+               "decode_p50_ms": 1000 * statistics.median(m["decode_seconds"]),
+               "cpu_p50_ms": 1000 * statistics.median(m["cpu_seconds"]),  # all threads and CRF processes
+               "peak_rss_mb": max(m["peak_rss_mb"])}
+        for name, m in figures.items()
+    }
+    for name, row in summary.items():
+        row["latency_ratio"] = row["latency_p50_ms"] / summary[first]["latency_p50_ms"]
+        row["cpu_ratio"] = row["cpu_p50_ms"] / summary[first]["cpu_p50_ms"]
+    result = {"profile": config.profile, "device": str(segmenter.device), "dtype": _dtype_name(segmenter),
+              "images": config.images, "refine": options.refine, "refine_max_side": segmenter.refine_max_side,
+              "crf_processes": segmenter.refiner.crf_processes, "sizes": summary,
+              "hardware": _hardware(segmenter.device), "date": time.strftime("%Y-%m-%d")}
+    print(f"freesegdiff bench: one image at a time, {config.profile} on {result['device']} in {result['dtype']}, "
+          f"refine={options.refine} at most {segmenter.refine_max_side} px, {config.images} images per size")
+    for name, row in summary.items():
+        print(f"  {name:>11} ({row['megapixels']:5.1f} MP)  p50 {row['latency_p50_ms']:7.0f} ms (x{row['latency_ratio']:.2f})"
+              f"  CPU {row['cpu_p50_ms']:7.0f} ms (x{row['cpu_ratio']:.2f})  decoding {row['decode_p50_ms']:5.0f} ms"
+              f"  peak RSS {row['peak_rss_mb']:6.0f} MB")
+    _write(result, config.json_path)
+    return result
+
+
 def run_bench(config: BenchConfig, settings: Settings) -> dict:
     """Measure, print a summary, and return the figures (also written to ``config.json_path``)."""
-    settings = settings.model_copy(update={"models": config.profile, "device": config.device})
+    if config.compare_dtype:
+        return compare_dtypes(config, settings)
+    if config.compare_sizes:
+        return compare_sizes(config, settings)
+    settings = settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype})
     load_start = time.perf_counter()
     fast = Segmenter.from_settings(settings)
     load_seconds = time.perf_counter() - load_start
     models_gpu_mb = torch.cuda.memory_allocated() / 2**20 if fast.device.type == "cuda" else None
     device = fast.device
-    if config.image_dir:
-        paths = sorted(p for p in config.image_dir.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-        images = [read_image_file(p) for p in paths[: config.images]]
-    else:
-        images = synthetic_images(config.images)
+    images = _bench_images(config)
     labels = labels_from_names(VOC_LABELS)
     options = SegmentOptions.from_settings(settings)
     stages: dict[str, list[float]] = defaultdict(list)
@@ -191,27 +352,37 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         for index, image in enumerate(images)
     ]
 
-    naive = NaiveSegmenter(fast)
-    naive_cpu_start = _cpu_seconds(naive)
-    naive_seconds = _timed(lambda: predict(naive, [[image] for image in images]))
-    naive_cpu_seconds = _cpu_seconds(naive) - naive_cpu_start
+    jpegs = [_jpeg(image) for image in images]
+    decodes = [_timed(lambda data=data: decode_image(data, settings.image_limits)) for data in jpegs]
+
+    naive_seconds = naive_cpu_seconds = None
+    if config.naive:
+        naive = NaiveSegmenter(fast)
+        naive_cpu_start = _cpu_seconds(naive)
+        naive_seconds = _timed(lambda: predict(naive, [[image] for image in images]))
+        naive_cpu_seconds = _cpu_seconds(naive) - naive_cpu_start
 
     figures = {
         "profile": config.profile,
         "model_version": model_version(settings),
         "device": str(device),
+        "dtype": _dtype_name(fast),
         "images": len(images),
+        "image_size": list(images[0].shape[1::-1]),  # width, height
+        "megapixels": images[0].shape[0] * images[0].shape[1] / 1e6,
+        "refine_max_side": fast.refine_max_side,
         "batch": config.batch,
         "k": options.k,
         "refine": options.refine,
         "crf_processes": fast.refiner.crf_processes,
         "images_per_s": len(images) / throughput_seconds,
-        "baseline_images_per_s": len(images) / naive_seconds,
-        "speedup": naive_seconds / throughput_seconds,
+        "baseline_images_per_s": None if naive_seconds is None else len(images) / naive_seconds,
+        "speedup": None if naive_seconds is None else naive_seconds / throughput_seconds,
         "cpu_ms_per_image": 1000 * cpu_seconds / len(images),  # all threads and CRF processes
-        "baseline_cpu_ms_per_image": 1000 * naive_cpu_seconds / len(images),
+        "baseline_cpu_ms_per_image": None if naive_cpu_seconds is None else 1000 * naive_cpu_seconds / len(images),
         "cpu_cores_busy": cpu_seconds / throughput_seconds,
-        "baseline_cpu_cores_busy": naive_cpu_seconds / naive_seconds,
+        "baseline_cpu_cores_busy": None if naive_seconds is None else naive_cpu_seconds / naive_seconds,
+        "decode_p50_ms": 1000 * _percentile(decodes, 50),  # the images as JPEG files (quality 90)
         "latency_p50_ms": 1000 * _percentile(latencies, 50),
         "latency_p95_ms": 1000 * _percentile(latencies, 95),
         "reprompt_p50_ms": 1000 * _percentile(reprompts, 50),
@@ -225,10 +396,14 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         "date": time.strftime("%Y-%m-%d"),
     }
     _print(figures)
-    if config.json_path:
-        config.json_path.parent.mkdir(parents=True, exist_ok=True)
-        config.json_path.write_text(json.dumps(figures, indent=2))
+    _write(figures, config.json_path)
     return figures
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def _hardware(device: torch.device) -> dict:
@@ -242,13 +417,19 @@ def _hardware(device: torch.device) -> dict:
 
 
 def _print(figures: dict) -> None:
-    print(f"freesegdiff bench: {figures['profile']} on {figures['device']}, {figures['images']} images, "
+    width, height = figures["image_size"]
+    print(f"freesegdiff bench: {figures['profile']} on {figures['device']} in {figures['dtype']}, "
+          f"{figures['images']} images of {width}x{height} ({figures['megapixels']:.2f} MP), "
           f"batch {figures['batch']}, K={figures['k']}, refine={figures['refine']} "
           f"({figures['crf_processes']} CRF processes)")
-    print(f"  throughput      {figures['images_per_s']:8.2f} images/s   (naive {figures['baseline_images_per_s']:.2f}, "
-          f"speedup x{figures['speedup']:.2f})")
-    print(f"  CPU time        {figures['cpu_ms_per_image']:8.1f} ms/image ({figures['cpu_cores_busy']:.2f} cores busy; "
-          f"naive {figures['baseline_cpu_ms_per_image']:.1f} ms/image, {figures['baseline_cpu_cores_busy']:.2f} cores busy)")
+    naive = (f"(naive {figures['baseline_images_per_s']:.2f}, speedup x{figures['speedup']:.2f})"
+             if figures["speedup"] is not None else "(naive mode not run)")
+    print(f"  throughput      {figures['images_per_s']:8.2f} images/s   {naive}")
+    naive_cpu = (f"; naive {figures['baseline_cpu_ms_per_image']:.1f} ms/image, "
+                 f"{figures['baseline_cpu_cores_busy']:.2f} cores busy" if figures["speedup"] is not None else "")
+    print(f"  CPU time        {figures['cpu_ms_per_image']:8.1f} ms/image ({figures['cpu_cores_busy']:.2f} cores busy"
+          f"{naive_cpu})")
+    print(f"  decoding        p50 {figures['decode_p50_ms']:8.1f} ms per JPEG")
     print(f"  latency         p50 {figures['latency_p50_ms']:8.1f} ms   p95 {figures['latency_p95_ms']:.1f} ms")
     print(f"  re-prompt       p50 {figures['reprompt_p50_ms']:8.1f} ms   ({figures['reprompt_to_cold_ratio']:.2f} of a cold prediction)")
     print("  stages (median ms per call): " + ", ".join(f"{k} {v:.1f}" for k, v in figures["stages_ms"].items()))

@@ -166,13 +166,39 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-dir", type=Path, help="benchmark on the images of this folder instead")
     parser.add_argument("--batch", type=int, default=4, help="images per encode batch")
     parser.add_argument("--json", type=Path, dest="json_path", help="write the figures to this JSON file")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="the models' dtype (FREESEG_DTYPE)")
+    parser.add_argument("--image-size", type=_image_sizes, default=[(500, 375)], metavar="WxH[,WxH...]",
+                        help="size of the synthetic images (default 500x375); several sizes: only time one "
+                             "prediction at a time (decoding to brush results) at each, sizes taking turns")
+    parser.add_argument("--no-naive", dest="naive", action="store_false",
+                        help="skip the naive mode (its full-size CRF takes minutes on big photos)")
+    parser.add_argument("--compare-dtype", choices=["float32", "bfloat16", "float16"],
+                        help="only time the features stage in --dtype and in this one, side by side, and compare "
+                             "their cluster maps")
+
+
+def _image_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        width, _, height = item.lower().partition("x")
+        try:
+            size = int(width), int(height)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not WIDTHxHEIGHT, e.g. 6000x4000") from None
+        if min(size) < 16:
+            raise argparse.ArgumentTypeError(f"{item!r}: each side must be at least 16 pixels")
+        sizes.append(size)
+    return sizes
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
     from backend.bench import BenchConfig, run_bench
 
     config = BenchConfig(profile=args.profile, device=args.device, images=args.images, batch=args.batch,
-                         image_dir=args.image_dir, json_path=args.json_path)
+                         image_dir=args.image_dir, json_path=args.json_path, dtype=args.dtype,
+                         image_size=args.image_size[0], naive=args.naive, compare_dtype=args.compare_dtype,
+                         compare_sizes=tuple(args.image_size) if len(args.image_size) > 1 else ())
     run_bench(config, get_settings())
     return 0
 

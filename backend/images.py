@@ -166,7 +166,7 @@ def _flatten(image: Image.Image) -> Image.Image:
     """Convert to RGB, compositing any transparency over white."""
     try:
         if not image.has_transparency_data:
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     except ValueError as exc:

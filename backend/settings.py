@@ -8,7 +8,6 @@ variable names that users of Label Studio's ML backends already know (``MODEL_DI
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,6 +23,7 @@ Profile = Literal["pretrained", "tiny", "random-full"]
 CaptionerKind = Literal["blip2", "blip"]
 FeatureKind = Literal["attention-query", "resnet"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 
 DEFAULT_CAPTIONER_MODELS: dict[str, str] = {
     "blip2": "Salesforce/blip2-opt-2.7b",
@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     # Models
     models: Profile = "pretrained"
     device: DeviceChoice = "auto"
+    dtype: DtypeChoice = "auto"  # of the VAE, U-Net, CLIP and captioner; auto: fp16 on CUDA, bf16 on CPUs that have it
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"
@@ -62,7 +63,8 @@ class Settings(BaseSettings):
     # Segmentation defaults (each can be changed per request)
     k: int = Field(4, ge=K_RANGE[0], le=K_RANGE[1])
     refine: RefineMethod = "crf"
-    crf_processes: int | None = Field(None, ge=0)  # CRF pool size; None: one per CPU core, 0: on the inference thread
+    refine_max_side: int = Field(640, ge=64)  # longest side (pixels) the clusters, CLIP crops and refinement run at
+    crf_processes: int | None = Field(None, ge=0)  # CRF pool size; None: from the cores (backend.threads), 0: in line
     use_caption: bool = True
     caption_fallback: bool = True
     seed: int = 0
@@ -133,11 +135,6 @@ class Settings(BaseSettings):
     def memory_bounds(self) -> MemoryBounds:
         """FREESEG_MEMORY_LABEL_BYTES and FREESEG_MEMORY_PROJECT_BYTES, as the memory takes them."""
         return MemoryBounds(label_bytes=self.memory_label_bytes, project_bytes=self.memory_project_bytes)
-
-    @property
-    def crf_pool_size(self) -> int:
-        """FREESEG_CRF_PROCESSES, with its default (one process per CPU core) resolved."""
-        return self.crf_processes if self.crf_processes is not None else os.cpu_count() or 1
 
     @property
     def captioner_source(self) -> str:

@@ -40,3 +40,42 @@ def test_the_naive_refiner_runs_a_fresh_crf_per_cluster_with_the_same_masks(monk
     refined = PerClusterRefiner().start(image, masks, "crf")()
     assert np.array_equal(refined, refine_masks(image, masks, "crf"))
     assert calls == [1, 1, 1, 3]  # one CRF per cluster, then the overlap rule over all three
+
+
+def test_cluster_agreement_matches_clusters_one_to_one():
+    first = np.array([[0, 0, 1, 1], [2, 2, 3, 3]])
+    renamed = np.array([3, 2, 1, 0])[first]
+    assert bench.cluster_agreement(first, renamed) == 1.0
+    changed = renamed.copy()
+    changed[0, 0] = 0  # one pixel of eight moved to another cluster
+    assert bench.cluster_agreement(first, changed) == 7 / 8
+
+
+def test_bfloat16_cluster_maps_agree_with_float32_ones(tiny_settings, tmp_path):
+    """The dtype check of the README, on the tiny profile: it runs both dtypes side by side."""
+    config = BenchConfig(profile="tiny", device="cpu", images=3, batch=1, dtype="bfloat16", compare_dtype="float32",
+                         json_path=tmp_path / "dtypes.json")
+    figures = run_bench(config, tiny_settings)
+    assert (figures["dtype"], figures["compare_dtype"]) == ("bfloat16", "float32")
+    assert set(figures["features_ms"]) == {"bfloat16", "float32"}
+    assert figures["cluster_agreement_min"] >= 0.95
+    assert json.loads((tmp_path / "dtypes.json").read_text())["cluster_agreement_min"] == figures["cluster_agreement_min"]
+
+
+def test_bench_at_an_image_size_without_the_naive_mode(tiny_settings, tmp_path):
+    config = BenchConfig(profile="tiny", device="cpu", images=1, batch=1, image_size=(900, 600), naive=False,
+                         dtype="float32", json_path=tmp_path / "big.json")
+    figures = run_bench(config, tiny_settings)
+    assert figures["image_size"] == [900, 600] and figures["megapixels"] == 0.54
+    assert figures["dtype"] == "float32" and figures["speedup"] is None and figures["decode_p50_ms"] > 0
+
+
+def test_bench_compares_image_sizes_side_by_side(tiny_settings, tmp_path):
+    config = BenchConfig(profile="tiny", device="cpu", images=1, batch=1, compare_sizes=((320, 240), (1200, 800)),
+                         json_path=tmp_path / "sizes.json")
+    figures = run_bench(config, tiny_settings)
+    assert set(figures["sizes"]) == {"320x240", "1200x800"}
+    big = figures["sizes"]["1200x800"]
+    assert big["megapixels"] == 0.96 and big["latency_p50_ms"] > 0 and big["peak_rss_mb"] > 0
+    assert figures["sizes"]["320x240"]["latency_ratio"] == 1.0
+    assert json.loads((tmp_path / "sizes.json").read_text())["sizes"]["1200x800"]["cpu_ratio"] == big["cpu_ratio"]

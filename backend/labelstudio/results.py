@@ -11,9 +11,9 @@ import hashlib
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
 
 from backend.labelstudio.config import ProjectVocabulary
+from backend.labelstudio.rle import brush_rle
 from backend.pipeline.segmenter import Segmentation
 
 
@@ -27,7 +27,7 @@ def brush_results(segmentation: Segmentation, from_name: str, to_name: str) -> l
     height, width = segmentation.label_map.shape
     results = []
     for region in segmentation.regions:
-        mask = np.where(segmentation.label_map == region.label + 1, 255, 0).astype(np.uint8)
+        rle = brush_rle(segmentation.label_map == region.label + 1)
         results.append({
             "id": region_id(from_name, region.name),
             "from_name": from_name,
@@ -37,7 +37,7 @@ def brush_results(segmentation: Segmentation, from_name: str, to_name: str) -> l
             "original_height": height,
             "image_rotation": 0,
             "score": round(region.score, 4),
-            "value": {"format": "rle", "rle": [int(v) for v in mask2rle(mask)], "brushlabels": [region.name]},
+            "value": {"format": "rle", "rle": rle, "brushlabels": [region.name]},
         })
     return results
 

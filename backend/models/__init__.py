@@ -26,7 +26,8 @@ from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelParts", "ModelUnavailableError", "download_models", "load_model_parts", "resolve_device"]
+__all__ = ["ModelParts", "ModelUnavailableError", "cpu_has_native_bfloat16", "download_models", "load_model_parts",
+           "resolve_device"]
 
 
 @dataclass
@@ -43,13 +44,35 @@ class ModelParts:
     captioner_dtype: torch.dtype
 
 
-def resolve_device(choice: str) -> tuple[torch.device, torch.dtype]:
-    """CUDA in fp16 when asked for or present (``auto``), else the CPU in float32."""
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(choice: str, dtype_choice: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device (CUDA when asked for or present with ``auto``, else the CPU) and the models' dtype.
+
+    ``FREESEG_DTYPE=auto`` is float16 on CUDA, bfloat16 on a CPU that computes it natively, and
+    float32 elsewhere; any other value is taken as given.
+    """
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("FREESEG_DEVICE=cuda but PyTorch sees no CUDA device")
-        return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
+        device = torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+    if dtype_choice != "auto":
+        return device, _DTYPES[dtype_choice]
+    if device.type == "cuda":
+        return device, torch.float16
+    return device, torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), as PyTorch's CPU checks report it.
+
+    Without them oneDNN emulates bfloat16, which is slower than float32.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
 @dataclass(frozen=True)
@@ -64,9 +87,9 @@ class Placement:
 
 def resolve_placement(settings: Settings) -> Placement:
     """FREESEG_DEVICE and FREESEG_CAPTIONER_DEVICE, resolved by ``resolve_device``."""
-    device, dtype = resolve_device(settings.device)
+    device, dtype = resolve_device(settings.device, settings.dtype)
     captioner_device, captioner_dtype = (device, dtype) if settings.captioner_device == "auto" else resolve_device(
-        settings.captioner_device
+        settings.captioner_device, settings.dtype
     )
     return Placement(device, dtype, captioner_device, captioner_dtype)
 

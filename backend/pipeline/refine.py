@@ -13,6 +13,10 @@ each edge onto the image's colour boundaries.
   operations that refine all masks at once and run on the GPU when there is one.
 - ``"none"``: the masks as they are.
 
+Images above ``FREESEG_REFINE_MAX_SIDE`` are refined on a copy of bounded size and the
+masks are brought back to full size along the full image's edges (``upsampling``); the
+caller passes the working copy, masks of its size and the full image.
+
 Whatever the method, overlaps are resolved afterwards so that the first mask (the
 highest priority) wins: each pixel belongs to at most one mask.
 """
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.pipeline.crf import CrfProcessDied, CrfProcesses, crf_refine
+from backend.pipeline.upsampling import guided_upsample, nearest_upsample
 from backend.settings import RefineMethod
 
 __all__ = ["PendingMasks", "RefineMethod", "Refiner", "refine_masks"]
@@ -56,11 +61,14 @@ def refine_masks(
     masks: np.ndarray,
     method: RefineMethod,
     device: torch.device | str = "cpu",
+    full_image: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Refine ``masks`` (R, H, W) on ``image`` (H, W, 3 uint8 RGB); first mask wins.
+    """Refine ``masks`` (R, h, w) on ``image`` (h, w, 3 uint8 RGB); first mask wins.
 
-    Returns an (R, H, W) bool array whose masks are pairwise disjoint. ``device`` is
-    used by ``"pamr"`` only; the CRF always runs on the CPU.
+    ``full_image`` (H, W, 3), when given and larger, is the picture ``image`` is a working
+    copy of: the refined masks are brought to its size. Returns an (R, H, W) bool array
+    whose masks are pairwise disjoint. ``device`` is used by ``"pamr"`` only; the CRF
+    always runs on the CPU.
     """
     _check_inputs(image, masks)
     masks = np.ascontiguousarray(masks, dtype=bool)
@@ -72,7 +80,22 @@ def refine_masks(
         refined = _pamr_refine(image, masks, torch.device(device))
     else:
         raise ValueError(f"unknown refinement method {method!r}")
-    return _resolve_overlaps(refined)
+    return _resolve_overlaps(_to_full_size(refined, image, full_image, method))
+
+
+def _to_full_size(
+    masks: np.ndarray, image: np.ndarray, full_image: np.ndarray | None, method: RefineMethod
+) -> np.ndarray:
+    """Refined masks of the working copy ``image`` at the size of ``full_image``.
+
+    Unrefined masks ("none") stay as blocky as they are; refined ones follow the full image's edges.
+    """
+    if full_image is None or full_image.shape == image.shape:
+        return masks
+    height, width = full_image.shape[:2]
+    if method == "none" or len(masks) == 0:
+        return nearest_upsample(masks, height, width)
+    return guided_upsample(masks, image, full_image)
 
 
 class Refiner:
@@ -91,10 +114,15 @@ class Refiner:
         self.crf_processes = crf_processes
         self.processes = CrfProcesses(crf_processes) if crf_processes > 0 else None
 
-    def start(self, image: np.ndarray, masks: np.ndarray, method: RefineMethod) -> PendingMasks:
-        """Start refining ``masks`` on ``image``; call the result to wait for ``refine_masks``' answer."""
+    def start(
+        self, image: np.ndarray, masks: np.ndarray, method: RefineMethod, full_image: np.ndarray | None = None
+    ) -> PendingMasks:
+        """Start refining ``masks`` on ``image``; call the result to wait for ``refine_masks``' answer.
+
+        The masks are brought to ``full_image``'s size on the thread that waits.
+        """
         if method != "crf" or self.processes is None or len(masks) == 0:
-            return lambda: refine_masks(image, masks, method, self.device)  # on the thread that waits
+            return lambda: refine_masks(image, masks, method, self.device, full_image)  # on the thread that waits
         _check_inputs(image, masks)
         masks = np.ascontiguousarray(masks, dtype=bool)
         groups = np.array_split(masks, min(max(self.processes.idle(), 1), len(masks)))
@@ -108,7 +136,7 @@ class Refiner:
                 except CrfProcessDied as error:
                     log.error("%s; refining its masks in this process instead", error)
                     refined.append(crf_refine(image, group))
-            return _resolve_overlaps(np.concatenate(refined))
+            return _resolve_overlaps(_to_full_size(np.concatenate(refined), image, full_image, method))
 
         return wait
 
@@ -118,11 +146,16 @@ class Refiner:
 
 
 def _resolve_overlaps(masks: np.ndarray) -> np.ndarray:
-    """Make (R, H, W) bool masks disjoint: a pixel stays only in the first mask holding it."""
-    taken = np.cumsum(masks, axis=0, dtype=np.int32) > 0
-    earlier = np.zeros_like(taken)
-    earlier[1:] = taken[:-1]
-    return masks & ~earlier
+    """Make (R, H, W) bool masks disjoint: a pixel stays only in the first mask holding it.
+
+    One mask at a time, so that a 24-megapixel image needs one extra mask's memory, not R.
+    """
+    disjoint = np.empty_like(masks)
+    taken = np.zeros(masks.shape[1:], dtype=bool)
+    for index, mask in enumerate(masks):
+        np.greater(mask, taken, out=disjoint[index])  # mask and not taken
+        taken |= mask
+    return disjoint
 
 
 def _check_inputs(image: np.ndarray, masks: np.ndarray) -> None:

@@ -43,9 +43,11 @@ from backend.pipeline.exemplars import Exemplars, label_with_exemplars
 from backend.pipeline.features import FeatureExtractor, FeatureSettings
 from backend.pipeline.labelling import ClusterLabel, assign_labels, cluster_label_scores, cluster_masks, softmax
 from backend.pipeline.refine import PendingMasks, Refiner
+from backend.pipeline.upsampling import working_image
 from backend.pipeline.vocabulary import Label, label_embeddings
 from backend.options import RefineMethod
 from backend.settings import Settings
+from backend.threads import configure_threads
 
 log = logging.getLogger(__name__)
 StageObserver = Callable[[str, float], None]
@@ -124,8 +126,10 @@ class Segmenter:
         device: torch.device | str = "cpu",
         refiner: Refiner | None = None,
         overlap_caption: bool = False,
+        refine_max_side: int | None = None,
     ):
         self.captioner, self.features, self.clip, self.nlp = captioner, features, clip, nlp
+        self.refine_max_side = refine_max_side  # clusters, CLIP crops and refinement run at this size at most
         self.fingerprint = fingerprint
         self.device = torch.device(device)
         self.refiner = refiner or Refiner(self.device)
@@ -150,12 +154,16 @@ class Segmenter:
         return self.encode_batch([image])[0]
 
     def encode_batch(self, images: Sequence[np.ndarray]) -> list[Encoding]:
-        """Caption, U-Net features and whole-image CLIP embedding of each (H, W, 3) uint8 image."""
-        pending = self._caption_thread.submit(self._captions, images) if self._caption_thread else None
+        """Caption, U-Net features and whole-image CLIP embedding of each (H, W, 3) uint8 image.
+
+        The models see at most ``refine_max_side`` pixels a side (they resize to far less anyway).
+        """
+        working = [working_image(image, self.refine_max_side) for image in images]
+        pending = self._caption_thread.submit(self._captions, working) if self._caption_thread else None
         with self._stage("features"):
-            grids = self.features(images)
-            image_vectors = self.clip.embed_images(images)
-        captions = pending.result() if pending else self._captions(images)
+            grids = self.features(working)
+            image_vectors = self.clip.embed_images(working)
+        captions = pending.result() if pending else self._captions(working)
         return [
             Encoding(features=grid, image_embedding=vector.astype(np.float32), caption=caption,
                      width=image.shape[1], height=image.shape[0], fingerprint=self.fingerprint)
@@ -238,11 +246,12 @@ class Segmenter:
                 chosen = [(sorted(set(candidates) | set(taught)), fallback) for candidates, fallback in chosen]
             else:
                 exemplars = None  # no label of this request taught: the paper's labelling, exactly
-        clusters = [self._clusters(encoding, options) for encoding in encodings]
+        working = [working_image(image, self.refine_max_side) for image in images]
+        clusters = [self._clusters(encoding, options, small.shape[:2]) for encoding, small in zip(encodings, working)]
         grids, masks = [grid for grid, _ in clusters], [image_masks for _, image_masks in clusters]
         with self._stage("labelling"):
             named = [i for i, (candidates, _) in enumerate(chosen) if candidates]
-            scores = cluster_label_scores(self.clip, [images[i] for i in named], [masks[i] for i in named], vectors)
+            scores = cluster_label_scores(self.clip, [working[i] for i in named], [masks[i] for i in named], vectors)
             if exemplars is None:
                 assigned = {i: assign_labels(image_scores, chosen[i][0]) for i, image_scores in zip(named, scores)}
             else:
@@ -250,12 +259,12 @@ class Segmenter:
                 for i, image_scores in zip(named, scores):
                     masks[i], assigned[i] = label_with_exemplars(
                         encodings[i].features, grids[i], image_scores, chosen[i][0], labels, exemplars,
-                        encodings[i].height, encodings[i].width, self.device)
+                        *working[i].shape[:2], self.device)
         return [
-            self._start_refinement(encoding, image, image_masks, assigned.get(i, []), labels, options,
+            self._start_refinement(encoding, image, small, image_masks, assigned.get(i, []), labels, options,
                                    candidates=[labels[c].name for c in candidates], used_fallback=used_fallback)
-            for i, (encoding, image, image_masks, (candidates, used_fallback))
-            in enumerate(zip(encodings, images, masks, chosen))
+            for i, (encoding, image, small, image_masks, (candidates, used_fallback))
+            in enumerate(zip(encodings, images, working, masks, chosen))
         ]
 
     def segment_clicks(
@@ -270,14 +279,16 @@ class Segmenter:
     ) -> Proposal:
         """The cluster under each click, with the click's label (a second click on a cluster loses)."""
         _check_compatible(encoding, image, self.fingerprint)
-        _, masks = self._clusters(encoding, options)
+        small = working_image(image, self.refine_max_side)
+        _, masks = self._clusters(encoding, options, small.shape[:2])
+        scale_y, scale_x = small.shape[0] / encoding.height, small.shape[1] / encoding.width
         assigned: dict[int, ClusterLabel] = {}
         for click in clicks:
-            row = min(max(int(click.y), 0), encoding.height - 1)
-            column = min(max(int(click.x), 0), encoding.width - 1)
+            row = min(max(int(click.y * scale_y), 0), small.shape[0] - 1)
+            column = min(max(int(click.x * scale_x), 0), small.shape[1] - 1)
             cluster = int(masks[:, row, column].argmax())
             assigned.setdefault(cluster, ClusterLabel(cluster=cluster, label=click.label, score=1.0))
-        return self._start_refinement(encoding, image, masks, list(assigned.values()), labels, options,
+        return self._start_refinement(encoding, image, small, masks, list(assigned.values()), labels, options,
                                       candidates=[], used_fallback=False)
 
     def finish(self, proposal: Proposal) -> Segmentation:
@@ -293,17 +304,21 @@ class Segmenter:
         return Segmentation(label_map=label_map, regions=regions, caption=proposal.caption,
                             candidates=proposal.candidates, used_fallback=proposal.used_fallback)
 
-    def _clusters(self, encoding: Encoding, options: SegmentOptions) -> tuple[np.ndarray, np.ndarray]:
-        """The (G, G) cluster map and its (K, H, W) masks at the image's size."""
+    def _clusters(
+        self, encoding: Encoding, options: SegmentOptions, size: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The (G, G) cluster map and its (K, h, w) masks at ``size`` (the working size of the image)."""
         with self._stage("clustering"):
             grid = cluster_feature_grid(encoding.features.astype(np.float32), options.k, options.seed, self.device)
-            return grid, cluster_masks(grid, encoding.height, encoding.width)
+            return grid, cluster_masks(grid, *size)
 
     def _start_refinement(
-        self, encoding: Encoding, image: np.ndarray, masks: np.ndarray, assigned: list[ClusterLabel],
-        labels: Sequence[Label], options: SegmentOptions, candidates: list[str], used_fallback: bool,
+        self, encoding: Encoding, image: np.ndarray, small: np.ndarray, masks: np.ndarray,
+        assigned: list[ClusterLabel], labels: Sequence[Label], options: SegmentOptions, candidates: list[str],
+        used_fallback: bool,
     ) -> Proposal:
-        refined = self.refiner.start(image, masks[[a.cluster for a in assigned]], options.refine)
+        """Refinement of the assigned clusters' masks on ``small``, brought to ``image``'s size."""
+        refined = self.refiner.start(small, masks[[a.cluster for a in assigned]], options.refine, full_image=image)
         return Proposal(assigned=assigned, refined=refined, labels=labels, caption=encoding.caption,
                         candidates=candidates, used_fallback=used_fallback)
 
@@ -354,6 +369,7 @@ def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
         "format": FORMAT_VERSION,
         "profile": settings.models,
         "dtype": str(dtype),
+        "working_max_side": settings.refine_max_side,  # images above it are encoded from a shrunk copy
         "features": feature_settings(settings).__dict__,
         "captioner": [settings.captioner, settings.captioner_device],
     }
@@ -367,13 +383,14 @@ def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
 
 def model_version(settings: Settings) -> str:
     """The ``model_version`` of every prediction; non-pretrained profiles say so in it."""
-    _, dtype = resolve_device(settings.device)
+    _, dtype = resolve_device(settings.device, settings.dtype)
     version = f"freesegdiff-{__version__}-{models_fingerprint(settings, dtype)[:8]}"
     return version if settings.models == "pretrained" else f"{version}-{settings.models}-random-weights"
 
 
 @lru_cache(maxsize=2)
 def _cached_segmenter(settings: Settings) -> Segmenter:
+    threads = configure_threads(resolve_device(settings.device, settings.dtype)[0].type, settings.crf_processes)
     parts = load_model_parts(settings)
     device, dtype = parts.device, parts.dtype
     return Segmenter(
@@ -383,6 +400,7 @@ def _cached_segmenter(settings: Settings) -> Segmenter:
         nlp=parts.nlp,
         fingerprint=models_fingerprint(settings, dtype),
         device=device,
-        refiner=Refiner(device, settings.crf_pool_size),
+        refiner=Refiner(device, threads.crf_processes),
         overlap_caption=device.type == "cuda",
+        refine_max_side=settings.refine_max_side,
     )
