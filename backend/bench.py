@@ -30,11 +30,11 @@ from backend.cache import MemoryCache
 from backend.images import decode_image, read_image_file
 from backend.labelstudio.results import brush_results
 from backend.pipeline.clip_embeddings import TextImageEmbedder
-from backend.pipeline.encoding import Encoding
 from backend.pipeline.clustering import canonical_order, cluster_feature_grid
-from backend.pipeline.labelling import cluster_masks
 from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
-from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
+from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.models.process import process_segmenter
+from backend.models.identity import model_version
 from backend.pipeline.vocabulary import labels_from_names
 from backend.settings import RefineMethod, Settings
 
@@ -109,22 +109,17 @@ class PerClusterRefiner(Refiner):
         return one_cluster_at_a_time
 
 
-class NaiveSegmenter(Segmenter):
+def naive_segmenter(fast: Segmenter) -> Segmenter:
     """The baseline: scikit-learn K-means (10 inits, one after another), per-cluster CLIP, per-cluster CRFs in line."""
+    return Segmenter(fast.captioner, fast.features, PerClusterClip(fast.clip), fast.nlp, fast.fingerprint, "cpu",
+                     refiner=PerClusterRefiner(), refine_max_side=fast.refine_max_side, clustering=scikit_learn_kmeans)
 
-    def __init__(self, fast: Segmenter):
-        super().__init__(fast.captioner, fast.features, PerClusterClip(fast.clip), fast.nlp, fast.fingerprint, "cpu",
-                         refiner=PerClusterRefiner())
 
-    def _clusters(
-        self, encoding: Encoding, options: SegmentOptions, size: tuple[int, int]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        with self._stage("clustering"):
-            channels = encoding.features.shape[0]
-            points = encoding.features.astype(np.float32).reshape(channels, -1).T
-            assignment = KMeans(options.k, n_init=10, random_state=options.seed).fit_predict(points)
-            grid = canonical_order(assignment).reshape(encoding.features.shape[1:])
-            return grid, cluster_masks(grid, *size)
+def scikit_learn_kmeans(features: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The released code's clustering: scikit-learn's K-means with 10 inits, in the canonical cluster order."""
+    points = features.reshape(features.shape[0], -1).T
+    assignment = KMeans(k, n_init=10, random_state=seed).fit_predict(points)
+    return canonical_order(assignment).reshape(features.shape[1:])
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -142,9 +137,8 @@ def _cpu_seconds(segmenter: Segmenter) -> float:
 
     The processes' share is read from Linux's /proc; a process that is gone counts nothing.
     """
-    processes = segmenter.refiner.processes
     total = time.process_time()
-    for pid in processes.pids() if processes else []:
+    for pid in segmenter.refiner.pids():
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -182,7 +176,7 @@ def _dtype_name(segmenter: Segmenter) -> str:
 def compare_dtypes(config: BenchConfig, settings: Settings) -> dict:
     """The features stage in two dtypes, side by side on the same images, and how far their cluster maps agree."""
     settings = settings.model_copy(update={"models": config.profile, "device": config.device})
-    segmenters = [Segmenter.from_settings(settings.model_copy(update={"dtype": d}))
+    segmenters = [process_segmenter(settings.model_copy(update={"dtype": d}))
                   for d in (config.dtype, config.compare_dtype)]
     images = _bench_images(config)
     names = [_dtype_name(segmenter) for segmenter in segmenters]
@@ -256,7 +250,7 @@ def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
     This is what a /predict of a photo costs (no cache), so the sizes' ratios hold on a busy machine.
     """
     settings = settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype})
-    segmenter = Segmenter.from_settings(settings)
+    segmenter = process_segmenter(settings)
     labels = labels_from_names(VOC_LABELS)
     options = SegmentOptions.from_settings(settings)
     jpegs = {size: [_jpeg(image) for image in synthetic_images(config.images, size=size[::-1])]
@@ -312,7 +306,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         return compare_sizes(config, settings)
     settings = settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype})
     load_start = time.perf_counter()
-    fast = Segmenter.from_settings(settings)
+    fast = process_segmenter(settings)
     load_seconds = time.perf_counter() - load_start
     models_gpu_mb = torch.cuda.memory_allocated() / 2**20 if fast.device.type == "cuda" else None
     device = fast.device
@@ -334,12 +328,11 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stages.clear()
-    fast.observer = lambda stage, seconds: stages[stage].append(seconds)
+    observed = fast.observed_by(lambda stage, seconds: stages[stage].append(seconds))
     batches = [images[i : i + config.batch] for i in range(0, len(images), config.batch)]
     cpu_start = _cpu_seconds(fast)
-    throughput_seconds = _timed(lambda: predict(fast, batches))
+    throughput_seconds = _timed(lambda: predict(observed, batches))
     cpu_seconds = _cpu_seconds(fast) - cpu_start
-    fast.observer = None
     stage_medians = {stage: 1000 * statistics.median(values) for stage, values in sorted(stages.items())}
     latencies = [_timed(lambda image=image: predict(fast, [[image]])) for image in images]
 
@@ -357,7 +350,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
 
     naive_seconds = naive_cpu_seconds = None
     if config.naive:
-        naive = NaiveSegmenter(fast)
+        naive = naive_segmenter(fast)
         naive_cpu_start = _cpu_seconds(naive)
         naive_seconds = _timed(lambda: predict(naive, [[image] for image in images]))
         naive_cpu_seconds = _cpu_seconds(naive) - naive_cpu_start

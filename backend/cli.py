@@ -20,7 +20,9 @@ from backend.labelstudio.results import brush_results, prediction
 from backend.models import ModelUnavailableError
 from backend.options import OptionError, option_changes
 from backend.overlay import label_index_image, render_overlay
-from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
+from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.models.process import process_segmenter
+from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
 from backend.settings import Settings, get_settings
 
@@ -93,7 +95,7 @@ def run_segment(args: argparse.Namespace) -> int:
     if not labels:
         return 2
     options = _options(args, settings)
-    segmenter = Segmenter.from_settings(settings)
+    segmenter = process_segmenter(settings)
     version = model_version(settings)
     warning = None if settings.models == "pretrained" else f"{settings.models} profile: random weights, not a real segmentation"
     limits = settings.image_limits
@@ -226,7 +228,7 @@ def run_eval(args: argparse.Namespace) -> int:
         result = evaluate_predictions(args.dataset, args.root, args.predictions, args.limit)
     else:
         settings = get_settings()
-        segmenter = Segmenter.from_settings(settings)
+        segmenter = process_segmenter(settings)
         options = _options(args, settings)
         result = evaluate_with_model(
             args.dataset, args.root, args.limit,
@@ -243,7 +245,7 @@ def run_replay(args: argparse.Namespace) -> int:
     from backend.evaluation.run import write_json
 
     settings = get_settings()
-    result = replay_dataset(Segmenter.from_settings(settings), args.dataset, args.root, args.limit,
+    result = replay_dataset(process_segmenter(settings), args.dataset, args.root, args.limit,
                             _options(args, settings), settings.memory_bounds)
     write_json(result.to_dict(), args.json_path)
     if settings.models != "pretrained":
@@ -326,7 +328,7 @@ def run_annotate_folder(args: argparse.Namespace) -> int:
         if args.queue:
             summary = annotate_folder_queued(run, reference, settings)
         else:
-            summary = annotate_folder(run, Segmenter.from_settings(settings), model_version(settings), reference,
+            summary = annotate_folder(run, process_segmenter(settings), model_version(settings), reference,
                                       limits=settings.image_limits)
     except ValueError as error:  # an image outside --local-files-root, or --queue without REDIS_URL
         log.error("%s", error)

@@ -12,6 +12,7 @@ import pytest
 from sklearn.datasets import load_sample_image
 
 from backend.pipeline.segmenter import Segmenter
+from backend.models.process import process_segmenter
 from tests.redis_server import REDIS_SERVER, RedisServer
 from backend.settings import Settings
 
@@ -24,7 +25,7 @@ def tiny_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="session")
 def tiny_segmenter(tiny_settings: Settings) -> Segmenter:
-    return Segmenter.from_settings(tiny_settings)
+    return process_segmenter(tiny_settings)
 
 
 @pytest.fixture(scope="session")

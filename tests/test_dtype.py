@@ -7,7 +7,7 @@ import torch
 
 from backend import models
 from backend.models import resolve_device
-from backend.pipeline.segmenter import model_version, models_fingerprint
+from backend.models.identity import model_version, models_fingerprint
 from backend.settings import Settings
 
 

@@ -10,7 +10,7 @@ from backend.models import load_model_parts
 from backend.models.loading import ModelUnavailableError, load_captioner, load_clip, load_spacy, load_stable_diffusion
 from backend.models.random_full import build_captioner, build_clip, build_stable_diffusion
 from backend.models.tiny import build_tiny_models, tiny_model_folder
-from backend.pipeline.segmenter import model_version
+from backend.models.identity import model_version
 from backend.settings import Settings
 
 CPU = {"device": torch.device("cpu"), "dtype": torch.float32}

@@ -137,5 +137,5 @@ def test_above_the_bound_the_segmenter_answers_at_full_size(tiny_segmenter, chin
     assert result.label_map.shape == (1068, 1600) and result.regions
     assert set(np.unique(result.label_map)) <= {0} | {region.label + 1 for region in result.regions}
     click = Click(x=1500, y=1000, label=2)
-    clicked = segmenter.segment_clicks(segmenter.encode(big), big, LABELS, [click], SegmentOptions(k=4, refine="none"))
+    clicked = segmenter.propose_clicks(segmenter.encode(big), big, LABELS, [click], SegmentOptions(k=4, refine="none")).finish()
     assert clicked.label_map.shape == (1068, 1600) and clicked.label_map[1000, 1500] == 3

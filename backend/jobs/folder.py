@@ -31,6 +31,7 @@ from backend.labelstudio.coco import coco_annotations
 from backend.labelstudio.results import brush_results, prediction
 from backend.overlay import label_index_image
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.models.process import process_segmenter
 from backend.pipeline.vocabulary import Label
 from backend.settings import Settings
 
@@ -271,7 +272,7 @@ def annotate_folder_chunk(run_id: str, images: list[str], *, run: dict) -> int:
     folder_run = FolderRun.from_json(run)
     parts = _parts_folder(folder_run.out, run_id)
     pending = [relative for relative in images if not context.ledger.settled(relative)]
-    for image in segment_folder_images(folder_run, pending, Segmenter.from_settings(settings), context.version,
+    for image in segment_folder_images(folder_run, pending, process_segmenter(settings), context.version,
                                        settings.max_batch, settings.image_limits):
         if image.record is not None:
             path = _part_path(parts, image.relative)

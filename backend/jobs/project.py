@@ -29,7 +29,9 @@ from backend.labelstudio.config import ProjectVocabulary, parse_label_config
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.images import TaskImageLoader
 from backend.labelstudio.results import project_prediction
-from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
+from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.models.process import process_segmenter
+from backend.models.identity import model_version
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ def annotate_project(project: LabelStudioProject, settings: Settings, overwrite:
                      progress: bool = True) -> RunProgress:
     """The whole project in this process, ``max_batch`` tasks at a time, with a progress bar."""
     vocabulary = project_vocabulary(project, Backoff.from_settings(settings))  # before loading any model
-    segmenter = Segmenter.from_settings(settings)  # and before the run's clock starts
+    segmenter = process_segmenter(settings)  # and before the run's clock starts
     task_ids = project.task_ids()
     ledger = MemoryLedger(len(task_ids))
     annotator = TaskAnnotator(project, vocabulary, segmenter, settings, model_version(settings), ledger, NoLocks())
@@ -161,7 +163,7 @@ def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, ov
     scope = hashlib.sha256(f"{access.url}\x00{context.version}".encode()).hexdigest()[:16]
     labelstudio = LabelStudioProject(access, project, Backoff.from_settings(settings))
     annotator = TaskAnnotator(labelstudio, project_vocabulary(labelstudio, labelstudio.backoff),
-                              Segmenter.from_settings(settings), settings, context.version, context.ledger,
+                              process_segmenter(settings), settings, context.version, context.ledger,
                               RedisLocks(context.connection, scope, settings.queue_lease_seconds))
     annotator.annotate(task_ids, overwrite)
     return len(task_ids)

@@ -20,7 +20,7 @@ from rq.serializers import JSONSerializer
 
 from backend.jobs.ledger import RUN_TTL_SECONDS, Outcome, RedisLedger, RunProgress
 from backend.jobs.progress import RunBar
-from backend.pipeline.segmenter import model_version
+from backend.models.identity import model_version
 from backend.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,9 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from backend.jobs.queue import job_queue, redis_connection
-from backend.pipeline.segmenter import Segmenter, model_version
+from backend.pipeline.segmenter import Segmenter
+from backend.models.process import process_segmenter
+from backend.models.identity import model_version
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,7 @@ class ChunkWorker(SimpleWorker):
 def run_worker(settings: Settings, burst: bool) -> None:
     """Load the models, then work on ``FREESEG_QUEUE_NAME`` until stopped (``burst``: until no chunk is left)."""
     connection = redis_connection(settings)
-    Segmenter.from_settings(settings)
+    process_segmenter(settings)
     log.info("models loaded (%s); working on queue %s", model_version(settings), settings.queue_name)
     worker = ChunkWorker([job_queue(connection, settings)], settings.queue_lease_seconds, connection=connection)
     worker.work(burst=burst, logging_level=settings.log_level.upper())

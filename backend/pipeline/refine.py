@@ -114,6 +114,10 @@ class Refiner:
         self.crf_processes = crf_processes
         self.processes = CrfProcesses(crf_processes) if crf_processes > 0 else None
 
+    def pids(self) -> list[int]:
+        """The process ids of the CRF processes (none when the CRF runs in line)."""
+        return self.processes.pids() if self.processes else []
+
     def start(
         self, image: np.ndarray, masks: np.ndarray, method: RefineMethod, full_image: np.ndarray | None = None
     ) -> PendingMasks:

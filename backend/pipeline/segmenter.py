@@ -11,46 +11,39 @@ For throughput, both work on batches and overlap what runs on different hardware
 captioner runs beside the U-Net on CUDA (its own thread and stream), CLIP names the
 clusters of a whole batch in one call, and ``propose_batch`` only starts the refinement
 (the CPU CRF runs in child processes), so the caller can encode the next batch while
-it runs; ``finish`` waits for it. ``segment_batches`` chains all of this over a stream.
+it runs; the proposal's ``finish`` waits for it. ``segment_batches`` chains all of this over a stream.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
+import copy
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TypeVar
 
 import numpy as np
 import torch
 from spacy.language import Language
 
-from backend import __version__
-from backend.models import load_model_parts, resolve_device
-from backend.pipeline.caption import Captioner
 from backend.pipeline.candidates import caption_nouns, match_candidates, prompt_words
-from backend.pipeline.clip_embeddings import LOGIT_SCALE, ClipEmbedder, TextImageEmbedder
+from backend.pipeline.clip_embeddings import LOGIT_SCALE, TextImageEmbedder
 from backend.pipeline.clustering import cluster_feature_grid
-from backend.pipeline.encoding import FORMAT_VERSION, Encoding
+from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars, label_with_exemplars
-from backend.pipeline.features import FeatureExtractor, FeatureSettings
 from backend.pipeline.labelling import ClusterLabel, assign_labels, cluster_label_scores, cluster_masks, softmax
 from backend.pipeline.refine import PendingMasks, Refiner
 from backend.pipeline.upsampling import working_image
 from backend.pipeline.vocabulary import Label, label_embeddings
 from backend.options import RefineMethod
 from backend.settings import Settings
-from backend.threads import configure_threads
 
 log = logging.getLogger(__name__)
 StageObserver = Callable[[str, float], None]
+Clustering = Callable[[np.ndarray, int, int], np.ndarray]  # (C, G, G) float32 features, K, seed -> (G, G) clusters
 Tag = TypeVar("Tag")  # what a caller of ``segment_batches`` knows a batch by
 
 
@@ -77,7 +70,7 @@ class Click:
 
     x: float
     y: float
-    label: int  # index into the labels passed to segment_clicks()
+    label: int  # index into the labels passed to propose_clicks()
 
 
 @dataclass(frozen=True)
@@ -111,6 +104,28 @@ class Proposal:
     caption: str
     candidates: list[str]
     used_fallback: bool
+    observer: StageObserver | None = None
+
+    def finish(self) -> Segmentation:
+        """Wait for the refinement; the label map of the labelled clusters (regions it emptied are dropped)."""
+        with _timed(self.observer, "refine"):
+            refined = self.refined()
+        label_map = np.zeros(refined.shape[1:], dtype=np.uint16)
+        regions = []
+        for assignment, mask in zip(self.assigned, refined):
+            if mask.any():
+                label_map[mask] = assignment.label + 1
+                regions.append(Region(assignment.label, self.labels[assignment.label].name, assignment.score))
+        return Segmentation(label_map=label_map, regions=regions, caption=self.caption,
+                            candidates=self.candidates, used_fallback=self.used_fallback)
+
+
+@contextmanager
+def _timed(observer: StageObserver | None, stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    if observer is not None:
+        observer(stage, time.perf_counter() - start)
 
 
 class Segmenter:
@@ -127,28 +142,28 @@ class Segmenter:
         refiner: Refiner | None = None,
         overlap_caption: bool = False,
         refine_max_side: int | None = None,
+        clustering: Clustering | None = None,
+        observer: StageObserver | None = None,
     ):
         self.captioner, self.features, self.clip, self.nlp = captioner, features, clip, nlp
         self.refine_max_side = refine_max_side  # clusters, CLIP crops and refinement run at this size at most
         self.fingerprint = fingerprint
         self.device = torch.device(device)
         self.refiner = refiner or Refiner(self.device)
+        self.clustering = clustering or (lambda features, k, seed: cluster_feature_grid(features, k, seed, self.device))
         # On CUDA the captioner's small beam-search kernels fill the GPU beside the U-Net's;
         # on a CPU both would only fight for the same cores.
         self._caption_thread = ThreadPoolExecutor(1, thread_name_prefix="caption") if overlap_caption else None
-        self.observer: StageObserver | None = None
+        self.observer = observer
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Segmenter:
-        """The process's segmenter for these settings; models load on the first call only."""
-        return _cached_segmenter(settings)
+    def observed_by(self, observer: StageObserver | None) -> Segmenter:
+        """The same pipeline over the same models, reporting each stage's time to ``observer``."""
+        observed = copy.copy(self)
+        observed.observer = observer
+        return observed
 
-    @contextmanager
-    def _stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if self.observer is not None:
-            self.observer(name, time.perf_counter() - start)
+    def _stage(self, name: str) -> AbstractContextManager[None]:
+        return _timed(self.observer, name)
 
     def encode(self, image: np.ndarray) -> Encoding:
         return self.encode_batch([image])[0]
@@ -203,7 +218,7 @@ class Segmenter:
         options: SegmentOptions, exemplars: Exemplars | None = None,
     ) -> list[Segmentation]:
         proposals = self.propose_batch(encodings, images, labels, options, exemplars)
-        return [self.finish(proposal) for proposal in proposals]
+        return [proposal.finish() for proposal in proposals]
 
     def segment_batches(
         self, batches: Iterable[tuple[Tag, Sequence[np.ndarray]]], labels: Sequence[Label], options: SegmentOptions,
@@ -220,10 +235,10 @@ class Segmenter:
             encodings = self.encode_many(images, len(images))
             current = (tag, self.propose_batch(encodings, images, labels, options, exemplars))
             if previous is not None:
-                yield previous[0], [self.finish(proposal) for proposal in previous[1]]
+                yield previous[0], [proposal.finish() for proposal in previous[1]]
             previous = current
         if previous is not None:
-            yield previous[0], [self.finish(proposal) for proposal in previous[1]]
+            yield previous[0], [proposal.finish() for proposal in previous[1]]
 
     def propose_batch(
         self, encodings: Sequence[Encoding], images: Sequence[np.ndarray], labels: Sequence[Label],
@@ -267,12 +282,6 @@ class Segmenter:
             in enumerate(zip(encodings, images, working, masks, chosen))
         ]
 
-    def segment_clicks(
-        self, encoding: Encoding, image: np.ndarray, labels: Sequence[Label], clicks: Sequence[Click],
-        options: SegmentOptions,
-    ) -> Segmentation:
-        return self.finish(self.propose_clicks(encoding, image, labels, clicks, options))
-
     def propose_clicks(
         self, encoding: Encoding, image: np.ndarray, labels: Sequence[Label], clicks: Sequence[Click],
         options: SegmentOptions,
@@ -291,25 +300,12 @@ class Segmenter:
         return self._start_refinement(encoding, image, small, masks, list(assigned.values()), labels, options,
                                       candidates=[], used_fallback=False)
 
-    def finish(self, proposal: Proposal) -> Segmentation:
-        """Wait for the refinement; the label map of the labelled clusters (regions it emptied are dropped)."""
-        with self._stage("refine"):
-            refined = proposal.refined()
-        label_map = np.zeros(refined.shape[1:], dtype=np.uint16)
-        regions = []
-        for assignment, mask in zip(proposal.assigned, refined):
-            if mask.any():
-                label_map[mask] = assignment.label + 1
-                regions.append(Region(assignment.label, proposal.labels[assignment.label].name, assignment.score))
-        return Segmentation(label_map=label_map, regions=regions, caption=proposal.caption,
-                            candidates=proposal.candidates, used_fallback=proposal.used_fallback)
-
     def _clusters(
         self, encoding: Encoding, options: SegmentOptions, size: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray]:
         """The (G, G) cluster map and its (K, h, w) masks at ``size`` (the working size of the image)."""
         with self._stage("clustering"):
-            grid = cluster_feature_grid(encoding.features.astype(np.float32), options.k, options.seed, self.device)
+            grid = self.clustering(encoding.features.astype(np.float32), options.k, options.seed)
             return grid, cluster_masks(grid, *size)
 
     def _start_refinement(
@@ -320,7 +316,7 @@ class Segmenter:
         """Refinement of the assigned clusters' masks on ``small``, brought to ``image``'s size."""
         refined = self.refiner.start(small, masks[[a.cluster for a in assigned]], options.refine, full_image=image)
         return Proposal(assigned=assigned, refined=refined, labels=labels, caption=encoding.caption,
-                        candidates=candidates, used_fallback=used_fallback)
+                        candidates=candidates, used_fallback=used_fallback, observer=self.observer)
 
     def segment_image(self, image: np.ndarray, labels: Sequence[Label], options: SegmentOptions) -> Segmentation:
         """The one-shot run: encode, then segment."""
@@ -356,51 +352,3 @@ def _check_compatible(encoding: Encoding, image: np.ndarray, fingerprint: str) -
         raise ValueError(
             f"encoding is of a {encoding.width}x{encoding.height} image, not {image.shape[1]}x{image.shape[0]}"
         )
-
-
-def feature_settings(settings: Settings) -> FeatureSettings:
-    return FeatureSettings(image_size=settings.image_size, kind=settings.features,
-                           level=settings.feature_level, grid=settings.feature_grid)
-
-
-def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
-    """A hash of everything an Encoding depends on: models, feature settings, precision, format."""
-    described = {
-        "format": FORMAT_VERSION,
-        "profile": settings.models,
-        "dtype": str(dtype),
-        "working_max_side": settings.refine_max_side,  # images above it are encoded from a shrunk copy
-        "features": feature_settings(settings).__dict__,
-        "captioner": [settings.captioner, settings.captioner_device],
-    }
-    if settings.models == "pretrained":
-        described.update(sd=settings.sd_model, clip=[settings.clip_model, settings.clip_pretrained],
-                         captioner_model=settings.captioner_source)
-        if settings.clip_checkpoint:
-            described["clip_checkpoint"] = str(settings.clip_checkpoint)
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def model_version(settings: Settings) -> str:
-    """The ``model_version`` of every prediction; non-pretrained profiles say so in it."""
-    _, dtype = resolve_device(settings.device, settings.dtype)
-    version = f"freesegdiff-{__version__}-{models_fingerprint(settings, dtype)[:8]}"
-    return version if settings.models == "pretrained" else f"{version}-{settings.models}-random-weights"
-
-
-@lru_cache(maxsize=2)
-def _cached_segmenter(settings: Settings) -> Segmenter:
-    threads = configure_threads(resolve_device(settings.device, settings.dtype)[0].type, settings.crf_processes)
-    parts = load_model_parts(settings)
-    device, dtype = parts.device, parts.dtype
-    return Segmenter(
-        captioner=Captioner(parts.captioner, parts.captioner_device, parts.captioner_dtype),
-        features=FeatureExtractor(parts.stable_diffusion, feature_settings(settings), device, dtype),
-        clip=ClipEmbedder(parts.clip, device, dtype),
-        nlp=parts.nlp,
-        fingerprint=models_fingerprint(settings, dtype),
-        device=device,
-        refiner=Refiner(device, threads.crf_processes),
-        overlap_caption=device.type == "cuda",
-        refine_max_side=settings.refine_max_side,
-    )

@@ -30,7 +30,9 @@ from backend.labelstudio.context import ContextError, parse_context
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
 from backend.models import downloads_wanted, ensure_downloaded
 from backend.options import OptionError, option_changes
-from backend.pipeline.segmenter import Segmenter, SegmentOptions, model_version
+from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.models.process import process_segmenter
+from backend.models.identity import model_version
 from backend.server.cache_writer import CacheWriter
 from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
 from backend.server.limits import RequestSizeLimit
@@ -57,9 +59,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     projects = ProjectStore(create_store(settings.redis_url, settings.model_dir))
 
     def load() -> Segmenter:
-        segmenter = (load_segmenter or (lambda: Segmenter.from_settings(settings)))()
-        segmenter.observer = metrics.observe_stage
-        return segmenter
+        return (load_segmenter or (lambda: process_segmenter(settings)))().observed_by(metrics.observe_stage)
 
     download = (lambda: ensure_downloaded(settings)) if load_segmenter is None and downloads_wanted(settings) else None
     worker = InferenceWorker(load, settings.queue_size, on_state=metrics.set_model_state,

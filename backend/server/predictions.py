@@ -112,7 +112,7 @@ class Predictor:
             return segmenter.propose_batch(encodings, [item.image for item in items], labels, options)
 
         proposals = await asyncio.wrap_future(self.worker.submit(propose))
-        segmentations = await run_in_threadpool(lambda: [self.worker.finish(p) for p in proposals])
+        segmentations = await run_in_threadpool(lambda: [p.finish() for p in proposals])  # no model needed
         log.info("segmented %d images, %d from the feature cache%s", len(items), len(items) - len(fresh),
                  " (interactive)" if interaction else "")
         return segmentations

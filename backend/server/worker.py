@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from backend.pipeline.encoding import Encoding
-from backend.pipeline.segmenter import Proposal, Segmentation, Segmenter
+from backend.pipeline.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -111,11 +111,6 @@ class InferenceWorker:
     def submit_encode(self, images: list[np.ndarray]) -> Future[list[Encoding]]:
         """Queue the encoding of ``images``; concurrent requests' images share the U-Net's batches."""
         return self._enqueue(_Job(images=images))
-
-    def finish(self, proposal: Proposal) -> Segmentation:
-        """Wait for a proposal's refinement, on the caller's thread: it needs no model."""
-        assert self._segmenter is not None, "proposals come from a loaded segmenter"
-        return self._segmenter.finish(proposal)
 
     def _enqueue(self, job: _Job[T]) -> Future[T]:
         self.ensure_ready()

@@ -32,7 +32,7 @@ from labelstudio import (
 
 from backend.cli import main
 from backend.jobs.ledger import RedisLedger
-from backend.pipeline.segmenter import model_version
+from backend.models.identity import model_version
 from backend.settings import get_settings
 from tests.queue_workers import REPO_ROOT, log_text, queue_env, start_worker, stop, wait_until, worker_in_mid_chunk
 

@@ -1,0 +1,50 @@
+"""The models' identity: what an encoding depends on, and the ``model_version`` predictions carry.
+
+The fingerprint hashes everything an Encoding depends on (models, precision, feature settings,
+format); the feature cache keys encodings by it and the project memory is kept per fingerprint,
+so nothing made by other models is ever served. ``model_version`` is what Label Studio stores
+with each prediction; the offline profiles say in it that their weights are random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from backend import __version__
+from backend.models import resolve_device
+from backend.pipeline.encoding import FORMAT_VERSION
+from backend.pipeline.features import FeatureSettings
+from backend.settings import Settings
+
+
+def feature_settings(settings: Settings) -> FeatureSettings:
+    return FeatureSettings(image_size=settings.image_size, kind=settings.features,
+                           level=settings.feature_level, grid=settings.feature_grid)
+
+
+def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
+    """A hash of everything an Encoding depends on: models, feature settings, precision, format."""
+    described = {
+        "format": FORMAT_VERSION,
+        "profile": settings.models,
+        "dtype": str(dtype),
+        "working_max_side": settings.refine_max_side,  # images above it are encoded from a shrunk copy
+        "features": feature_settings(settings).__dict__,
+        "captioner": [settings.captioner, settings.captioner_device],
+    }
+    if settings.models == "pretrained":
+        described.update(sd=settings.sd_model, clip=[settings.clip_model, settings.clip_pretrained],
+                         captioner_model=settings.captioner_source)
+        if settings.clip_checkpoint:
+            described["clip_checkpoint"] = str(settings.clip_checkpoint)
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_version(settings: Settings) -> str:
+    """The ``model_version`` of every prediction; non-pretrained profiles say so in it."""
+    _, dtype = resolve_device(settings.device, settings.dtype)
+    version = f"freesegdiff-{__version__}-{models_fingerprint(settings, dtype)[:8]}"
+    return version if settings.models == "pretrained" else f"{version}-{settings.models}-random-weights"

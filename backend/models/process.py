@@ -1,0 +1,39 @@
+"""The process's segmenter: the pipeline over the models the settings name, built once per process.
+
+Every entry point (server, CLI, queue workers, bench) asks ``process_segmenter`` rather than
+building its own, so one process loads each model once; threads are set from the cores
+available before the models load.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from backend.models import load_model_parts, resolve_device
+from backend.models.identity import feature_settings, models_fingerprint
+from backend.pipeline.caption import Captioner
+from backend.pipeline.clip_embeddings import ClipEmbedder
+from backend.pipeline.features import FeatureExtractor
+from backend.pipeline.refine import Refiner
+from backend.pipeline.segmenter import Segmenter
+from backend.settings import Settings
+from backend.threads import configure_threads
+
+
+@lru_cache(maxsize=2)
+def process_segmenter(settings: Settings) -> Segmenter:
+    """The segmenter for these settings; models load on the first call only."""
+    threads = configure_threads(resolve_device(settings.device, settings.dtype)[0].type, settings.crf_processes)
+    parts = load_model_parts(settings)
+    device, dtype = parts.device, parts.dtype
+    return Segmenter(
+        captioner=Captioner(parts.captioner, parts.captioner_device, parts.captioner_dtype),
+        features=FeatureExtractor(parts.stable_diffusion, feature_settings(settings), device, dtype),
+        clip=ClipEmbedder(parts.clip, device, dtype),
+        nlp=parts.nlp,
+        fingerprint=models_fingerprint(settings, dtype),
+        device=device,
+        refiner=Refiner(device, threads.crf_processes),
+        overlap_caption=device.type == "cuda",
+        refine_max_side=settings.refine_max_side,
+    )
