@@ -54,36 +54,47 @@ def checked_key(key: str) -> tuple[str, str]:
     return namespace, name
 
 
+class RedisCalls:
+    """A Redis client whose failures raise ``error`` with a message naming ``what`` and the URL without credentials."""
+
+    def __init__(self, url: str, timeout_seconds: float, what: str, error: Callable[[str], Exception]) -> None:
+        self._where, self._what, self._error = without_credentials(url), what, error
+        try:
+            self.client = redis.Redis.from_url(url, socket_timeout=timeout_seconds,
+                                               socket_connect_timeout=timeout_seconds)
+        except ValueError as problem:
+            raise error(f"bad Redis URL {self._where} (REDIS_URL): {problem}") from problem
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    def __call__(self, method: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return method(*args)
+        except (redis.RedisError, OSError) as problem:
+            raise self._error(f"{self._what} at {self._where} (REDIS_URL): {problem}") from problem
+
+
 class RedisStore:
     """One Redis string per key, ``freeseg:<namespace>:<name>``."""
 
     def __init__(self, url: str, timeout_seconds: float = 2.0) -> None:
-        self._where = without_credentials(url)
-        try:
-            self._client = redis.Redis.from_url(url, socket_timeout=timeout_seconds,
-                                                socket_connect_timeout=timeout_seconds)
-        except ValueError as error:
-            raise StoreError(f"bad Redis URL {self._where} (REDIS_URL): {error}") from error
+        self._redis = RedisCalls(url, timeout_seconds, "Redis store", StoreError)
 
     def get(self, key: str) -> bytes | None:
-        return self._call(self._client.get, self._redis_key(key))
+        return self._redis(self._redis.client.get, self._redis_key(key))
 
     def put(self, key: str, value: bytes) -> None:
-        self._call(self._client.set, self._redis_key(key), value)
+        self._redis(self._redis.client.set, self._redis_key(key), value)
 
     def delete(self, key: str) -> None:
-        self._call(self._client.delete, self._redis_key(key))
+        self._redis(self._redis.client.delete, self._redis_key(key))
 
     @staticmethod
     def _redis_key(key: str) -> str:
         checked_key(key)
         return REDIS_KEY_PREFIX + key
-
-    def _call(self, method: Callable[..., _T], *args: Any) -> _T:
-        try:
-            return method(*args)
-        except (redis.RedisError, OSError) as error:
-            raise StoreError(f"Redis store at {self._where} (REDIS_URL): {error}") from error
 
 
 class FileStore:

@@ -20,17 +20,16 @@ import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
-import redis
 
 from backend.labelstudio.annotations import decode_brush
 
-from backend.redact import without_credentials
+from backend.store import RedisCalls
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,6 @@ REDIS_KEY_PREFIX = "freeseg:feedback"
 _PROJECT_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 _Key = tuple[str, str]  # (from_name, label)
-_T = TypeVar("_T")
 
 
 class FeedbackStoreError(RuntimeError):
@@ -252,30 +250,18 @@ class RedisFeedbackStore:
     """A Redis list per project, ``freeseg:feedback:<project>``, one JSON record per item (RPUSH)."""
 
     def __init__(self, url: str, timeout_seconds: float = 2.0) -> None:
-        self._where = without_credentials(url)
-        try:
-            self._client = redis.Redis.from_url(
-                url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
-            )
-        except ValueError as error:
-            raise FeedbackStoreError(f"bad Redis URL {self._where}: {error}") from error
+        self._redis = RedisCalls(url, timeout_seconds, "Redis feedback store", FeedbackStoreError)
 
     def add(self, record: FeedbackRecord) -> None:
-        self._call(self._client.rpush, self.key(record.project), record.to_json())
+        self._redis(self._redis.client.rpush, self.key(record.project), record.to_json())
 
     def records(self, project: str) -> list[FeedbackRecord]:
         key = self.key(project)
-        return _parse_records(self._call(self._client.lrange, key, 0, -1), f"{self._where} {key}")
+        return _parse_records(self._redis(self._redis.client.lrange, key, 0, -1), f"{self._redis.where} {key}")
 
     @staticmethod
     def key(project: str) -> str:
         return f"{REDIS_KEY_PREFIX}:{checked_project(project)}"
-
-    def _call(self, method: Callable[..., _T], *args: Any) -> _T:
-        try:
-            return method(*args)
-        except (redis.RedisError, OSError) as error:
-            raise FeedbackStoreError(f"Redis feedback store at {self._where}: {error}") from error
 
 
 class FileFeedbackStore:
