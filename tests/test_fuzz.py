@@ -105,7 +105,8 @@ def wait_ready(app) -> None:
 
 def test_no_5xx_but_503_while_the_models_load(fuzz_settings, tiny_segmenter, statuses):
     loaded = threading.Event()
-    app = create_app(fuzz_settings, load_segmenter=lambda: loaded.wait(300) and tiny_segmenter)
+    no_wait = fuzz_settings.model_copy(update={"load_wait_seconds": 0})  # a 503 at once, not after the load wait
+    app = create_app(no_wait, load_segmenter=lambda: loaded.wait(300) and tiny_segmenter)
     try:
         fuzz_every_operation(app, statuses, EXAMPLES_PER_APP // 2)
         fuzz_predict_bodies(app, statuses, PREDICT_EXAMPLES // 3)
