@@ -14,10 +14,14 @@ hold Label Studio tokens.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -28,6 +32,8 @@ from backend.redact import without_credentials
 REDIS_KEY_PREFIX = "freeseg:"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 _T = TypeVar("_T")
+LOCK_SECONDS = 60.0  # a lock a crashed holder left behind lapses after this long (Redis)
+_LOCK_POLL_SECONDS = 0.05
 
 
 class StoreError(RuntimeError):
@@ -45,6 +51,10 @@ class SharedStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def lock(self, key: str, seconds: float = LOCK_SECONDS) -> AbstractContextManager[None]:
+        """Held by one process at a time (for a read-modify-write of ``key``); a dead holder's lapses."""
+        ...
+
 
 def checked_key(key: str) -> tuple[str, str]:
     """``(namespace, name)`` of a ``namespace:name`` key of safe names, else ``ValueError``."""
@@ -52,6 +62,9 @@ def checked_key(key: str) -> tuple[str, str]:
     if not colon or not all(_NAME.fullmatch(part) and part not in (".", "..") for part in (namespace, name)):
         raise ValueError(f"store key must be 'namespace:name' of [A-Za-z0-9._-]+, not {key!r}")
     return namespace, name
+
+
+_RELEASE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 class RedisStore:
@@ -73,6 +86,17 @@ class RedisStore:
 
     def delete(self, key: str) -> None:
         self._call(self._client.delete, self._redis_key(key))
+
+    @contextmanager
+    def lock(self, key: str, seconds: float = LOCK_SECONDS) -> Iterator[None]:
+        """SET NX PX with a token of ours: waits for the holder; released only if still ours."""
+        name, token = self._redis_key(key) + ":lock", uuid.uuid4().hex
+        while not self._call(self._client.set, name, token, nx=True, px=int(seconds * 1000)):
+            time.sleep(_LOCK_POLL_SECONDS)
+        try:
+            yield
+        finally:
+            self._call(self._client.eval, _RELEASE_IF_OURS, 1, name, token)
 
     @staticmethod
     def _redis_key(key: str) -> str:
@@ -127,6 +151,22 @@ class FileStore:
             path.unlink(missing_ok=True)
         except OSError as error:
             raise StoreError(f"cannot delete {path} (MODEL_DIR): {error}") from error
+
+    @contextmanager
+    def lock(self, key: str, seconds: float = LOCK_SECONDS) -> Iterator[None]:
+        """``flock`` on ``<folder>/<namespace>/.<name>.lock``: the kernel releases it when its holder dies."""
+        path = self.path(key)
+        lock_path = path.with_name(f".{path.name}.lock")
+        try:
+            lock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise StoreError(f"cannot lock {path} (MODEL_DIR): {error}") from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(handle)  # releases the lock
 
 
 def create_store(redis_url: str | None, folder: Path) -> SharedStore:
