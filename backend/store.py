@@ -103,9 +103,9 @@ class RedisStore:
         checked_key(key)
         return REDIS_KEY_PREFIX + key
 
-    def _call(self, method: Callable[..., _T], *args: Any) -> _T:
+    def _call(self, method: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         try:
-            return method(*args)
+            return method(*args, **kwargs)
         except (redis.RedisError, OSError) as error:
             raise StoreError(f"Redis store at {self._where} (REDIS_URL): {error}") from error
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from backend.labelstudio.access import LabelStudioAccess
+from backend.labelstudio.backoff import describe
 from backend.labelstudio.learning import ProjectTeacher
 from backend.server.metrics import Metrics
 
@@ -85,8 +86,8 @@ class Learner:
             else:
                 outcome = "done" if teacher.learn(event.project, int(event.annotation_id), event.access) else "none"
         except Exception as error:  # learning is a by-product of annotating: logged and counted, never raised
-            log.warning("project %s: %s of annotation %s failed: %s: %s", event.project, event.action,
-                        event.annotation_id, type(error).__name__, error)
+            log.warning("project %s: %s of annotation %s failed: %s", event.project, event.action,
+                        event.annotation_id, describe(error))
             outcome = getattr(error, "kind", "failed")
         self._count(event, outcome)
 
