@@ -81,6 +81,11 @@ class ProjectMemories:
             self._cached[(project, fingerprint)] = current
         return current
 
+    def for_predictions(self, project: str, fingerprint: str, version: str) -> tuple[str, Exemplars | None]:
+        """``version`` with the memory's revision as a suffix (``...-m12``) and its exemplars; unchanged, None without."""
+        current = self.exemplars(project, fingerprint)
+        return (f"{version}-m{current[0]}", current[1]) if current else (version, None)
+
     def change(self, project: str, fingerprint: str, channels: int, edit: Callable[[Memory], object]) -> Memory:
         """Apply ``edit`` to the project's memory and save it, locked; a memory holding nothing takes ``channels``."""
         with self.store.lock(project, fingerprint):

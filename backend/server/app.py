@@ -93,12 +93,11 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         if key is None or worker.state != ModelState.READY:
             return version, None
         try:
-            current = memories.exemplars(key, worker.fingerprint)
+            return memories.for_predictions(key, worker.fingerprint, version)
         except Exception as error:  # StoreError, an unreadable memory: predict without it, said in the log
             log.warning("project %s: its memory could not be read, predicting without it: %s", key, error)
             metrics.errors.labels(kind="memory").inc()
             return version, None
-        return (f"{version}-m{current[0]}", current[1]) if current else (version, None)
 
     def learning_access(project: object) -> LabelStudioAccess:
         return _label_studio_access(settings, projects.load(project).access)
