@@ -239,3 +239,17 @@ def test_the_store_lock_keeps_read_modify_writes_whole(kind, tmp_path, redis_ser
     for thread in threads:
         thread.join()
     assert store.get("counter:lock-test") == b"80"
+
+
+def test_with_basic_auth_webhooks_and_train_demand_it(settings, tiny_segmenter):
+    guarded = settings.model_copy(update={"basic_auth_user": "ls", "basic_auth_pass": "secret"})
+    with TestClient(create_app(guarded, load_segmenter=lambda: tiny_segmenter)) as client:
+        backend = Backend(client)
+        payload = {"action": "ANNOTATION_CREATED", "project": {"id": 1}, **_annotation(100, 10, [])}
+        assert client.post("/webhook", json=payload).status_code == 401
+        assert client.post("/train", json={"project": "1.1700000000"}).status_code == 401
+        backend.state.learner.join()
+        assert backend.memory(1) is None
+        assert client.post("/webhook", json=payload, auth=("ls", "secret")).status_code == 200
+        backend.state.learner.join()
+        assert list(backend.memory(1).annotations) == ["100"]
