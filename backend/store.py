@@ -10,6 +10,10 @@ chosen by the caller (JSON, raw arrays), never pickle.
 Keys are ``namespace:name`` pairs of safe names (``projects:12``); a file store keeps one
 file per key, ``<folder>/<namespace>/<name>``, readable only by its owner, since values may
 hold Label Studio tokens.
+
+``lock(key)`` makes a read-modify-write of one key whole across processes (a project's
+memory): ``SET NX PX`` with an expiry in Redis, so a crashed holder's lock lapses; ``flock``
+on a lock file beside the value's file, which the kernel releases when its holder dies.
 """
 
 from __future__ import annotations
