@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from backend.pipeline.exemplars import Exemplars
-from backend.pipeline.memory import Memory, MemoryBounds
+from backend.pipeline.memory import Memory, MemoryBounds, memory_revision
 from backend.store import SharedStore
 
 
@@ -32,11 +32,11 @@ class SharedMemoryStore:
     def load(self, project: str, fingerprint: str) -> bytes | None:
         return self.store.get(f"memory:{self._name(project, fingerprint)}")
 
-    def save(self, project: str, fingerprint: str, data: bytes, revision: int = 0) -> None:
+    def save(self, project: str, fingerprint: str, data: bytes) -> None:
         """The memory first, then its revision: a reader that sees the new revision finds the new memory."""
         name = self._name(project, fingerprint)
         self.store.put(f"memory:{name}", data)
-        self.store.put(f"memory-revision:{name}", str(revision).encode())
+        self.store.put(f"memory-revision:{name}", str(memory_revision(data)).encode())
 
     def delete(self, project: str, fingerprint: str) -> None:
         name = self._name(project, fingerprint)
@@ -93,7 +93,7 @@ class ProjectMemories:
             if memory is None or (not memory.annotations and memory.channels != channels):
                 memory = Memory(fingerprint, channels, self.bounds, revision=memory.revision if memory else 0)
             edit(memory)
-            self.store.save(project, fingerprint, memory.to_bytes(), memory.revision)
+            self.store.save(project, fingerprint, memory.to_bytes())
         return memory
 
     def forget(self, project: str, fingerprint: str, annotation_id: str) -> bool:
@@ -102,7 +102,7 @@ class ProjectMemories:
             memory = self.load(project, fingerprint)
             if memory is None or not memory.forget(annotation_id):
                 return False
-            self.store.save(project, fingerprint, memory.to_bytes(), memory.revision)
+            self.store.save(project, fingerprint, memory.to_bytes())
         return True
 
     def clear(self, project: str, fingerprint: str) -> Memory | None:
@@ -111,5 +111,5 @@ class ProjectMemories:
             memory = self.load(project, fingerprint)
             if memory is not None:
                 memory.clear()
-                self.store.save(project, fingerprint, memory.to_bytes(), memory.revision)
+                self.store.save(project, fingerprint, memory.to_bytes())
         return memory
