@@ -384,6 +384,54 @@ def run_annotate_project(args: argparse.Namespace) -> int:
     return 1 if nothing_done else 0
 
 
+def _learn_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("learn", help="rebuild a project's memory from all its annotations (as Start Training)")
+    parser.add_argument("--project", required=True, type=int, help="Label Studio project id")
+    parser.add_argument("--url", help="Label Studio's address (default LABEL_STUDIO_URL)")
+    parser.add_argument("--api-key", help="its access token (default LABEL_STUDIO_API_KEY)")
+    parser.add_argument("--forget", action="store_true", help="clear the project's memory instead (no models loaded)")
+
+
+def run_learn(args: argparse.Namespace) -> int:
+    from backend.labelstudio.access import LabelStudioAccess
+    from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
+    from backend.labelstudio.images import TaskImageLoader
+    from backend.labelstudio.learning import ProjectTeacher
+    from backend.memories import ProjectMemories, SharedMemoryStore
+    from backend.models.identity import settings_fingerprint
+    from backend.store import StoreError, create_store
+
+    settings = get_settings()
+    project = str(args.project)
+    memories = ProjectMemories(SharedMemoryStore(create_store(settings.redis_url, settings.model_dir)),
+                               settings.memory_bounds)
+    try:
+        if args.forget:
+            memory = memories.clear(project, settings_fingerprint(settings))
+            print(f"project {project}: memory cleared (revision {memory.revision})" if memory
+                  else f"project {project}: no memory for these models")
+            return 0
+        segmenter = process_segmenter(settings)
+        access = LabelStudioAccess(args.url or settings.label_studio_url, args.api_key or settings.label_studio_api_key)
+        teacher = ProjectTeacher(memories, TaskImageLoader.from_settings(settings),
+                                 lambda image: segmenter.encode(image.pixels), segmenter.fingerprint,
+                                 Backoff.from_settings(settings))
+        memory = teacher.rebuild(project, access)
+    except ValueError as error:  # no URL or key, an unusable label config
+        log.error("project %s: %s", project, error)
+        return 2
+    except LABEL_STUDIO_ERRORS as error:
+        log.error("project %s: Label Studio failed: %s", project, describe(error))
+        return 2
+    except StoreError as error:
+        log.error("project %s: %s", project, error)
+        return 2
+    print(f"project {project}: memory of {len(memory.annotations)} annotations, labels "
+          f"{', '.join(label for label in memory.labels if label) or 'none'}, revision {memory.revision}, "
+          f"{memory.nbytes} bytes")
+    return 0
+
+
 def _worker_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("worker", help="an RQ worker for queued runs: loads the models once, takes chunks")
     parser.add_argument("--burst", action="store_true", help="quit once no chunk is queued or running")
@@ -433,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _scenes_parser(commands)
     _annotate_folder_parser(commands)
     _annotate_project_parser(commands)
+    _learn_parser(commands)
     _worker_parser(commands)
     _jobs_parser(commands)
     return parser
@@ -454,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"segment": run_segment, "serve": run_serve, "download": run_download, "bench": run_bench_command,
                 "eval": run_eval, "report": run_report, "synthetic-scenes": run_scenes,
                 "annotate-folder": run_annotate_folder, "annotate-project": run_annotate_project,
-                "worker": run_worker_command, "jobs": run_jobs}[args.command](args)
+                "learn": run_learn, "worker": run_worker_command, "jobs": run_jobs}[args.command](args)
     except ModelUnavailableError as error:
         log.error("%s", error)
         return 2

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     # Learning from corrections: a project's memory of feature exemplars, bounded in bytes
     memory_label_bytes: int = Field(4 * 1024**2, ge=0)
     memory_project_bytes: int = Field(64 * 1024**2, ge=0)
+    learn_queue_size: int = Field(256, ge=1, le=100_000)  # webhooks waiting to be learned; beyond, dropped and counted
 
     # Input limits
     max_image_bytes: int = 50 * 1024 * 1024

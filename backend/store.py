@@ -10,14 +10,22 @@ chosen by the caller (JSON, raw arrays), never pickle.
 Keys are ``namespace:name`` pairs of safe names (``projects:12``); a file store keeps one
 file per key, ``<folder>/<namespace>/<name>``, readable only by its owner, since values may
 hold Label Studio tokens.
+
+``lock(key)`` makes a read-modify-write of one key whole across processes (a project's
+memory): ``SET NX PX`` with an expiry in Redis, so a crashed holder's lock lapses; ``flock``
+on a lock file beside the value's file, which the kernel releases when its holder dies.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -28,6 +36,8 @@ from backend.redact import without_credentials
 REDIS_KEY_PREFIX = "freeseg:"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 _T = TypeVar("_T")
+LOCK_SECONDS = 60.0  # a lock a crashed holder left behind lapses after this long (Redis)
+_LOCK_POLL_SECONDS = 0.05
 
 
 class StoreError(RuntimeError):
@@ -44,6 +54,10 @@ class SharedStore(Protocol):
     def put(self, key: str, value: bytes) -> None: ...
 
     def delete(self, key: str) -> None: ...
+
+    def lock(self, key: str, seconds: float = LOCK_SECONDS) -> AbstractContextManager[None]:
+        """Held by one process at a time (for a read-modify-write of ``key``); a dead holder's lapses."""
+        ...
 
 
 def checked_key(key: str) -> tuple[str, str]:
@@ -69,11 +83,14 @@ class RedisCalls:
     def where(self) -> str:
         return self._where
 
-    def __call__(self, method: Callable[..., _T], *args: Any) -> _T:
+    def __call__(self, method: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         try:
-            return method(*args)
+            return method(*args, **kwargs)
         except (redis.RedisError, OSError) as problem:
             raise self._error(f"{self._what} at {self._where} (REDIS_URL): {problem}") from problem
+
+
+_RELEASE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 class RedisStore:
@@ -90,6 +107,17 @@ class RedisStore:
 
     def delete(self, key: str) -> None:
         self._redis(self._redis.client.delete, self._redis_key(key))
+
+    @contextmanager
+    def lock(self, key: str, seconds: float = LOCK_SECONDS) -> Iterator[None]:
+        """SET NX PX with a token of ours: waits for the holder; released only if still ours."""
+        name, token = self._redis_key(key) + ":lock", uuid.uuid4().hex
+        while not self._redis(self._redis.client.set, name, token, nx=True, px=int(seconds * 1000)):
+            time.sleep(_LOCK_POLL_SECONDS)
+        try:
+            yield
+        finally:
+            self._redis(self._redis.client.eval, _RELEASE_IF_OURS, 1, name, token)
 
     @staticmethod
     def _redis_key(key: str) -> str:
@@ -138,6 +166,22 @@ class FileStore:
             path.unlink(missing_ok=True)
         except OSError as error:
             raise StoreError(f"cannot delete {path} (MODEL_DIR): {error}") from error
+
+    @contextmanager
+    def lock(self, key: str, seconds: float = LOCK_SECONDS) -> Iterator[None]:
+        """``flock`` on ``<folder>/<namespace>/.<name>.lock``: the kernel releases it when its holder dies."""
+        path = self.path(key)
+        lock_path = path.with_name(f".{path.name}.lock")
+        try:
+            lock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise StoreError(f"cannot lock {path} (MODEL_DIR): {error}") from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(handle)  # releases the lock
 
 
 def create_store(redis_url: str | None, folder: Path) -> SharedStore:

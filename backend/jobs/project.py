@@ -29,9 +29,12 @@ from backend.labelstudio.config import ProjectVocabulary, parse_label_config
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.images import TaskImageLoader
 from backend.labelstudio.results import project_prediction
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
-from backend.models.process import process_segmenter
+from backend.memories import ProjectMemories, SharedMemoryStore
 from backend.models.identity import model_version
+from backend.models.process import process_segmenter
+from backend.pipeline.exemplars import Exemplars
+from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.store import create_store
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,10 @@ class TaskAnnotator:
     """Predicts tasks of one project and writes their predictions, settling each in ``ledger``."""
 
     def __init__(self, project: LabelStudioProject, vocabulary: ProjectVocabulary, segmenter: Segmenter,
-                 settings: Settings, version: str, ledger: Ledger, locks: WriteLocks) -> None:
+                 settings: Settings, version: str, ledger: Ledger, locks: WriteLocks,
+                 exemplars: Exemplars | None = None) -> None:
         self.project, self.vocabulary, self.segmenter, self.version = project, vocabulary, segmenter, version
+        self.exemplars = exemplars  # the project's memory, whose revision ``version`` carries
         self.ledger, self.locks = ledger, locks
         self.backoff = Backoff.from_settings(settings)
         self.options = dataclasses.replace(SegmentOptions.from_settings(settings), **self.vocabulary.options)
@@ -60,7 +65,8 @@ class TaskAnnotator:
         """Settle every task of ``task_ids`` not settled yet; images are encoded ``max_batch`` at a time, and a
         batch's predictions are written while the next batch is refined. ``after_batch`` follows each batch's writes."""
         batches = self._batches_to_predict(task_ids, overwrite)
-        for loaded, segmentations in self.segmenter.segment_batches(batches, self.vocabulary.labels, self.options):
+        for loaded, segmentations in self.segmenter.segment_batches(batches, self.vocabulary.labels, self.options,
+                                                                     self.exemplars):
             for task_id, segmentation in zip(loaded, segmentations):
                 self._write(task_id, project_prediction(segmentation, self.vocabulary, self.version), overwrite)
             after_batch()
@@ -128,7 +134,10 @@ def annotate_project(project: LabelStudioProject, settings: Settings, overwrite:
     segmenter = process_segmenter(settings)  # and before the run's clock starts
     task_ids = project.task_ids()
     ledger = MemoryLedger(len(task_ids))
-    annotator = TaskAnnotator(project, vocabulary, segmenter, settings, model_version(settings), ledger, NoLocks())
+    memories = ProjectMemories(SharedMemoryStore(create_store(settings.redis_url, settings.model_dir)),
+                               settings.memory_bounds)
+    version, exemplars = memories.for_predictions(str(project.project), segmenter.fingerprint, model_version(settings))
+    annotator = TaskAnnotator(project, vocabulary, segmenter, settings, version, ledger, NoLocks(), exemplars)
     with RunBar(len(task_ids), "annotate", progress) as bar:
         annotator.annotate(task_ids, overwrite, after_batch=lambda: bar.show(ledger.progress()))
         bar.show(ledger.progress())  # tasks skipped or failed after the last batch

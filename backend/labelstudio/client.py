@@ -73,10 +73,14 @@ class LabelStudioProject(LabelStudioClient):
             page += 1
 
     def task(self, task_id: int) -> dict:
-        """The task's ``id`` and ``data`` (as the image helpers take them) and its predictions' ``model_versions``."""
+        """The task's ``id``, ``project`` and ``data`` (as the image helpers take them) and its predictions' ``model_versions``."""
         task = self.client.tasks.get(id=str(task_id))
-        return {"id": task.id, "data": task.data,
+        return {"id": task.id, "project": getattr(task, "project", None), "data": task.data,
                 "model_versions": [prediction.model_version for prediction in task.predictions or []]}
+
+    def annotations(self, task_id: int) -> list[dict]:
+        """The task's annotations as Label Studio holds them."""
+        return [annotation.model_dump() for annotation in self.client.annotations.list(id=task_id)]
 
     def prediction_ids(self, task_id: int, model_version: str) -> list[int]:
         """The ids of the task's predictions of ``model_version`` (other versions are not ours to touch)."""

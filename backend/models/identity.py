@@ -43,8 +43,12 @@ def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def settings_fingerprint(settings: Settings) -> str:
+    """``models_fingerprint`` for the dtype these settings resolve to on this machine."""
+    return models_fingerprint(settings, resolve_device(settings.device, settings.dtype)[1])
+
+
 def model_version(settings: Settings) -> str:
     """The ``model_version`` of every prediction; non-pretrained profiles say so in it."""
-    _, dtype = resolve_device(settings.device, settings.dtype)
-    version = f"freesegdiff-{__version__}-{models_fingerprint(settings, dtype)[:8]}"
+    version = f"freesegdiff-{__version__}-{settings_fingerprint(settings)[:8]}"
     return version if settings.models == "pretrained" else f"{version}-{settings.models}-random-weights"

@@ -170,6 +170,14 @@ class Memory:
         return memory
 
 
+def memory_revision(data: bytes) -> int:
+    """The revision of ``Memory.to_bytes`` bytes, from their header alone (no arrays read)."""
+    try:
+        return int(json.loads(read_safetensors_metadata(data)["memory"])["revision"])
+    except Exception as error:  # struct, json and key errors of bytes that are not a memory
+        raise MemoryFormatError(f"not a memory: {error}") from error
+
+
 def _as_float16(examples: LabelExamples) -> LabelExamples:
     return LabelExamples(np.ascontiguousarray(examples.prototypes, np.float16),
                          np.ascontiguousarray(examples.cells, np.float16))

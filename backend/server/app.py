@@ -27,18 +27,22 @@ from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.backoff import Backoff
 from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, parse_label_config
 from backend.labelstudio.context import ContextError, parse_context
+from backend.labelstudio.learning import ProjectTeacher
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
+from backend.memories import ProjectMemories, SharedMemoryStore
 from backend.models import downloads_wanted, ensure_downloaded
 from backend.options import OptionError, option_changes
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
-from backend.models.process import process_segmenter
 from backend.models.identity import model_version
+from backend.models.process import process_segmenter
+from backend.pipeline.exemplars import Exemplars
+from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.server.cache_writer import CacheWriter
 from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
+from backend.server.learner import FORGET_ACTIONS, LEARN_ACTIONS, TRAIN_ACTION, Learner, LearningEvent
 from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
 from backend.server.predictions import Predictor
-from backend.server.protocol import PredictRequest, SetupRequest, WebhookRequest
+from backend.server.protocol import PredictRequest, SetupRequest, TrainRequest, WebhookRequest
 from backend.server.worker import InferenceWorker, ModelsNotReadyError, ModelState, QueueFullError
 from backend.settings import Settings, get_settings
 from backend.store import StoreError, create_store
@@ -56,7 +60,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     settings = settings or get_settings()
     metrics = Metrics()
     version = model_version(settings)
-    projects = ProjectStore(create_store(settings.redis_url, settings.model_dir))
+    shared = create_store(settings.redis_url, settings.model_dir)
+    projects = ProjectStore(shared)
+    memories = ProjectMemories(SharedMemoryStore(shared), settings.memory_bounds)
 
     def load() -> Segmenter:
         return (load_segmenter or (lambda: process_segmenter(settings)))().observed_by(metrics.observe_stage)
@@ -73,10 +79,35 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     predictor = Predictor(settings, worker, metrics, version, cache, cache_writer)
     default_options = SegmentOptions.from_settings(settings)
 
+    def teacher() -> ProjectTeacher:
+        worker.wait_until_loaded()
+        worker.ensure_ready()
+        return ProjectTeacher(memories, predictor.images, predictor.encoding, worker.fingerprint,
+                              Backoff.from_settings(settings))
+
+    learner = Learner(teacher, settings.learn_queue_size, metrics)
+
+    def project_memory(project: object) -> tuple[str, Exemplars | None]:
+        """The project's model_version (the memory's revision as a suffix) and exemplars; none before the models."""
+        key = project_id(project)
+        if key is None or worker.state != ModelState.READY:
+            return version, None
+        try:
+            return memories.for_predictions(key, worker.fingerprint, version)
+        except Exception as error:  # StoreError, an unreadable memory: predict without it, said in the log
+            log.warning("project %s: its memory could not be read, predicting without it: %s", key, error)
+            metrics.errors.labels(kind="memory").inc()
+            return version, None
+
+    def learning_access(project: object) -> LabelStudioAccess:
+        return _label_studio_access(settings, projects.load(project).access)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker.start()
+        learner.start()
         yield
+        await asyncio.to_thread(learner.stop)
         await asyncio.to_thread(worker.stop)
         await asyncio.to_thread(cache_writer.stop)
 
@@ -96,12 +127,6 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         kind = {LabelConfigError: "label_config", ContextError: "context"}.get(type(error), "options")
         metrics.errors.labels(kind=kind).inc()
         return JSONResponse({"error": str(error)}, status_code=400)
-
-    @app.exception_handler(StoreError)
-    async def store_unavailable(request: Request, error: StoreError) -> JSONResponse:
-        metrics.errors.labels(kind=error.kind).inc()
-        headers = {"Retry-After": str(settings.retry_after_seconds)}
-        return JSONResponse({"error": f"the project store is unavailable: {error}"}, status_code=503, headers=headers)
 
     @app.exception_handler(QueueFullError)
     @app.exception_handler(ModelsNotReadyError)
@@ -142,8 +167,14 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         if project_id(request.project) is None:
             log.warning("/setup without a project id (%r): nothing kept", request.project)
         else:
-            await asyncio.to_thread(projects.save, request.project, setup)  # every process reads it back
-        return {"model_version": version}
+            try:
+                await asyncio.to_thread(projects.save, request.project, setup)  # every process reads it back
+            except StoreError as error:  # Label Studio still gets its answer; predictions use their own config
+                log.error("project %s: its setup could not be kept, so only this request has it: %s",
+                          project_id(request.project), error)
+                metrics.errors.labels(kind=error.kind).inc()
+        project_version, _ = await asyncio.to_thread(project_memory, request.project)
+        return {"model_version": project_version}
 
     @app.post("/predict", dependencies=authenticated)
     async def predict(request: PredictRequest) -> dict:
@@ -158,15 +189,17 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         interaction = parse_context(request.params.context if request.params else None, vocabulary)
         if worker.state != ModelState.READY:  # just started: wait for the models rather than answer 503
             await asyncio.to_thread(worker.wait_until_loaded)
+        project_version, exemplars = await asyncio.to_thread(project_memory, request.project)
         try:
-            results = await predictor.predict(request.tasks, vocabulary, options, access, interaction)
+            results = await predictor.predict(request.tasks, vocabulary, options, access, interaction, exemplars,
+                                              project_version)
         except (QueueFullError, ModelsNotReadyError):
             raise
         except Exception as error:  # an inference failure answers this request; the server goes on
             log.exception("inference failed for %d tasks", len(request.tasks))
             metrics.errors.labels(kind="inference").inc()
             raise HTTPException(500, f"inference failed: {type(error).__name__}: {error}") from error
-        return {"results": results, "model_version": version}
+        return {"results": results, "model_version": project_version}
 
     @app.post("/webhook", dependencies=authenticated)
     async def webhook(request: WebhookRequest, background: BackgroundTasks) -> dict:
@@ -174,7 +207,19 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         if request.action in ANNOTATION_ACTIONS:  # compared after answering: Label Studio waits for us
             access = _label_studio_access(settings, (await asyncio.to_thread(projects.load, request.project)).access)
             background.add_task(_record_feedback, feedback, request.model_dump(), access, metrics)
+        for event in _learning_events(request):
+            learner.submit(dataclasses.replace(event, access=await asyncio.to_thread(learning_access, event.project)))
         return {"status": "ok", "action": request.action}
+
+    @app.post("/train", dependencies=authenticated)
+    async def train(request: TrainRequest) -> dict:
+        """The older "Start Training" request; its annotations are ignored: the rebuild reads them from the API."""
+        count("train")
+        key = project_id(request.project)
+        if key is None:
+            raise HTTPException(400, "the training request names no project")
+        learner.submit(LearningEvent("rebuild", key, await asyncio.to_thread(learning_access, key)))
+        return {"status": "ok", "job_id": f"rebuild-{key}"}
 
     @app.get("/versions", dependencies=authenticated)
     async def versions() -> dict:
@@ -186,6 +231,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.worker, app.state.metrics, app.state.cache_writer = worker, metrics, cache_writer
+    app.state.learner, app.state.memories = learner, memories
     return app
 
 
@@ -195,6 +241,22 @@ def _record_feedback(recorder: FeedbackRecorder, payload: dict, access: LabelStu
     except Exception:  # feedback is a by-product: a failure is logged and counted, never raised
         log.exception("recording annotation feedback failed")
         metrics.errors.labels(kind="feedback").inc()
+
+
+def _learning_events(request: WebhookRequest) -> list[LearningEvent]:
+    """What a webhook asks to learn (access filled in by the caller); its payload only names annotations."""
+    project = project_id(request.project)
+    if project is None:
+        return []
+    if request.action == TRAIN_ACTION:
+        return [LearningEvent("rebuild", project, LabelStudioAccess())]
+    if request.action in LEARN_ACTIONS + FORGET_ACTIONS:
+        named = request.annotations if request.action in FORGET_ACTIONS else request.annotation
+        named = named if isinstance(named, list) else [named] if named else []
+        action = "forget" if request.action in FORGET_ACTIONS else "learn"
+        return [LearningEvent(action, project, LabelStudioAccess(), int(a["id"])) for a in named
+                if isinstance(a, dict) and str(a.get("id", "")).isdigit()]
+    return []
 
 
 def _label_studio_access(settings: Settings, from_setup: LabelStudioAccess) -> LabelStudioAccess:

@@ -40,6 +40,9 @@ class Metrics:
         self.feedback_regions = Counter("freeseg_feedback_regions", "Predicted regions kept, edited or deleted, "
                                         "and regions added, per label", ["label", "outcome"], registry=self.registry)
 
+        self.learning_events = Counter("freeseg_learning_events", "Learning from annotations (learn, forget, "
+                                       "rebuild) by outcome", ["action", "outcome"], registry=self.registry)
+
     def cache_metrics(self) -> CacheMetricsAdapter:
         return CacheMetricsAdapter(self)
 

@@ -26,11 +26,12 @@ from backend.fetch import ImageFetchError
 from backend.images import ImageError
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.config import ProjectVocabulary
-from backend.labelstudio.images import TaskImageLoader
+from backend.labelstudio.images import TaskImage, TaskImageLoader
 from backend.labelstudio.results import prediction, project_prediction
 from backend.cache import FeatureCache, cache_key
 from backend.labelstudio.context import Interaction
 from backend.pipeline.encoding import Encoding
+from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.segmenter import Click, Proposal, Segmentation, Segmenter, SegmentOptions
 from backend.server.cache_writer import CacheWriter
 from backend.server.metrics import Metrics
@@ -62,16 +63,20 @@ class Predictor:
 
     async def predict(
         self, tasks: Sequence[Task], vocabulary: ProjectVocabulary, options: SegmentOptions,
-        access: LabelStudioAccess, interaction: Interaction | None = None,
+        access: LabelStudioAccess, interaction: Interaction | None = None, exemplars: Exemplars | None = None,
+        model_version: str | None = None,
     ) -> list[dict]:
+        """One prediction per task; ``exemplars`` from the project's memory, whose ``model_version`` they carry."""
+        version = model_version or self.model_version
         self.worker.ensure_accepting()  # before any download: a busy answer should be cheap
         loaded = await run_in_threadpool(lambda: [self._load_image(task, vocabulary, access) for task in tasks])
         present = [item for item in loaded if item is not None]
-        segmentations = iter(await self._segment(present, vocabulary, options, interaction) if present else [])
+        segmentations = iter(await self._segment(present, vocabulary, options, interaction, exemplars)
+                             if present else [])
         start = time.perf_counter()
         predictions = await run_in_threadpool(
-            lambda: [self._prediction(next(segmentations), vocabulary) if item is not None else self._empty()
-                     for item in loaded]
+            lambda: [self._prediction(next(segmentations), vocabulary, version) if item is not None
+                     else prediction([], 0.0, version) for item in loaded]
         )
         self.metrics.observe_stage("results", time.perf_counter() - start)
         return predictions
@@ -89,7 +94,7 @@ class Predictor:
 
     async def _segment(
         self, items: list[_Loaded], vocabulary: ProjectVocabulary, options: SegmentOptions,
-        interaction: Interaction | None,
+        interaction: Interaction | None, exemplars: Exemplars | None = None,
     ) -> list[Segmentation]:
         """Segment every image on the inference worker, encoding only those not in the cache."""
         cached = await run_in_threadpool(lambda: [self.cache.get(item.key) for item in items])
@@ -109,7 +114,7 @@ class Predictor:
             if interaction is not None and interaction.clicks:
                 return [segmenter.propose_clicks(e, item.image, labels, _pixel_clicks(interaction, item.image), options)
                         for e, item in zip(encodings, items)]
-            return segmenter.propose_batch(encodings, [item.image for item in items], labels, options)
+            return segmenter.propose_batch(encodings, [item.image for item in items], labels, options, exemplars)
 
         proposals = await asyncio.wrap_future(self.worker.submit(propose))
         segmentations = await run_in_threadpool(lambda: [p.finish() for p in proposals])  # no model needed
@@ -117,9 +122,16 @@ class Predictor:
                  " (interactive)" if interaction else "")
         return segmentations
 
-    def _prediction(self, segmentation: Segmentation, vocabulary: ProjectVocabulary) -> dict:
-        self.metrics.tasks.labels(outcome="predicted").inc()
-        return project_prediction(segmentation, vocabulary, self.model_version)
+    def encoding(self, image: TaskImage) -> Encoding:
+        """The image's encoding from the feature cache, else from the inference worker (behind queued work)."""
+        key = cache_key(image.data, self.worker.fingerprint)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        (encoding,) = self.worker.submit_encode([image.pixels]).result()
+        self.cache_writer.put(key, encoding)
+        return encoding
 
-    def _empty(self) -> dict:
-        return prediction([], 0.0, self.model_version)
+    def _prediction(self, segmentation: Segmentation, vocabulary: ProjectVocabulary, model_version: str) -> dict:
+        self.metrics.tasks.labels(outcome="predicted").inc()
+        return project_prediction(segmentation, vocabulary, model_version)

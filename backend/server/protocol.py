@@ -45,4 +45,11 @@ class WebhookRequest(_Open):
     action: str | None = None
     project: dict[str, Any] | str | int | None = None
     task: dict[str, Any] | None = None
-    annotation: dict[str, Any] | None = None
+    annotation: dict[str, Any] | list[dict[str, Any]] | None = None  # a list for ANNOTATIONS_CREATED
+    annotations: list[dict[str, Any]] | None = None  # ANNOTATIONS_DELETED: their ids
+
+
+class TrainRequest(_Open):
+    """The older "Start Training" body (``/train``): ``project`` as ``"<id>.<created>"``, its annotations."""
+
+    project: str | int | None = None

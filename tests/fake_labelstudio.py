@@ -1,0 +1,96 @@
+"""A loopback stand-in for the part of Label Studio's API that learning reads.
+
+It answers what label-studio-sdk asks: ``/api/annotations/<id>/``, ``/api/tasks/<id>/``,
+``/api/tasks/<id>/annotations/``, ``/api/tasks/?project=`` and ``/api/projects/<id>/``, from
+dicts the test edits (deleting an annotation makes it answer 404), and only to ``TOKEN``.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import re
+import threading
+from urllib.parse import parse_qs, urlsplit
+
+import cv2
+import numpy as np
+
+TOKEN = "learning-token"
+
+
+def data_uri(image: np.ndarray) -> str:
+    """A PNG ``data:`` URI of an (H, W, 3) RGB image, as a task's ``data.image``."""
+    ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    assert ok
+    return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode()
+
+
+def polygon(label: str, points: list[tuple[float, float]], from_name: str = "tag") -> dict:
+    """A ``polygonlabels`` result with points in percent."""
+    return {"type": "polygonlabels", "from_name": from_name, "to_name": "image",
+            "value": {"points": [list(p) for p in points], "polygonlabels": [label]}}
+
+
+class FakeLabelStudio:
+    """Projects, tasks and annotations by id; ``url`` while started."""
+
+    def __init__(self) -> None:
+        self.projects: dict[int, str] = {}  # id -> label config
+        self.tasks: dict[int, dict] = {}  # id -> {"project": id, "data": {...}}
+        self.annotations: dict[int, dict] = {}  # id -> {"task": id, "result": [...]}
+        self.requests: list[str] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                fake.requests.append(self.path)
+                if self.headers.get("Authorization") != f"Token {TOKEN}":
+                    return self._answer(401, {"detail": "no token"})
+                status, body = fake.answer(self.path)
+                self._answer(status, body)
+
+            def _answer(self, status: int, body: object) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def answer(self, path: str) -> tuple[int, object]:
+        split = urlsplit(path)
+        query = parse_qs(split.query)
+        if match := re.fullmatch(r"/api/annotations/(\d+)/?", split.path):
+            annotation = self.annotations.get(int(match[1]))
+            return (200, {"id": int(match[1]), **annotation}) if annotation else (404, {"detail": "Not found."})
+        if match := re.fullmatch(r"/api/tasks/(\d+)/annotations/?", split.path):
+            task = int(match[1])
+            return 200, [{"id": i, **a} for i, a in self.annotations.items() if a["task"] == task]
+        if match := re.fullmatch(r"/api/tasks/(\d+)/?", split.path):
+            task = self.tasks.get(int(match[1]))
+            return (200, {"id": int(match[1]), "predictions": [], **task}) if task else (404, {"detail": "Not found."})
+        if split.path.rstrip("/") == "/api/tasks":
+            project = int(query["project"][0])
+            ids = [{"id": i} for i, t in self.tasks.items() if t["project"] == project]
+            page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
+            return 200, {"tasks": ids[(page - 1) * size : page * size], "total": len(ids)}
+        if match := re.fullmatch(r"/api/projects/(\d+)/?", split.path):
+            config = self.projects.get(int(match[1]))
+            return (200, {"id": int(match[1]), "label_config": config}) if config else (404, {"detail": "Not found."})
+        return 404, {"detail": "Not found."}
+
+    def __enter__(self) -> FakeLabelStudio:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
