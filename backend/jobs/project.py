@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,47 +47,55 @@ def project_vocabulary(project: LabelStudioProject, backoff: Backoff) -> Project
     return parse_label_config(config)
 
 
+@dataclass(frozen=True)
+class ProjectRun:
+    """What a project run predicts and writes: the same in this process and in every chunk."""
+
+    project: LabelStudioProject
+    vocabulary: ProjectVocabulary
+    version: str  # the model_version its predictions carry
+    overwrite: bool  # replace a task's prediction of ``version`` rather than skip the task
+    exemplars: Exemplars | None = None  # the project's memory, whose revision ``version`` carries
+
+
 class TaskAnnotator:
     """Predicts tasks of one project and writes their predictions, settling each in ``ledger``."""
 
-    def __init__(self, project: LabelStudioProject, vocabulary: ProjectVocabulary, segmenter: Segmenter,
-                 settings: Settings, version: str, ledger: Ledger, locks: WriteLocks,
-                 exemplars: Exemplars | None = None) -> None:
-        self.project, self.vocabulary, self.segmenter, self.version = project, vocabulary, segmenter, version
-        self.exemplars = exemplars  # the project's memory, whose revision ``version`` carries
-        self.ledger, self.locks = ledger, locks
+    def __init__(self, run: ProjectRun, segmenter: Segmenter, settings: Settings, ledger: Ledger,
+                 locks: WriteLocks) -> None:
+        self.project, self.vocabulary, self.version = run.project, run.vocabulary, run.version
+        self.overwrite, self.exemplars = run.overwrite, run.exemplars
+        self.segmenter, self.ledger, self.locks = segmenter, ledger, locks
         self.backoff = Backoff.from_settings(settings)
         self.options = dataclasses.replace(SegmentOptions.from_settings(settings), **self.vocabulary.options)
         self.images = TaskImageLoader.from_settings(settings)
         self.batch = settings.max_batch
 
-    def annotate(self, task_ids: Sequence[int], overwrite: bool,
-                 after_batch: Callable[[], None] = lambda: None) -> None:
+    def annotate(self, task_ids: Sequence[int], after_batch: Callable[[], None] = lambda: None) -> None:
         """Settle every task of ``task_ids`` not settled yet; images are encoded ``max_batch`` at a time, and a
         batch's predictions are written while the next batch is refined. ``after_batch`` follows each batch's writes."""
-        batches = self._batches_to_predict(task_ids, overwrite)
+        batches = self._batches_to_predict(task_ids)
         for loaded, segmentations in self.segmenter.segment_batches(batches, self.vocabulary.labels, self.options,
                                                                      self.exemplars):
             for task_id, segmentation in zip(loaded, segmentations):
-                self._write(task_id, project_prediction(segmentation, self.vocabulary, self.version), overwrite)
+                self._write(task_id, project_prediction(segmentation, self.vocabulary, self.version))
             after_batch()
 
-    def _batches_to_predict(self, task_ids: Sequence[int],
-                            overwrite: bool) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    def _batches_to_predict(self, task_ids: Sequence[int]) -> Iterator[tuple[list[int], list[np.ndarray]]]:
         """The tasks to predict and their images, ``max_batch`` tasks looked at a time."""
         for start in range(0, len(task_ids), self.batch):
             loaded = [(task_id, image) for task_id in task_ids[start:start + self.batch]
-                      if (image := self._image_to_predict(task_id, overwrite)) is not None]
+                      if (image := self._image_to_predict(task_id)) is not None]
             if loaded:
                 yield [task_id for task_id, _ in loaded], [image for _, image in loaded]
 
-    def _image_to_predict(self, task_id: int, overwrite: bool) -> np.ndarray | None:
+    def _image_to_predict(self, task_id: int) -> np.ndarray | None:
         """The task's image, or None when the task is settled already, skipped or failed."""
         if self.ledger.settled(str(task_id)):
             return None
         try:
             task = with_backoff(lambda: self.project.task(task_id), f"reading task {task_id}", self.backoff)
-            if self.version in task["model_versions"] and not overwrite:
+            if self.version in task["model_versions"] and not self.overwrite:
                 self._settle(task_id, Outcome.SKIPPED)
                 return None
             return with_backoff(lambda: self.images.load(task, self.vocabulary.image_key, self.project.access),
@@ -95,23 +104,23 @@ class TaskAnnotator:
             self._settle(task_id, Outcome.FAILED, describe(error))
             return None
 
-    def _write(self, task_id: int, prediction: dict, overwrite: bool) -> None:
+    def _write(self, task_id: int, prediction: dict) -> None:
         with self.locks.holding(str(task_id)) as refresh:
             if refresh is None:
                 log.warning("task %s: another worker kept its write lock for a whole lease; leaving it to that worker",
                             task_id)
                 return
             try:
-                self._settle(task_id, with_backoff(lambda: self._replace(task_id, prediction, overwrite, refresh),
+                self._settle(task_id, with_backoff(lambda: self._replace(task_id, prediction, refresh),
                                                    f"writing the prediction of task {task_id}", self.backoff))
             except LABEL_STUDIO_ERRORS as error:
                 self._settle(task_id, Outcome.FAILED, describe(error))
 
-    def _replace(self, task_id: int, prediction: dict, overwrite: bool, refresh: Refresh) -> Outcome:
+    def _replace(self, task_id: int, prediction: dict, refresh: Refresh) -> Outcome:
         """One try: look at the task's predictions again (a lost answer may hide a stored one), then write."""
         refresh()
         ours = self.project.prediction_ids(task_id, self.version)
-        if ours and not overwrite:
+        if ours and not self.overwrite:
             return Outcome.SKIPPED
         for prediction_id in ours:
             self.project.delete_prediction(prediction_id)
@@ -137,9 +146,10 @@ def annotate_project(project: LabelStudioProject, settings: Settings, overwrite:
     memories = ProjectMemories(SharedMemoryStore(create_store(settings.redis_url, settings.model_dir)),
                                settings.memory_bounds)
     version, exemplars = memories.for_predictions(str(project.project), segmenter.fingerprint, model_version(settings))
-    annotator = TaskAnnotator(project, vocabulary, segmenter, settings, version, ledger, NoLocks(), exemplars)
+    run = ProjectRun(project, vocabulary, version, overwrite, exemplars)
+    annotator = TaskAnnotator(run, segmenter, settings, ledger, NoLocks())
     with RunBar(len(task_ids), "annotate", progress) as bar:
-        annotator.annotate(task_ids, overwrite, after_batch=lambda: bar.show(ledger.progress()))
+        annotator.annotate(task_ids, after_batch=lambda: bar.show(ledger.progress()))
         bar.show(ledger.progress())  # tasks skipped or failed after the last batch
     return ledger.progress()
 
@@ -171,8 +181,8 @@ def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, ov
     access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
     scope = hashlib.sha256(f"{access.url}\x00{context.version}".encode()).hexdigest()[:16]
     labelstudio = LabelStudioProject(access, project, Backoff.from_settings(settings))
-    annotator = TaskAnnotator(labelstudio, project_vocabulary(labelstudio, labelstudio.backoff),
-                              process_segmenter(settings), settings, context.version, context.ledger,
+    run = ProjectRun(labelstudio, project_vocabulary(labelstudio, labelstudio.backoff), context.version, overwrite)
+    annotator = TaskAnnotator(run, process_segmenter(settings), settings, context.ledger,
                               RedisLocks(context.connection, scope, settings.queue_lease_seconds))
-    annotator.annotate(task_ids, overwrite)
+    annotator.annotate(task_ids)
     return len(task_ids)
