@@ -211,14 +211,7 @@ class Segmenter:
         exemplars: Exemplars | None = None,
     ) -> Segmentation:
         """A label map over ``labels`` for ``image``, from its ``encoding`` (and a project's ``exemplars``)."""
-        return self.segment_batch([encoding], [image], labels, options, exemplars)[0]
-
-    def segment_batch(
-        self, encodings: Sequence[Encoding], images: Sequence[np.ndarray], labels: Sequence[Label],
-        options: SegmentOptions, exemplars: Exemplars | None = None,
-    ) -> list[Segmentation]:
-        proposals = self.propose_batch(encodings, images, labels, options, exemplars)
-        return [proposal.finish() for proposal in proposals]
+        return self.propose_batch([encoding], [image], labels, options, exemplars)[0].finish()
 
     def segment_batches(
         self, batches: Iterable[tuple[Tag, Sequence[np.ndarray]]], labels: Sequence[Label], options: SegmentOptions,
