@@ -74,7 +74,7 @@ def test_model_version_says_when_weights_are_random(tmp_path):
 
 def test_the_captioner_can_be_kept_on_the_cpu(tiny_settings):
     parts = load_model_parts(tiny_settings.model_copy(update={"captioner_device": "cpu"}))
-    assert parts.captioner_device.type == "cpu" and next(parts.captioner.model.parameters()).device.type == "cpu"
+    assert parts.placement.captioner_device.type == "cpu" and next(parts.captioner.model.parameters()).device.type == "cpu"
 
 
 def test_attention_uses_torch_scaled_dot_product_attention(tiny_settings):

@@ -38,10 +38,7 @@ class ModelParts:
     clip: ClipParts
     captioner: CaptionerParts
     nlp: Language
-    device: torch.device
-    dtype: torch.dtype
-    captioner_device: torch.device
-    captioner_dtype: torch.dtype
+    placement: Placement
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -128,7 +125,7 @@ def load_model_parts(settings: Settings) -> ModelParts:
             stable_diffusion=random_full.build_stable_diffusion(tokenizer_folder, device, dtype),
             clip=random_full.build_clip(device, dtype),
             captioner=random_full.build_captioner(settings.captioner, captioner_device, captioner_dtype),
-            nlp=nlp, **vars(placement),
+            nlp=nlp, placement=placement,
         )
     if settings.models == "tiny":
         folder = tiny_model_folder(settings.model_dir)
@@ -144,7 +141,7 @@ def load_model_parts(settings: Settings) -> ModelParts:
         stable_diffusion=load_stable_diffusion(sd_source, device=device, dtype=dtype),
         clip=load_clip(clip_name, clip_weights, checkpoint, device=device, dtype=dtype),
         captioner=load_captioner(settings.captioner, captioner_source, device=captioner_device, dtype=captioner_dtype),
-        nlp=nlp, **vars(placement),
+        nlp=nlp, placement=placement,
     )
 
 

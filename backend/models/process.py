@@ -25,9 +25,10 @@ def process_segmenter(settings: Settings) -> Segmenter:
     """The segmenter for these settings; models load on the first call only."""
     threads = configure_threads(resolve_device(settings.device, settings.dtype)[0].type, settings.crf_processes)
     parts = load_model_parts(settings)
-    device, dtype = parts.device, parts.dtype
+    placement = parts.placement
+    device, dtype = placement.device, placement.dtype
     return Segmenter(
-        captioner=Captioner(parts.captioner, parts.captioner_device, parts.captioner_dtype),
+        captioner=Captioner(parts.captioner, placement.captioner_device, placement.captioner_dtype),
         features=FeatureExtractor(parts.stable_diffusion, feature_settings(settings), device, dtype),
         clip=ClipEmbedder(parts.clip, device, dtype),
         nlp=parts.nlp,
