@@ -6,6 +6,10 @@ alone), and the check is made again, under a per-task lock, right before writing
 a chunk may be run again after its worker died. A task whose image cannot be fetched or
 decoded, or on which Label Studio keeps failing after the retries, is recorded as failed
 with a one-line reason, and the run goes on.
+
+Both kinds of run predict with the project's memory (what its annotators' corrections taught,
+in the shared store) as it is when the run starts, in this process, or when each chunk starts,
+on a worker; the memory's revision is in the predictions' ``model_version`` (``...-m12``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,16 @@ class ProjectRun:
     version: str  # the model_version its predictions carry
     overwrite: bool  # replace a task's prediction of ``version`` rather than skip the task
     exemplars: Exemplars | None = None  # the project's memory, whose revision ``version`` carries
+
+
+def project_run(project: LabelStudioProject, vocabulary: ProjectVocabulary, segmenter: Segmenter,
+                settings: Settings, version: str, overwrite: bool) -> ProjectRun:
+    """The run's predictions as of now: the project's memory for ``segmenter``'s models, if it has one,
+    and ``version`` (the models' model_version) with that memory's revision."""
+    memories = ProjectMemories(SharedMemoryStore(create_store(settings.redis_url, settings.model_dir)),
+                               settings.memory_bounds)
+    version, exemplars = memories.for_predictions(str(project.project), segmenter.fingerprint, version)
+    return ProjectRun(project, vocabulary, version, overwrite, exemplars)
 
 
 class TaskAnnotator:
@@ -143,10 +157,7 @@ def annotate_project(project: LabelStudioProject, settings: Settings, overwrite:
     segmenter = process_segmenter(settings)  # and before the run's clock starts
     task_ids = project.task_ids()
     ledger = MemoryLedger(len(task_ids))
-    memories = ProjectMemories(SharedMemoryStore(create_store(settings.redis_url, settings.model_dir)),
-                               settings.memory_bounds)
-    version, exemplars = memories.for_predictions(str(project.project), segmenter.fingerprint, model_version(settings))
-    run = ProjectRun(project, vocabulary, version, overwrite, exemplars)
+    run = project_run(project, vocabulary, segmenter, settings, model_version(settings), overwrite)
     annotator = TaskAnnotator(run, segmenter, settings, ledger, NoLocks())
     with RunBar(len(task_ids), "annotate", progress) as bar:
         annotator.annotate(task_ids, after_batch=lambda: bar.show(ledger.progress()))
@@ -181,8 +192,10 @@ def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, ov
     access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
     scope = hashlib.sha256(f"{access.url}\x00{context.version}".encode()).hexdigest()[:16]
     labelstudio = LabelStudioProject(access, project, Backoff.from_settings(settings))
-    run = ProjectRun(labelstudio, project_vocabulary(labelstudio, labelstudio.backoff), context.version, overwrite)
-    annotator = TaskAnnotator(run, process_segmenter(settings), settings, context.ledger,
+    segmenter = process_segmenter(settings)
+    run = project_run(labelstudio, project_vocabulary(labelstudio, labelstudio.backoff), segmenter, settings,
+                      context.version, overwrite)
+    annotator = TaskAnnotator(run, segmenter, settings, context.ledger,
                               RedisLocks(context.connection, scope, settings.queue_lease_seconds))
     annotator.annotate(task_ids)
     return len(task_ids)

@@ -5,6 +5,8 @@ a Label Studio outage (a proxy answering 502 for a few seconds, one answer lost 
 stored the prediction). On a real redis-server with two real ``freesegdiff worker --burst`` processes:
 a queued run in which one worker is killed (SIGKILL) in the middle of a chunk. Every task must end
 with exactly one prediction of our model version, and other versions' predictions are left alone.
+Last, a queued run of a project whose annotations taught its memory predicts what the same run in
+this process predicts, with the memory's revision in its model version.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 import sklearn
@@ -29,8 +32,12 @@ from labelstudio import (
     list_predictions,
     predictions_by_version,
 )
+from PIL import Image
+from test_learning import LABEL_CONFIG as SCENE_LABEL_CONFIG
+from test_learning import ground_truth_result, latest, miou
 
 from backend.cli import main
+from backend.evaluation.synthetic import write_scenes
 from backend.jobs.ledger import RedisLedger
 from backend.models.identity import model_version
 from backend.settings import get_settings
@@ -162,3 +169,50 @@ def test_queued_run_survives_a_worker_killed_mid_chunk(label_studio, redis_serve
     jobs = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "--run", run_id], cwd=REPO_ROOT, env=env,
                           check=False, capture_output=True, text=True, timeout=60)
     assert "chunks: 3 finished" in jobs.stdout and "9 tasks:" in jobs.stdout, jobs.stdout + jobs.stderr
+
+
+@pytest.mark.e2e
+def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_server, cli_env, capsys, monkeypatch,
+                                                        tiny_settings, tmp_path):
+    folder = write_scenes(tmp_path / "scenes", 8, seed=0, height=96, width=128)
+    images = sorted((folder / "images").glob("*.png"))
+    truths = [np.asarray(Image.open(folder / "labels" / image.name)) for image in images]
+    project = create_project(label_studio, SCENE_LABEL_CONFIG, title=f"queued-memory-{uuid.uuid4().hex[:6]}")
+    tasks = [import_image_file(label_studio, project, image) for image in images]
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    get_settings.cache_clear()
+    version = model_version(get_settings())
+    later = slice(4, None)
+
+    assert annotate(capsys, "--project", str(project))[:2] == (0, (8, 8, 0, 0))
+    without = miou(label_studio, tasks[later], truths[later])
+    for task, truth in zip(tasks[:4], truths[:4]):
+        label_studio.api("POST", f"/api/tasks/{task}/annotations/", json={"result": ground_truth_result(truth)})
+    assert main(["learn", "--project", str(project)]) == 0
+    revision = re.search(r"memory of 4 annotations, .*revision (\d+)", capsys.readouterr().out).group(1)
+    taught = f"{version}-m{revision}"
+
+    queue_name = f"test-memory-{uuid.uuid4().hex[:8]}"
+    env = queue_env(tiny_settings.model_dir, redis_server.url, queue_name, FREESEG_QUEUE_CHUNK_SIZE="3",
+                    LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
+    enqueued = subprocess.run([sys.executable, "-m", "backend.cli", "annotate-project", "--project", str(project),
+                               "--queue", "--no-wait"], cwd=REPO_ROOT, env=env, check=False, capture_output=True,
+                              text=True, timeout=120)
+    assert enqueued.returncode == 0, enqueued.stderr
+    log = tmp_path / "worker.log"
+    worker = start_worker(log, env)
+    try:
+        assert worker.wait(timeout=240) == 0, log_text(log)
+    finally:
+        stop(worker)
+    queued = [latest(label_studio, task) for task in tasks]
+    assert [prediction["model_version"] for prediction in queued] == [taught] * 8, log_text(log)
+    with_memory = miou(label_studio, tasks[later], truths[later])
+
+    code, counts, out = annotate(capsys, "--project", str(project), "--overwrite")
+    assert (code, counts) == (0, (8, 8, 0, 0)), out
+    in_process = [latest(label_studio, task) for task in tasks]
+    assert [p["result"] for p in in_process] == [p["result"] for p in queued]
+    assert all(set(predictions_by_version(label_studio, task)) == {version, taught} for task in tasks)
+    print(f"\nmIoU (%) of the 4 later tasks: {without:.2f} without the memory, {with_memory:.2f} with it ({taught})")
+    assert with_memory >= without + 10
