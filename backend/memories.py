@@ -19,6 +19,11 @@ from backend.pipeline.memory import Memory, MemoryBounds, memory_revision
 from backend.store import SharedStore
 
 
+def memory_version(version: str, revision: int) -> str:
+    """The model_version of predictions made with a memory of ``revision``: ``version`` with a suffix, ``...-m12``."""
+    return f"{version}-m{revision}"
+
+
 class SharedMemoryStore:
     """A ``MemoryStore`` (``backend.pipeline.memory``) on a ``SharedStore``, with revision keys and a lock."""
 
@@ -84,7 +89,7 @@ class ProjectMemories:
     def for_predictions(self, project: str, fingerprint: str, version: str) -> tuple[str, Exemplars | None]:
         """``version`` with the memory's revision as a suffix (``...-m12``) and its exemplars; unchanged, None without."""
         current = self.exemplars(project, fingerprint)
-        return (f"{version}-m{current[0]}", current[1]) if current else (version, None)
+        return (memory_version(version, current[0]), current[1]) if current else (version, None)
 
     def change(self, project: str, fingerprint: str, channels: int, edit: Callable[[Memory], object]) -> Memory:
         """Apply ``edit`` to the project's memory and save it, locked; a memory holding nothing takes ``channels``."""

@@ -10,7 +10,7 @@ import pytest
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.labelstudio.backoff import Backoff, is_transient, with_backoff
-from backend.jobs.ledger import MemoryLedger, Outcome, RedisLedger
+from backend.jobs.ledger import RUN_TTL_SECONDS, MemoryLedger, Outcome, RedisLedger
 from backend.jobs.locks import RedisLocks
 from backend.fetch import ImageFetchError
 
@@ -39,6 +39,18 @@ def test_redis_runs_are_listed_and_keep_the_first_workers_model_version(redis_se
     assert ledger.claim_model_version("v-cpu") == "v-gpu"
     ledger.add_jobs(["a", "b"])
     assert ledger.job_ids() == ["a", "b"] and ledger.fields()["chunks"] == "2"
+
+
+def test_every_chunk_of_a_run_gets_the_memory_its_first_chunk_read(redis_server):
+    connection = redis_server.client()
+    with_memory = RedisLedger.create(connection, "project", "p1", 4)
+    assert with_memory.claim_memory(lambda: b"revision 3") == b"revision 3"
+    assert with_memory.claim_memory(lambda: b"revision 4") == b"revision 3"
+    assert RedisLedger(connection, with_memory.run_id).claim_memory(lambda: None) == b"revision 3"
+    assert 0 < connection.ttl(with_memory.memory_key) <= RUN_TTL_SECONDS
+    without = RedisLedger.create(connection, "project", "p2", 4)
+    assert without.claim_memory(lambda: None) is None
+    assert without.claim_memory(lambda: b"revision 1") is None
 
 
 def test_a_task_lock_held_by_another_writer_is_waited_for_then_given_up(redis_server):

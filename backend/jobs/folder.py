@@ -29,6 +29,7 @@ from backend.jobs.progress import RunBar
 from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
 from backend.labelstudio.coco import coco_annotations
 from backend.labelstudio.results import brush_results, prediction
+from backend.models.identity import model_version
 from backend.overlay import label_index_image
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.models.process import process_segmenter
@@ -269,10 +270,12 @@ def annotate_folder_chunk(run_id: str, images: list[str], *, run: dict) -> int:
     """RQ job (by dotted path, JSON arguments): segment a chunk of a queued folder run. Returns its size."""
     context = chunk_context(run_id)
     settings = context.settings
+    version = model_version(settings)
+    context.begin(version)
     folder_run = FolderRun.from_json(run)
     parts = _parts_folder(folder_run.out, run_id)
     pending = [relative for relative in images if not context.ledger.settled(relative)]
-    for image in segment_folder_images(folder_run, pending, process_segmenter(settings), context.version,
+    for image in segment_folder_images(folder_run, pending, process_segmenter(settings), version,
                                        settings.max_batch, settings.image_limits):
         if image.record is not None:
             path = _part_path(parts, image.relative)

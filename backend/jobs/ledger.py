@@ -12,13 +12,16 @@ read it:
   ``done``, ``skipped``, ``failed``;
 - ``freeseg:run:<id>:outcomes``: a hash from task id (or image path) to ``done``,
   ``skipped`` or ``failed``, and ``freeseg:run:<id>:failures`` from a failed one to its reason;
-- ``freeseg:run:<id>:jobs``: the list of the run's RQ job ids.
+- ``freeseg:run:<id>:jobs``: the list of the run's RQ job ids;
+- ``freeseg:run:<id>:memory``: the project memory a run predicts with, as its first chunk read it
+  (empty when the project had none), so that every chunk predicts with the same one.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -120,6 +123,7 @@ class RedisLedger:
         self.outcomes_key = f"{self.key}:outcomes"
         self.failures_key = f"{self.key}:failures"
         self.jobs_key = f"{self.key}:jobs"
+        self.memory_key = f"{self.key}:memory"
         self._record = connection.register_script(_RECORD_ONCE)
 
     @classmethod
@@ -163,6 +167,14 @@ class RedisLedger:
 
     def begin(self) -> None:
         self.connection.hsetnx(self.key, "started", time.time())
+
+    def claim_memory(self, read: Callable[[], bytes | None]) -> bytes | None:
+        """The memory the run predicts with: what ``read`` gave its first chunk; None when that was none.
+        Later chunks get that one even when the project's memory has changed since, so the whole run
+        writes one model_version (a project shows the predictions of one version in its labeling stream)."""
+        if not self.connection.exists(self.memory_key):
+            self.connection.set(self.memory_key, read() or b"", nx=True, ex=RUN_TTL_SECONDS)
+        return self.connection.get(self.memory_key) or None
 
     def settled(self, item: str) -> bool:
         return bool(self.connection.hexists(self.outcomes_key, item))

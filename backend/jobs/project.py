@@ -8,8 +8,9 @@ decoded, or on which Label Studio keeps failing after the retries, is recorded a
 with a one-line reason, and the run goes on.
 
 Both kinds of run predict with the project's memory (what its annotators' corrections taught,
-in the shared store) as it is when the run starts, in this process, or when each chunk starts,
-on a worker; the memory's revision is in the predictions' ``model_version`` (``...-m12``).
+in the shared store) as it is when the run starts: in this process, or when a queued run's first
+chunk starts on a worker, whose models' memory it is (every later chunk gets that one from the
+run's ledger). So a run writes one ``model_version``, which carries the memory's revision (``...-m12``).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from backend.labelstudio.config import ProjectVocabulary, parse_label_config
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.images import TaskImageLoader
 from backend.labelstudio.results import project_prediction
-from backend.memories import ProjectMemories, SharedMemoryStore
+from backend.memories import ProjectMemories, SharedMemoryStore, memory_version
 from backend.models.identity import model_version
 from backend.models.process import process_segmenter
 from backend.pipeline.exemplars import Exemplars
+from backend.pipeline.memory import Memory
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.store import create_store
 from backend.settings import Settings
@@ -62,14 +64,18 @@ class ProjectRun:
     exemplars: Exemplars | None = None  # the project's memory, whose revision ``version`` carries
 
 
-def project_run(project: LabelStudioProject, vocabulary: ProjectVocabulary, segmenter: Segmenter,
-                settings: Settings, version: str, overwrite: bool) -> ProjectRun:
-    """The run's predictions as of now: the project's memory for ``segmenter``'s models, if it has one,
-    and ``version`` (the models' model_version) with that memory's revision."""
-    memories = ProjectMemories(SharedMemoryStore(create_store(settings.redis_url, settings.model_dir)),
-                               settings.memory_bounds)
-    version, exemplars = memories.for_predictions(str(project.project), segmenter.fingerprint, version)
-    return ProjectRun(project, vocabulary, version, overwrite, exemplars)
+def project_run(project: LabelStudioProject, vocabulary: ProjectVocabulary, version: str, overwrite: bool,
+                memory: Memory | None) -> ProjectRun:
+    """A run predicting with the project's ``memory``, if it has one; ``version`` (the models' model_version)
+    then carries the memory's revision."""
+    if memory is None:
+        return ProjectRun(project, vocabulary, version, overwrite)
+    return ProjectRun(project, vocabulary, memory_version(version, memory.revision), overwrite,
+                      Exemplars.from_memory(memory))
+
+
+def memory_store(settings: Settings) -> SharedMemoryStore:
+    return SharedMemoryStore(create_store(settings.redis_url, settings.model_dir))
 
 
 class TaskAnnotator:
@@ -157,7 +163,9 @@ def annotate_project(project: LabelStudioProject, settings: Settings, overwrite:
     segmenter = process_segmenter(settings)  # and before the run's clock starts
     task_ids = project.task_ids()
     ledger = MemoryLedger(len(task_ids))
-    run = project_run(project, vocabulary, segmenter, settings, model_version(settings), overwrite)
+    memory = ProjectMemories(memory_store(settings), settings.memory_bounds).load(str(project.project),
+                                                                               segmenter.fingerprint)
+    run = project_run(project, vocabulary, model_version(settings), overwrite, memory)
     annotator = TaskAnnotator(run, segmenter, settings, ledger, NoLocks())
     with RunBar(len(task_ids), "annotate", progress) as bar:
         annotator.annotate(task_ids, after_batch=lambda: bar.show(ledger.progress()))
@@ -186,15 +194,20 @@ def annotate_project_queued(project: LabelStudioProject, settings: Settings, ove
 
 def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, overwrite: bool) -> int:
     """RQ job (by dotted path, JSON arguments): one chunk of a queued run; Label Studio's address and key
-    come from the worker's own settings, never through Redis. Returns how many tasks it was given."""
+    come from the worker's own settings, never through Redis. Every chunk predicts with the project's
+    memory as the run's first chunk read it. Returns how many tasks it was given."""
     context = chunk_context(run_id)
     settings = context.settings
     access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
-    scope = hashlib.sha256(f"{access.url}\x00{context.version}".encode()).hexdigest()[:16]
     labelstudio = LabelStudioProject(access, project, Backoff.from_settings(settings))
+    vocabulary = project_vocabulary(labelstudio, labelstudio.backoff)
     segmenter = process_segmenter(settings)
-    run = project_run(labelstudio, project_vocabulary(labelstudio, labelstudio.backoff), segmenter, settings,
-                      context.version, overwrite)
+    store = memory_store(settings)
+    data = context.ledger.claim_memory(lambda: store.load(str(project), segmenter.fingerprint))
+    memory = Memory.from_bytes(data, settings.memory_bounds) if data else None
+    run = project_run(labelstudio, vocabulary, model_version(settings), overwrite, memory)
+    context.begin(run.version)
+    scope = hashlib.sha256(f"{access.url}\x00{run.version}".encode()).hexdigest()[:16]
     annotator = TaskAnnotator(run, segmenter, settings, context.ledger,
                               RedisLocks(context.connection, scope, settings.queue_lease_seconds))
     annotator.annotate(task_ids)

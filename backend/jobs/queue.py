@@ -20,7 +20,6 @@ from rq.serializers import JSONSerializer
 
 from backend.jobs.ledger import RUN_TTL_SECONDS, Outcome, RedisLedger, RunProgress
 from backend.jobs.progress import RunBar
-from backend.models.identity import model_version
 from backend.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -66,21 +65,20 @@ class ChunkContext:
     settings: Settings
     connection: redis.Redis
     ledger: RedisLedger
-    version: str
+
+    def begin(self, version: str) -> None:
+        """Start the chunk, whose results carry ``version``; refuses a run whose other workers use other models."""
+        claimed = self.ledger.claim_model_version(version)
+        if claimed != version:
+            raise RuntimeError(f"this worker's model version {version} is not the run's {claimed}: "
+                               "run every worker of a run with the same models, device and feature settings")
+        self.ledger.begin()
 
 
 def chunk_context(run_id: str) -> ChunkContext:
-    """The running job's context; refuses to work on a run whose other workers use other models."""
-    settings = get_settings()
+    """The running job's context: this worker's settings, and the run's ledger on the job's Redis."""
     connection = get_current_job().connection
-    ledger = RedisLedger(connection, run_id)
-    version = model_version(settings)
-    claimed = ledger.claim_model_version(version)
-    if claimed != version:
-        raise RuntimeError(f"this worker's model version {version} is not the run's {claimed}: "
-                           "run every worker of a run with the same models, device and feature settings")
-    ledger.begin()
-    return ChunkContext(settings, connection, ledger, version)
+    return ChunkContext(get_settings(), connection, RedisLedger(connection, run_id))
 
 
 def job_states(connection: redis.Redis, job_ids: list[str]) -> Counter[str]:

@@ -207,6 +207,10 @@ def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_serv
         stop(worker)
     queued = [latest(label_studio, task) for task in tasks]
     assert [prediction["model_version"] for prediction in queued] == [taught] * 8, log_text(log)
+    run_id = re.search(r"run (\w+) queued", enqueued.stdout).group(1)
+    jobs = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "--run", run_id], cwd=REPO_ROOT, env=env,
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert f"model version {taught}" in jobs.stdout, jobs.stdout + jobs.stderr
     with_memory = miou(label_studio, tasks[later], truths[later])
 
     code, counts, out = annotate(capsys, "--project", str(project), "--overwrite")
