@@ -31,7 +31,9 @@ SEED = 20240102
 
 
 def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    """In eval mode on ``device`` in ``dtype``, by ``nn.Module.to``: diffusers' own ``to`` warns on every dtype
+    cast that some modules should stay float32, even when (as in these models) none should."""
+    return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def build_stable_diffusion(tokenizer_folder, device: torch.device, dtype: torch.dtype) -> StableDiffusionParts:
