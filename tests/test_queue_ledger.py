@@ -48,6 +48,8 @@ def test_every_chunk_of_a_run_gets_the_memory_its_first_chunk_read(redis_server)
     assert with_memory.claim_memory(lambda: b"revision 4") == b"revision 3"
     assert RedisLedger(connection, with_memory.run_id).claim_memory(lambda: None) == b"revision 3"
     assert 0 < connection.ttl(with_memory.memory_key) <= RUN_TTL_SECONDS
+    with_memory.release_memory()
+    assert not connection.exists(with_memory.memory_key)
     without = RedisLedger.create(connection, "project", "p2", 4)
     assert without.claim_memory(lambda: None) is None
     assert without.claim_memory(lambda: b"revision 1") is None

@@ -14,7 +14,8 @@ read it:
   ``skipped`` or ``failed``, and ``freeseg:run:<id>:failures`` from a failed one to its reason;
 - ``freeseg:run:<id>:jobs``: the list of the run's RQ job ids;
 - ``freeseg:run:<id>:memory``: the project memory a run predicts with, as its first chunk read it
-  (empty when the project had none), so that every chunk predicts with the same one.
+  (empty when the project had none), so that every chunk predicts with the same one; deleted
+  once every task is settled.
 """
 
 from __future__ import annotations
@@ -175,6 +176,10 @@ class RedisLedger:
         if not self.connection.exists(self.memory_key):
             self.connection.set(self.memory_key, read() or b"", nx=True, ex=RUN_TTL_SECONDS)
         return self.connection.get(self.memory_key) or None
+
+    def release_memory(self) -> None:
+        """Drop the run's copy of the memory (up to FREESEG_MEMORY_PROJECT_BYTES) once no chunk needs it."""
+        self.connection.delete(self.memory_key)
 
     def settled(self, item: str) -> bool:
         return bool(self.connection.hexists(self.outcomes_key, item))

@@ -197,6 +197,8 @@ def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, ov
     come from the worker's own settings, never through Redis. Every chunk predicts with the project's
     memory as the run's first chunk read it. Returns how many tasks it was given."""
     context = chunk_context(run_id)
+    if all(context.ledger.settled(str(task_id)) for task_id in task_ids):
+        return len(task_ids)  # run again after its tasks were settled: nothing to predict, no memory to read
     settings = context.settings
     access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
     labelstudio = LabelStudioProject(access, project, Backoff.from_settings(settings))
@@ -211,4 +213,6 @@ def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, ov
     annotator = TaskAnnotator(run, segmenter, settings, context.ledger,
                               RedisLocks(context.connection, scope, settings.queue_lease_seconds))
     annotator.annotate(task_ids)
+    if context.ledger.progress().complete:
+        context.ledger.release_memory()
     return len(task_ids)

@@ -211,6 +211,7 @@ def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_serv
     jobs = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "--run", run_id], cwd=REPO_ROOT, env=env,
                           check=False, capture_output=True, text=True, timeout=60)
     assert f"model version {taught}" in jobs.stdout, jobs.stdout + jobs.stderr
+    assert not redis.Redis.from_url(redis_server.url).exists(f"freeseg:run:{run_id}:memory")  # released at the end
     with_memory = miou(label_studio, tasks[later], truths[later])
 
     code, counts, out = annotate(capsys, "--project", str(project), "--overwrite")
