@@ -85,6 +85,25 @@ def ours_per_task(server: LabelStudioServer, tasks: list[int], version: str) -> 
     return {task: predictions_by_version(server, task).get(version, []) for task in tasks}
 
 
+def enqueue_project(server: LabelStudioServer, project: int, redis_url: str, model_dir: Path,
+                    queue_prefix: str) -> tuple[dict[str, str], str]:
+    """``freesegdiff annotate-project --queue --no-wait`` in its own process, chunks of 3 tasks on a fresh
+    queue; the environment its workers need and the run's id."""
+    env = queue_env(model_dir, redis_url, f"{queue_prefix}-{uuid.uuid4().hex[:8]}", FREESEG_QUEUE_CHUNK_SIZE="3",
+                    LABEL_STUDIO_URL=server.url, LABEL_STUDIO_API_KEY=server.token)
+    enqueued = subprocess.run([sys.executable, "-m", "backend.cli", "annotate-project", "--project", str(project),
+                               "--queue", "--no-wait"], cwd=REPO_ROOT, env=env, check=False, capture_output=True,
+                              text=True, timeout=120)
+    assert enqueued.returncode == 0, enqueued.stderr
+    return env, re.search(r"run (\w+) queued", enqueued.stdout).group(1)
+
+
+def jobs_output(env: dict[str, str], run_id: str) -> str:
+    jobs = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "--run", run_id], cwd=REPO_ROOT, env=env,
+                          check=False, capture_output=True, text=True, timeout=60)
+    return jobs.stdout + jobs.stderr
+
+
 @pytest.mark.e2e
 def test_whole_project_predicted_then_skipped_then_overwritten(label_studio, cli_env, capsys):
     project, tasks = project_with_photos(label_studio, 6)
@@ -137,15 +156,8 @@ def test_a_label_studio_outage_is_ridden_out(label_studio, cli_env, capsys, capl
 def test_queued_run_survives_a_worker_killed_mid_chunk(label_studio, redis_server, tiny_settings, tiny_segmenter,
                                                        tmp_path):
     project, tasks = project_with_photos(label_studio, 9)
-    queue_name = f"test-project-{uuid.uuid4().hex[:8]}"
-    env = queue_env(tiny_settings.model_dir, redis_server.url, queue_name, FREESEG_QUEUE_CHUNK_SIZE="3",
-                    LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
-    enqueued = subprocess.run([sys.executable, "-m", "backend.cli", "annotate-project", "--project", str(project),
-                               "--queue", "--no-wait"], cwd=REPO_ROOT, env=env, check=False, capture_output=True,
-                              text=True, timeout=120)
-    assert enqueued.returncode == 0, enqueued.stderr
-    run_id = re.search(r"run (\w+) queued", enqueued.stdout).group(1)
-    connection = redis.Redis.from_url(redis_server.url)
+    env, run_id = enqueue_project(label_studio, project, redis_server.url, tiny_settings.model_dir, "test-project")
+    connection, queue_name = redis.Redis.from_url(redis_server.url), env["FREESEG_QUEUE_NAME"]
     logs = [tmp_path / f"worker-{index}.log" for index in range(2)]
     workers = [start_worker(log, env) for log in logs]
     try:
@@ -166,9 +178,8 @@ def test_queued_run_survives_a_worker_killed_mid_chunk(label_studio, redis_serve
     version = RedisLedger(connection, run_id).fields()["model_version"]
     per_task = ours_per_task(label_studio, tasks, version)
     assert all(len(ids) == 1 for ids in per_task.values()), per_task
-    jobs = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "--run", run_id], cwd=REPO_ROOT, env=env,
-                          check=False, capture_output=True, text=True, timeout=60)
-    assert "chunks: 3 finished" in jobs.stdout and "9 tasks:" in jobs.stdout, jobs.stdout + jobs.stderr
+    jobs = jobs_output(env, run_id)
+    assert "chunks: 3 finished" in jobs and "9 tasks:" in jobs, jobs
 
 
 @pytest.mark.e2e
@@ -192,13 +203,7 @@ def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_serv
     revision = re.search(r"memory of 4 annotations, .*revision (\d+)", capsys.readouterr().out).group(1)
     taught = f"{version}-m{revision}"
 
-    queue_name = f"test-memory-{uuid.uuid4().hex[:8]}"
-    env = queue_env(tiny_settings.model_dir, redis_server.url, queue_name, FREESEG_QUEUE_CHUNK_SIZE="3",
-                    LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
-    enqueued = subprocess.run([sys.executable, "-m", "backend.cli", "annotate-project", "--project", str(project),
-                               "--queue", "--no-wait"], cwd=REPO_ROOT, env=env, check=False, capture_output=True,
-                              text=True, timeout=120)
-    assert enqueued.returncode == 0, enqueued.stderr
+    env, run_id = enqueue_project(label_studio, project, redis_server.url, tiny_settings.model_dir, "test-memory")
     log = tmp_path / "worker.log"
     worker = start_worker(log, env)
     try:
@@ -207,10 +212,8 @@ def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_serv
         stop(worker)
     queued = [latest(label_studio, task) for task in tasks]
     assert [prediction["model_version"] for prediction in queued] == [taught] * 8, log_text(log)
-    run_id = re.search(r"run (\w+) queued", enqueued.stdout).group(1)
-    jobs = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "--run", run_id], cwd=REPO_ROOT, env=env,
-                          check=False, capture_output=True, text=True, timeout=60)
-    assert f"model version {taught}" in jobs.stdout, jobs.stdout + jobs.stderr
+    jobs = jobs_output(env, run_id)
+    assert f"model version {taught}" in jobs, jobs
     assert not redis.Redis.from_url(redis_server.url).exists(f"freeseg:run:{run_id}:memory")  # released at the end
     with_memory = miou(label_studio, tasks[later], truths[later])
 
