@@ -87,7 +87,7 @@ class ProjectMemories:
         return current
 
     def for_predictions(self, project: str, fingerprint: str, version: str) -> tuple[str, Exemplars | None]:
-        """``version`` with the memory's revision as a suffix (``...-m12``) and its exemplars; unchanged, None without."""
+        """``memory_version`` of ``version`` and the memory's exemplars; ``version`` and None without a memory."""
         current = self.exemplars(project, fingerprint)
         return (memory_version(version, current[0]), current[1]) if current else (version, None)
 

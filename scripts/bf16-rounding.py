@@ -69,9 +69,9 @@ def main() -> None:
             agreements[k].append(cluster_agreement(*grids))
         print(f"image {index}: relative feature error {error:.4f}; cluster agreement "
               + ", ".join(f"K={k} {100 * agreements[k][-1]:.2f}%" for k in ks), flush=True)
-    for k in ks:
+    for k, values in agreements.items():
         print(f"K={k}, {len(images)} images ({args.profile}): cluster maps agree on "
-              f"{100 * min(agreements[k]):.2f}% of pixels or more (median {100 * statistics.median(agreements[k]):.2f}%)")
+              f"{100 * min(values):.2f}% of pixels or more (median {100 * statistics.median(values):.2f}%)")
 
 
 if __name__ == "__main__":
