@@ -367,19 +367,22 @@ def run_annotate_project(args: argparse.Namespace) -> int:
     try:
         project = LabelStudioProject(access, args.project, Backoff.from_settings(settings))
         if args.queue:
-            run_id, progress = annotate_project_queued(project, settings, args.overwrite, wait=not args.no_wait)
+            result = annotate_project_queued(project, settings, args.overwrite, wait=not args.no_wait)
         else:
-            run_id, progress = None, annotate_project(project, settings, args.overwrite)
+            result = annotate_project(project, settings, args.overwrite)
     except ValueError as error:  # no URL or key, an unusable label config, no REDIS_URL
         log.error("project %s: %s", args.project, error)
         return 2
     except LABEL_STUDIO_ERRORS as error:
         log.error("project %s: Label Studio failed: %s", args.project, describe(error))
         return 2
+    progress = result.progress
     if progress is None:
-        print(f"run {run_id} queued; follow it with: freesegdiff jobs --run {run_id}")
+        print(f"run {result.run_id} queued; follow it with: freesegdiff jobs --run {result.run_id}")
         return 0
-    print(summary(f"project {args.project}" + (f" (run {run_id})" if run_id else ""), progress))
+    print(summary(f"project {args.project}" + (f" (run {result.run_id})" if result.run_id else ""), progress))
+    if result.version:
+        print(f"  model version {result.version} (select it in the project's settings to label with these)")
     nothing_done = progress.failed > 0 and progress.done + progress.skipped == 0
     return 1 if nothing_done else 0
 

@@ -78,6 +78,15 @@ def memory_store(settings: Settings) -> SharedMemoryStore:
     return SharedMemoryStore(create_store(settings.redis_url, settings.model_dir))
 
 
+@dataclass(frozen=True)
+class ProjectRunResult:
+    """How a run ended, for ``freesegdiff annotate-project`` to print."""
+
+    progress: RunProgress | None  # None: a queued run not waited for
+    version: str | None  # the model_version of its predictions; None when no chunk has started
+    run_id: str | None = None  # a queued run's
+
+
 class TaskAnnotator:
     """Predicts tasks of one project and writes their predictions, settling each in ``ledger``."""
 
@@ -157,7 +166,7 @@ class TaskAnnotator:
 
 
 def annotate_project(project: LabelStudioProject, settings: Settings, overwrite: bool,
-                     progress: bool = True) -> RunProgress:
+                     progress: bool = True) -> ProjectRunResult:
     """The whole project in this process, ``max_batch`` tasks at a time, with a progress bar."""
     vocabulary = project_vocabulary(project, Backoff.from_settings(settings))  # before loading any model
     segmenter = process_segmenter(settings)  # and before the run's clock starts
@@ -170,15 +179,14 @@ def annotate_project(project: LabelStudioProject, settings: Settings, overwrite:
     with RunBar(len(task_ids), "annotate", progress) as bar:
         annotator.annotate(task_ids, after_batch=lambda: bar.show(ledger.progress()))
         bar.show(ledger.progress())  # tasks skipped or failed after the last batch
-    return ledger.progress()
+    return ProjectRunResult(ledger.progress(), run.version)
 
 
 def annotate_project_queued(project: LabelStudioProject, settings: Settings, overwrite: bool,
-                            wait: bool = True, progress: bool = True) -> tuple[str, RunProgress | None]:
+                            wait: bool = True, progress: bool = True) -> ProjectRunResult:
     """Enqueue the project's tasks in chunks for ``freesegdiff worker``; with ``wait``, follow the run to its end.
 
-    The label config is checked first, so that a project no worker could serve fails here. Returns the
-    run id and, with ``wait``, the run's outcome.
+    The label config is checked first, so that a project no worker could serve fails here.
     """
     project_vocabulary(project, Backoff.from_settings(settings))
     task_ids = project.task_ids()
@@ -189,7 +197,8 @@ def annotate_project_queued(project: LabelStudioProject, settings: Settings, ove
                    {"project": project.project, "overwrite": overwrite}, settings)
     log.info("run %s: %d tasks of project %s in %d chunks on queue %s", ledger.run_id, len(task_ids),
              project.project, len(ledger.job_ids()), settings.queue_name)
-    return ledger.run_id, wait_for_run(queue, ledger, progress) if wait else None
+    outcome = wait_for_run(queue, ledger, progress) if wait else None
+    return ProjectRunResult(outcome, ledger.fields().get("model_version"), ledger.run_id)
 
 
 def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, overwrite: bool) -> int:

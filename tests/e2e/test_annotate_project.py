@@ -218,7 +218,7 @@ def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_serv
     with_memory = miou(label_studio, tasks[later], truths[later])
 
     code, counts, out = annotate(capsys, "--project", str(project), "--overwrite")
-    assert (code, counts) == (0, (8, 8, 0, 0)), out
+    assert (code, counts) == (0, (8, 8, 0, 0)) and f"model version {taught} (" in out, out
     in_process = [latest(label_studio, task) for task in tasks]
     assert [p["result"] for p in in_process] == [p["result"] for p in queued]
     assert all(set(predictions_by_version(label_studio, task)) == {version, taught} for task in tasks)
