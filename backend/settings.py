@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     refine: RefineMethod = "crf"
     refine_max_side: int = Field(640, ge=64)  # longest side (pixels) the clusters, CLIP crops and refinement run at
     crf_processes: int | None = Field(None, ge=0)  # CRF pool size; None: from the cores (backend.threads), 0: in line
+    torch_threads: int | None = Field(  # torch's intra-op threads; None: from the cores (backend.threads)
+        None, ge=1, validation_alias=AliasChoices("OMP_NUM_THREADS", "FREESEG_TORCH_THREADS"))
     use_caption: bool = True
     caption_fallback: bool = True
     seed: int = 0

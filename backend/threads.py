@@ -3,10 +3,17 @@
 ``os.cpu_count()`` counts the machine's cores, not the process's: a container limited
 to 4 of 64 cores (by CPU affinity or by a cgroup CPU quota) that starts 64 torch
 threads and 64 CRF processes runs many times slower than with 4, because torch's
-threads spin while they wait for each other. The CRF processes run while the
-inference thread encodes the next batch, so the two share the cores: on the CPU half
-each (the CRF has as much to do there as the models); on CUDA the models run on the GPU
-and the CRF takes all the cores but one.
+threads spin while they wait for each other. So everything is sized from the cores
+available to the process:
+
+- on the CPU, torch gets every core: the models are nearly all of a prediction's time
+  there (random-full on 2 cores: the U-Net 85%, the CRF at the working resolution under
+  1%), and a prediction with 2 threads took 0.69 of its time with 1. The CRF processes
+  (half the cores) share the cores with it only for the moments they run;
+- on CUDA the models run on the GPU: torch keeps one core, the CRF takes the others.
+
+``OMP_NUM_THREADS`` (or ``FREESEG_TORCH_THREADS``) and ``FREESEG_CRF_PROCESSES`` set
+either number, for several processes on one machine (``WORKERS``, queue workers).
 """
 
 from __future__ import annotations
@@ -54,17 +61,20 @@ def _cgroup_quota(root: Path) -> float | None:
         return None
 
 
-def plan_threads(cores: int, device_type: str, crf_processes: int | None) -> ThreadPlan:
-    """Split ``cores`` between torch and the CRF processes (``crf_processes`` None: the default split)."""
+def plan_threads(cores: int, device_type: str, crf_processes: int | None,
+                 torch_threads: int | None = None) -> ThreadPlan:
+    """Share ``cores`` between torch and the CRF processes; None: the default for the device (see the module)."""
     if crf_processes is None:
         crf_processes = max(cores - 1, 1) if device_type == "cuda" else max(cores // 2, 1)
-    return ThreadPlan(cores=cores, torch_threads=max(cores - crf_processes, 1), crf_processes=crf_processes)
+    if torch_threads is None:
+        torch_threads = max(cores - crf_processes, 1) if device_type == "cuda" else cores
+    return ThreadPlan(cores=cores, torch_threads=torch_threads, crf_processes=crf_processes)
 
 
-def configure_threads(device_type: str, crf_processes: int | None) -> ThreadPlan:
+def configure_threads(device_type: str, crf_processes: int | None, torch_threads: int | None = None) -> ThreadPlan:
     """Set torch's intra-op threads for this process and log the plan; returns it."""
-    plan = plan_threads(available_cores(), device_type, crf_processes)
+    plan = plan_threads(available_cores(), device_type, crf_processes, torch_threads)
     torch.set_num_threads(plan.torch_threads)
-    log.info("CPU threads: %d cores available; torch %d threads, %d CRF processes (FREESEG_CRF_PROCESSES)",
-             plan.cores, plan.torch_threads, plan.crf_processes)
+    log.info("CPU threads: %d cores available; torch %d threads (OMP_NUM_THREADS), %d CRF processes "
+             "(FREESEG_CRF_PROCESSES)", plan.cores, plan.torch_threads, plan.crf_processes)
     return plan

@@ -103,7 +103,8 @@ class _LabelStudioStandIn:
 
 def _start(port: int, model_dir: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "FREESEG_MODELS": "tiny", "FREESEG_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
-           "MODEL_DIR": str(model_dir), "WORKERS": "2", "FREESEG_CRF_PROCESSES": "0", "LOG_LEVEL": "WARNING"}
+           "MODEL_DIR": str(model_dir), "WORKERS": "2", "FREESEG_CRF_PROCESSES": "0", "OMP_NUM_THREADS": "1",
+           "LOG_LEVEL": "WARNING"}
     env.pop("LABEL_STUDIO_URL", None)
     env.pop("REDIS_URL", None)
     command = [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from backend import threads
+from backend.settings import Settings
 from backend.threads import ThreadPlan, available_cores, configure_threads, plan_threads
 
 
@@ -42,20 +43,23 @@ def test_without_a_cgroup_file_the_affinity_counts(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "cores, device, setting, expected",
+    "cores, device, crf_setting, torch_setting, expected",
     [
-        (2, "cpu", None, ThreadPlan(2, 1, 1)),
-        (16, "cpu", None, ThreadPlan(16, 8, 8)),
-        (1, "cpu", None, ThreadPlan(1, 1, 1)),
-        (16, "cuda", None, ThreadPlan(16, 1, 15)),
-        (16, "cpu", 0, ThreadPlan(16, 16, 0)),  # the CRF in line: torch gets every core
-        (4, "cpu", 3, ThreadPlan(4, 1, 3)),
+        (2, "cpu", None, None, ThreadPlan(2, 2, 1)),  # on the CPU torch gets every core
+        (16, "cpu", None, None, ThreadPlan(16, 16, 8)),
+        (1, "cpu", None, None, ThreadPlan(1, 1, 1)),
+        (16, "cuda", None, None, ThreadPlan(16, 1, 15)),
+        (16, "cpu", 0, None, ThreadPlan(16, 16, 0)),  # the CRF in line
+        (4, "cpu", 3, None, ThreadPlan(4, 4, 3)),
+        (8, "cpu", None, 2, ThreadPlan(8, 2, 4)),  # OMP_NUM_THREADS=2, as for four workers on eight cores
+        (8, "cuda", 2, 3, ThreadPlan(8, 3, 2)),
     ],
 )
-def test_torch_threads_and_crf_processes_share_the_cores(cores, device, setting, expected):
-    plan = plan_threads(cores, device, setting)
+def test_torch_threads_and_crf_processes_come_from_the_cores(cores, device, crf_setting, torch_setting, expected):
+    plan = plan_threads(cores, device, crf_setting, torch_setting)
     assert plan == expected
-    assert plan.torch_threads + plan.crf_processes <= max(cores, plan.crf_processes + 1)
+    if crf_setting is None and torch_setting is None:
+        assert plan.torch_threads <= cores and plan.crf_processes <= cores
 
 
 def test_configure_threads_sets_torch_and_says_so(monkeypatch, caplog):
@@ -64,7 +68,16 @@ def test_configure_threads_sets_torch_and_says_so(monkeypatch, caplog):
     try:
         with caplog.at_level("INFO", logger="backend.threads"):
             plan = configure_threads("cpu", None)
-        assert plan == ThreadPlan(6, 3, 3) and torch.get_num_threads() == 3
-        assert "6 cores available; torch 3 threads, 3 CRF processes" in caplog.text
+        assert plan == ThreadPlan(6, 6, 3) and torch.get_num_threads() == 6
+        assert "6 cores available; torch 6 threads (OMP_NUM_THREADS), 3 CRF processes" in caplog.text
+        configure_threads("cpu", None, torch_threads=2)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_omp_num_threads_is_the_torch_threads_setting(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert Settings().torch_threads == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert Settings().torch_threads is None

@@ -23,7 +23,8 @@ from backend.threads import configure_threads
 @lru_cache(maxsize=2)
 def process_segmenter(settings: Settings) -> Segmenter:
     """The segmenter for these settings; models load on the first call only."""
-    threads = configure_threads(resolve_device(settings.device, settings.dtype)[0].type, settings.crf_processes)
+    threads = configure_threads(resolve_device(settings.device, settings.dtype)[0].type, settings.crf_processes,
+                                settings.torch_threads)
     parts = load_model_parts(settings)
     placement = parts.placement
     device, dtype = placement.device, placement.dtype
