@@ -400,14 +400,13 @@ def run_learn(args: argparse.Namespace) -> int:
     from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
     from backend.labelstudio.images import TaskImageLoader
     from backend.labelstudio.learning import ProjectTeacher
-    from backend.memories import ProjectMemories, SharedMemoryStore
+    from backend.memories import ProjectMemories
     from backend.models.identity import settings_fingerprint
-    from backend.store import StoreError, create_store
+    from backend.store import StoreError
 
     settings = get_settings()
     project = str(args.project)
-    memories = ProjectMemories(SharedMemoryStore(create_store(settings.redis_url, settings.model_dir)),
-                               settings.memory_bounds)
+    memories = ProjectMemories.from_settings(settings)
     try:
         if args.forget:
             memory = memories.clear(project, settings_fingerprint(settings))

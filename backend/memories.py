@@ -16,7 +16,8 @@ from contextlib import AbstractContextManager
 
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory, MemoryBounds, memory_revision
-from backend.store import SharedStore
+from backend.settings import Settings
+from backend.store import SharedStore, create_store
 
 
 def memory_version(version: str, revision: int) -> str:
@@ -65,8 +66,16 @@ class ProjectMemories:
         self._cached: dict[tuple[str, str], tuple[int, Exemplars]] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ProjectMemories:
+        """The memories of the settings' shared store (REDIS_URL, else files under MODEL_DIR)."""
+        return cls(SharedMemoryStore(create_store(settings.redis_url, settings.model_dir)), settings.memory_bounds)
+
     def load(self, project: str, fingerprint: str) -> Memory | None:
-        data = self.store.load(project, fingerprint)
+        return self.parse(self.store.load(project, fingerprint))
+
+    def parse(self, data: bytes | None) -> Memory | None:
+        """A memory from the bytes it was saved as, fitted to ``bounds``; None for no bytes."""
         return Memory.from_bytes(data, self.bounds) if data else None
 
     def exemplars(self, project: str, fingerprint: str) -> tuple[int, Exemplars] | None:

@@ -35,13 +35,12 @@ from backend.labelstudio.config import ProjectVocabulary, parse_label_config
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.images import TaskImageLoader
 from backend.labelstudio.results import project_prediction
-from backend.memories import ProjectMemories, SharedMemoryStore, memory_version
+from backend.memories import ProjectMemories, memory_version
 from backend.models.identity import model_version
 from backend.models.process import process_segmenter
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
-from backend.store import create_store
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,10 +71,6 @@ def project_run(project: LabelStudioProject, vocabulary: ProjectVocabulary, vers
         return ProjectRun(project, vocabulary, version, overwrite)
     return ProjectRun(project, vocabulary, memory_version(version, memory.revision), overwrite,
                       Exemplars.from_memory(memory))
-
-
-def memory_store(settings: Settings) -> SharedMemoryStore:
-    return SharedMemoryStore(create_store(settings.redis_url, settings.model_dir))
 
 
 @dataclass(frozen=True)
@@ -172,8 +167,7 @@ def annotate_project(project: LabelStudioProject, settings: Settings, overwrite:
     segmenter = process_segmenter(settings)  # and before the run's clock starts
     task_ids = project.task_ids()
     ledger = MemoryLedger(len(task_ids))
-    memory = ProjectMemories(memory_store(settings), settings.memory_bounds).load(str(project.project),
-                                                                               segmenter.fingerprint)
+    memory = ProjectMemories.from_settings(settings).load(str(project.project), segmenter.fingerprint)
     run = project_run(project, vocabulary, model_version(settings), overwrite, memory)
     annotator = TaskAnnotator(run, segmenter, settings, ledger, NoLocks())
     with RunBar(len(task_ids), "annotate", progress) as bar:
@@ -213,10 +207,9 @@ def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, ov
     labelstudio = LabelStudioProject(access, project, Backoff.from_settings(settings))
     vocabulary = project_vocabulary(labelstudio, labelstudio.backoff)
     segmenter = process_segmenter(settings)
-    store = memory_store(settings)
-    data = context.ledger.claim_memory(lambda: store.load(str(project), segmenter.fingerprint))
-    memory = Memory.from_bytes(data, settings.memory_bounds) if data else None
-    run = project_run(labelstudio, vocabulary, model_version(settings), overwrite, memory)
+    memories = ProjectMemories.from_settings(settings)
+    data = context.ledger.claim_memory(lambda: memories.store.load(str(project), segmenter.fingerprint))
+    run = project_run(labelstudio, vocabulary, model_version(settings), overwrite, memories.parse(data))
     context.begin(run.version)
     scope = hashlib.sha256(f"{access.url}\x00{run.version}".encode()).hexdigest()[:16]
     annotator = TaskAnnotator(run, segmenter, settings, context.ledger,
