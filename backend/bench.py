@@ -169,13 +169,18 @@ def _bench_images(config: BenchConfig) -> list[np.ndarray]:
     return synthetic_images(config.images, size=(height, width))
 
 
+def _bench_settings(config: BenchConfig, settings: Settings) -> Settings:
+    """``settings`` with the run's profile, device and dtype."""
+    return settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype})
+
+
 def _dtype_name(segmenter: Segmenter) -> str:
     return str(getattr(segmenter.features, "dtype", "unknown")).removeprefix("torch.")
 
 
 def compare_dtypes(config: BenchConfig, settings: Settings) -> dict:
     """The features stage in two dtypes, side by side on the same images, and how far their cluster maps agree."""
-    settings = settings.model_copy(update={"models": config.profile, "device": config.device})
+    settings = _bench_settings(config, settings)
     segmenters = [process_segmenter(settings.model_copy(update={"dtype": d}))
                   for d in (config.dtype, config.compare_dtype)]
     images = _bench_images(config)
@@ -249,13 +254,13 @@ def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
 
     This is what a /predict of a photo costs (no cache), so the sizes' ratios hold on a busy machine.
     """
-    settings = settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype})
+    settings = _bench_settings(config, settings)
     segmenter = process_segmenter(settings)
     labels = labels_from_names(VOC_LABELS)
     options = SegmentOptions.from_settings(settings)
     jpegs = {size: [_jpeg(image) for image in synthetic_images(config.images, size=size[::-1])]
              for size in config.compare_sizes}
-    figures: dict[str, dict] = {f"{w}x{h}": defaultdict(list) for w, h in config.compare_sizes}
+    figures: dict[tuple[int, int], dict] = {size: defaultdict(list) for size in config.compare_sizes}
 
     def predict(data: bytes, measured: dict) -> None:
         start, cpu_start = time.perf_counter(), _cpu_seconds(segmenter)
@@ -271,19 +276,19 @@ def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
     predict(jpegs[config.compare_sizes[0]][0], defaultdict(list))  # warm-up
     for index in range(config.images):
         for size in config.compare_sizes:
-            predict(jpegs[size][index], figures[f"{size[0]}x{size[1]}"])
-    first = f"{config.compare_sizes[0][0]}x{config.compare_sizes[0][1]}"
+            predict(jpegs[size][index], figures[size])
     summary = {
-        name: {"megapixels": int(name.split("x")[0]) * int(name.split("x")[1]) / 1e6,
-               "latency_p50_ms": 1000 * statistics.median(m["seconds"]),
-               "decode_p50_ms": 1000 * statistics.median(m["decode_seconds"]),
-               "cpu_p50_ms": 1000 * statistics.median(m["cpu_seconds"]),  # all threads and CRF processes
-               "peak_rss_mb": max(m["peak_rss_mb"])}
-        for name, m in figures.items()
+        f"{width}x{height}": {"megapixels": width * height / 1e6,
+                              "latency_p50_ms": 1000 * statistics.median(m["seconds"]),
+                              "decode_p50_ms": 1000 * statistics.median(m["decode_seconds"]),
+                              "cpu_p50_ms": 1000 * statistics.median(m["cpu_seconds"]),  # all threads, CRF processes
+                              "peak_rss_mb": max(m["peak_rss_mb"])}
+        for (width, height), m in figures.items()
     }
-    for name, row in summary.items():
-        row["latency_ratio"] = row["latency_p50_ms"] / summary[first]["latency_p50_ms"]
-        row["cpu_ratio"] = row["cpu_p50_ms"] / summary[first]["cpu_p50_ms"]
+    first = next(iter(summary.values()))  # the first size given: the others' ratios are to it
+    for row in summary.values():
+        row["latency_ratio"] = row["latency_p50_ms"] / first["latency_p50_ms"]
+        row["cpu_ratio"] = row["cpu_p50_ms"] / first["cpu_p50_ms"]
     result = {"profile": config.profile, "device": str(segmenter.device), "dtype": _dtype_name(segmenter),
               "images": config.images, "refine": options.refine, "refine_max_side": segmenter.refine_max_side,
               "crf_processes": segmenter.refiner.crf_processes, "sizes": summary,
@@ -304,7 +309,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         return compare_dtypes(config, settings)
     if config.compare_sizes:
         return compare_sizes(config, settings)
-    settings = settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype})
+    settings = _bench_settings(config, settings)
     load_start = time.perf_counter()
     fast = process_segmenter(settings)
     load_seconds = time.perf_counter() - load_start
