@@ -99,7 +99,8 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
             metrics.errors.labels(kind="memory").inc()
             return version, None
 
-    def learning_access(project: object) -> LabelStudioAccess:
+    def project_access(project: object) -> LabelStudioAccess:
+        """Label Studio's address and key for the project's annotations: the settings', else /setup's."""
         return _label_studio_access(settings, projects.load(project).access)
 
     @asynccontextmanager
@@ -204,11 +205,13 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     @app.post("/webhook", dependencies=authenticated)
     async def webhook(request: WebhookRequest, background: BackgroundTasks) -> dict:
         count("webhook")
-        if request.action in ANNOTATION_ACTIONS:  # compared after answering: Label Studio waits for us
-            access = _label_studio_access(settings, (await asyncio.to_thread(projects.load, request.project)).access)
-            background.add_task(_record_feedback, feedback, request.model_dump(), access, metrics)
-        for event in _learning_events(request):
-            learner.submit(dataclasses.replace(event, access=await asyncio.to_thread(learning_access, event.project)))
+        events = _learning_events(request)
+        if request.action in ANNOTATION_ACTIONS or events:
+            access = await asyncio.to_thread(project_access, request.project)  # read once for both uses
+            if request.action in ANNOTATION_ACTIONS:  # compared after answering: Label Studio waits for us
+                background.add_task(_record_feedback, feedback, request.model_dump(), access, metrics)
+            for event in events:
+                learner.submit(dataclasses.replace(event, access=access))
         return {"status": "ok", "action": request.action}
 
     @app.post("/train", dependencies=authenticated)
@@ -218,7 +221,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         key = project_id(request.project)
         if key is None:
             raise HTTPException(400, "the training request names no project")
-        learner.submit(LearningEvent("rebuild", key, await asyncio.to_thread(learning_access, key)))
+        learner.submit(LearningEvent("rebuild", key, await asyncio.to_thread(project_access, key)))
         return {"status": "ok", "job_id": f"rebuild-{key}"}
 
     @app.get("/versions", dependencies=authenticated)
