@@ -56,6 +56,8 @@ class BenchConfig:
     compare_sizes: tuple[tuple[int, int], ...] = ()  # measure only single-image predictions at each of these sizes
     naive: bool = True  # also run the naive mode (minutes per image on big photos: its CRF runs at full size)
     compare_dtype: str | None = None  # measure only the features stage and the cluster maps against this dtype
+    engine: str | None = None  # FREESEG_ENGINE for this run; None: the settings' own
+    compare_engines: tuple[str, ...] = ()  # measure only the features stage of these engines against float32 torch
 
 
 def synthetic_images(count: int, seed: int = 0, size: tuple[int, int] = (375, 500)) -> list[np.ndarray]:
@@ -170,50 +172,72 @@ def _bench_images(config: BenchConfig) -> list[np.ndarray]:
 
 
 def _bench_settings(config: BenchConfig, settings: Settings) -> Settings:
-    """``settings`` with the run's profile, device and dtype."""
-    return settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype})
+    """``settings`` with the run's profile, device, dtype and engine."""
+    return settings.model_copy(update={"models": config.profile, "device": config.device, "dtype": config.dtype,
+                                       "engine": config.engine or settings.engine})
 
 
 def _dtype_name(segmenter: Segmenter) -> str:
     return str(getattr(segmenter.features, "dtype", "unknown")).removeprefix("torch.")
 
 
-def compare_dtypes(config: BenchConfig, settings: Settings) -> dict:
-    """The features stage in two dtypes, side by side on the same images, and how far their cluster maps agree."""
+def _engine_name(segmenter: Segmenter) -> str:
+    return getattr(segmenter.features, "engine", "unknown")
+
+
+def compare_features(config: BenchConfig, settings: Settings) -> dict:
+    """The features stage in several (dtype, engine) variants, side by side on the same images, each against a
+    reference: its time and how far its cluster maps agree with the reference's.
+
+    ``--compare-dtype D``: ``--dtype`` against D, both on ``--engine``. ``--compare-engines A,B``: each engine in
+    ``--dtype`` against float32 torch eager, the baseline every engine must agree with.
+    """
     settings = _bench_settings(config, settings)
-    segmenters = [process_segmenter(settings.model_copy(update={"dtype": d}))
-                  for d in (config.dtype, config.compare_dtype)]
+    reference = (config.compare_dtype or "float32", "torch" if config.compare_engines else settings.engine)
+    variants = [reference] + [(config.dtype, engine) for engine in config.compare_engines or (settings.engine,)]
+    extractors = []
+    for dtype, engine in variants:
+        extractors.append(process_segmenter(settings.model_copy(update={"dtype": dtype, "engine": engine})).features)
+        process_segmenter.cache_clear()  # keep the feature network only: the captioner and CLIP are not timed
+    names = [f"{str(e.dtype).removeprefix('torch.')} {e.engine}" for e in extractors]
     images = _bench_images(config)
-    names = [_dtype_name(segmenter) for segmenter in segmenters]
-    for segmenter in segmenters:
-        segmenter.features(images[:1])  # warm-up
+    for extract in extractors:
+        extract(images[:1])  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    agreements = []
+    agreements: dict[str, list[float]] = {name: [] for name in names[1:]}
     options = SegmentOptions.from_settings(settings)
     for image in images:
         grids = []
-        for name, segmenter in zip(names, segmenters):
+        for name, extract in zip(names, extractors):
             start = time.perf_counter()
-            features = segmenter.features([image])[0]
-            _sync(segmenter.device)
+            features = extract([image])[0]
+            _sync(extract.device)
             seconds[name].append(time.perf_counter() - start)
-            grids.append(cluster_feature_grid(features.astype(np.float32), options.k, options.seed, segmenter.device))
-        agreements.append(cluster_agreement(*grids))
+            grids.append(cluster_feature_grid(features.astype(np.float32), options.k, options.seed, extract.device))
+        for name, grid in zip(names[1:], grids[1:]):
+            agreements[name].append(cluster_agreement(grid, grids[0]))
     medians = {name: 1000 * statistics.median(values) for name, values in seconds.items()}
+    rows = [
+        {"dtype": str(extract.dtype).removeprefix("torch."), "engine": extract.engine, "features_ms": medians[name],
+         "speedup": medians[names[0]] / medians[name],  # > 1: faster than the reference
+         "cluster_agreement_min": min(agreements[name]), "cluster_agreement_median": statistics.median(agreements[name])}
+        for name, extract in zip(names[1:], extractors[1:])
+    ]
     figures = {
-        "profile": config.profile, "device": str(segmenters[0].device), "images": len(images),
+        "profile": config.profile, "device": str(extractors[0].device), "images": len(images),
         "image_size": list(images[0].shape[1::-1]), "k": options.k,
-        "dtype": names[0], "compare_dtype": names[1],
-        "features_ms": medians,  # median per image of the VAE and U-Net (the features stage without CLIP)
-        "features_speedup": medians[names[1]] / medians[names[0]],  # > 1: the first dtype is faster
-        "cluster_agreement_min": min(agreements), "cluster_agreement_median": statistics.median(agreements),
+        "reference": {"dtype": str(extractors[0].dtype).removeprefix("torch."), "engine": extractors[0].engine,
+                      "features_ms": medians[names[0]]},
+        "variants": rows,  # the features stage: the VAE encoder and the U-Net to the feature level, median per image
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "hardware": _hardware(segmenters[0].device), "date": time.strftime("%Y-%m-%d"),
+        "hardware": _hardware(extractors[0].device), "date": time.strftime("%Y-%m-%d"),
     }
-    print(f"freesegdiff bench: {names[0]} against {names[1]}, {config.profile} on {figures['device']}, "
-          f"{len(images)} images: features {medians[names[0]]:.0f} ms against {medians[names[1]]:.0f} ms "
-          f"(x{figures['features_speedup']:.2f}); cluster maps agree on {100 * figures['cluster_agreement_min']:.1f}% "
-          f"of pixels or more (median {100 * figures['cluster_agreement_median']:.1f}%)")
+    print(f"freesegdiff bench: the features stage, {config.profile} on {figures['device']}, {len(images)} images, "
+          f"against {names[0]} ({medians[names[0]]:.0f} ms)")
+    for name, row in zip(names[1:], rows):
+        print(f"  {name:>18}  {row['features_ms']:7.0f} ms (x{row['speedup']:.2f})  cluster maps agree on "
+              f"{100 * row['cluster_agreement_min']:.1f}% of pixels or more (median "
+              f"{100 * row['cluster_agreement_median']:.1f}%)")
     _write(figures, config.json_path)
     return figures
 
@@ -290,6 +314,7 @@ def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
         row["latency_ratio"] = row["latency_p50_ms"] / first["latency_p50_ms"]
         row["cpu_ratio"] = row["cpu_p50_ms"] / first["cpu_p50_ms"]
     result = {"profile": config.profile, "device": str(segmenter.device), "dtype": _dtype_name(segmenter),
+              "engine": _engine_name(segmenter),
               "images": config.images, "refine": options.refine, "refine_max_side": segmenter.refine_max_side,
               "crf_processes": segmenter.refiner.crf_processes, "sizes": summary,
               "hardware": _hardware(segmenter.device), "date": time.strftime("%Y-%m-%d")}
@@ -305,8 +330,8 @@ def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
 
 def run_bench(config: BenchConfig, settings: Settings) -> dict:
     """Measure, print a summary, and return the figures (also written to ``config.json_path``)."""
-    if config.compare_dtype:
-        return compare_dtypes(config, settings)
+    if config.compare_dtype or config.compare_engines:
+        return compare_features(config, settings)
     if config.compare_sizes:
         return compare_sizes(config, settings)
     settings = _bench_settings(config, settings)
@@ -365,6 +390,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         "model_version": model_version(settings),
         "device": str(device),
         "dtype": _dtype_name(fast),
+        "engine": _engine_name(fast),
         "images": len(images),
         "image_size": list(images[0].shape[1::-1]),  # width, height
         "megapixels": images[0].shape[0] * images[0].shape[1] / 1e6,
@@ -416,7 +442,8 @@ def _hardware(device: torch.device) -> dict:
 
 def _print(figures: dict) -> None:
     width, height = figures["image_size"]
-    print(f"freesegdiff bench: {figures['profile']} on {figures['device']} in {figures['dtype']}, "
+    print(f"freesegdiff bench: {figures['profile']} on {figures['device']} in {figures['dtype']} "
+          f"on the {figures['engine']} engine, "
           f"{figures['images']} images of {width}x{height} ({figures['megapixels']:.2f} MP), "
           f"batch {figures['batch']}, K={figures['k']}, refine={figures['refine']} "
           f"({figures['crf_processes']} CRF processes)")

@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import get_args
 
 import uvicorn
 from diffusers.utils import logging as diffusers_logging
@@ -24,7 +25,7 @@ from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
-from backend.settings import Settings, get_settings
+from backend.settings import EngineChoice, Settings, get_settings
 
 log = logging.getLogger("freesegdiff")
 
@@ -178,6 +179,19 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--compare-dtype", choices=["float32", "bfloat16", "float16"],
                         help="only time the features stage in --dtype and in this one, side by side, and compare "
                              "their cluster maps")
+    parser.add_argument("--engine", choices=get_args(EngineChoice),
+                        help="the feature network's engine (default: FREESEG_ENGINE)")
+    parser.add_argument("--compare-engines", type=_engines, default=(), metavar="ENGINE[,ENGINE...]",
+                        help="only time the features stage on each of these engines in --dtype, side by side with "
+                             "float32 torch eager, and compare their cluster maps with its")
+
+
+def _engines(text: str) -> tuple[str, ...]:
+    engines = tuple(text.split(","))
+    unknown = [engine for engine in engines if engine not in get_args(EngineChoice)]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown engines {unknown}: choose from {', '.join(get_args(EngineChoice))}")
+    return engines
 
 
 def _image_sizes(text: str) -> list[tuple[int, int]]:
@@ -200,6 +214,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     config = BenchConfig(profile=args.profile, device=args.device, images=args.images, batch=args.batch,
                          image_dir=args.image_dir, json_path=args.json_path, dtype=args.dtype,
                          image_size=args.image_size[0], naive=args.naive, compare_dtype=args.compare_dtype,
+                         engine=args.engine, compare_engines=args.compare_engines,
                          compare_sizes=tuple(args.image_size) if len(args.image_size) > 1 else ())
     run_bench(config, get_settings())
     return 0

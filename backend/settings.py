@@ -24,6 +24,7 @@ CaptionerKind = Literal["blip2", "blip"]
 FeatureKind = Literal["attention-query", "resnet"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
+EngineChoice = Literal["auto", "torch", "compile", "openvino"]  # backend.models.engines says what each is
 
 DEFAULT_CAPTIONER_MODELS: dict[str, str] = {
     "blip2": "Salesforce/blip2-opt-2.7b",
@@ -40,6 +41,7 @@ class Settings(BaseSettings):
     models: Profile = "pretrained"
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"  # of the VAE, U-Net, CLIP and captioner; auto: fp16 on CUDA, bf16 on CPUs that have it
+    engine: EngineChoice = "auto"  # of the feature network; auto: openvino on the CPU where installed, else torch
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"

@@ -51,14 +51,15 @@ def main() -> None:
     args = parser.parse_args()
     ks = [int(k) for k in args.k.split(",")]
 
-    settings = Settings(models=args.profile, captioner="blip", device="cpu", dtype="float32",
+    settings = Settings(models=args.profile, captioner="blip", device="cpu", dtype="float32", engine="torch",
                         model_dir=tempfile.mkdtemp(prefix="bf16-rounding-"))
     segmenter = process_segmenter(settings)
     images = synthetic_images(args.images)
     exact = [segmenter.features([image])[0].astype(np.float32) for image in images]
-    round_like_bfloat16(segmenter.features.vae)
-    round_like_bfloat16(segmenter.features.unet)
-    segmenter.features.empty_prompt = bf16_rounded(segmenter.features.empty_prompt)
+    network = segmenter.features.network
+    round_like_bfloat16(network)
+    network.context.copy_(bf16_rounded(network.context))
+    network.time_embedding.copy_(bf16_rounded(network.time_embedding))
 
     agreements: dict[int, list[float]] = {k: [] for k in ks}
     for index, (image, reference) in enumerate(zip(images, exact)):

@@ -72,10 +72,11 @@ def test_the_selection_takes_one_weight_set_per_component_from_the_listing(hub, 
 
 
 def _env(hub: StandInHub, hf_home: Path, tiny_folder: Path, **extra: str) -> dict[str, str]:
-    """The test process's environment without any HF_ or FREESEG_ setting (nor a token), plus these."""
+    """The test process's environment without any HF_ or FREESEG_ setting (nor a token), plus these (float32 on
+    every CPU: with bfloat16, auto would fetch the fp16 files)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FREESEG_", "HUGGING"))}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
-               HF_HUB_DISABLE_TELEMETRY="1", FREESEG_DEVICE="cpu", FREESEG_CLIP_MODEL=str(tiny_folder / "clip"),
+               HF_HUB_DISABLE_TELEMETRY="1", FREESEG_DEVICE="cpu", FREESEG_DTYPE="float32", FREESEG_CLIP_MODEL=str(tiny_folder / "clip"),
                PYTHONPATH=str(ROOT), **extra)
     return env
 
@@ -85,6 +86,7 @@ def _download(env: dict[str, str]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_download_fetches_exactly_what_the_models_load_and_a_second_run_nothing(hub, tiny_folder, tmp_path):
     env = _env(hub, tmp_path / "hf", tiny_folder)
     before = len(hub.requests)
@@ -145,6 +147,7 @@ class _Server:
         self.process.wait(30)
 
 
+@pytest.mark.slow
 def test_the_server_downloads_then_predicts_and_restarts_offline_without_a_request(
     hub, tiny_folder, tmp_path, image_server
 ):

@@ -10,10 +10,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 from backend.models import load_model_parts, resolve_device
+from backend.models.engines import feature_extractor
 from backend.models.identity import feature_settings, models_fingerprint
 from backend.pipeline.caption import Captioner
 from backend.pipeline.clip_embeddings import ClipEmbedder
-from backend.pipeline.features import FeatureExtractor
+from backend.pipeline.features import FeatureNetwork
 from backend.pipeline.refine import Refiner
 from backend.pipeline.segmenter import Segmenter
 from backend.settings import Settings
@@ -28,12 +29,14 @@ def process_segmenter(settings: Settings) -> Segmenter:
     parts = load_model_parts(settings)
     placement = parts.placement
     device, dtype = placement.device, placement.dtype
+    fingerprint = models_fingerprint(settings, dtype)
+    network = FeatureNetwork(parts.stable_diffusion, feature_settings(settings), device)
     return Segmenter(
         captioner=Captioner(parts.captioner, placement.captioner_device, placement.captioner_dtype),
-        features=FeatureExtractor(parts.stable_diffusion, feature_settings(settings), device, dtype),
+        features=feature_extractor(network, settings.engine, settings.model_dir / "engines", fingerprint),
         clip=ClipEmbedder(parts.clip, device, dtype),
         nlp=parts.nlp,
-        fingerprint=models_fingerprint(settings, dtype),
+        fingerprint=fingerprint,
         device=device,
         refiner=Refiner(device, threads.crf_processes),
         overlap_caption=device.type == "cuda",
