@@ -21,6 +21,13 @@ from tests.redis_server import REDIS_SERVER, RedisServer
 from backend.settings import Settings
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every end-to-end test is slow: each needs the session's Label Studio server."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     # the test image server is on 127.0.0.1, a private address

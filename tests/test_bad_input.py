@@ -260,6 +260,7 @@ def test_bodies_that_are_not_the_protocols_json_are_refused(client, web, body, s
 # --- through freesegdiff segment -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_segment_reports_each_unreadable_file_and_segments_the_rest(
     tmp_path, tiny_settings, unusual_images, broken_images
 ):

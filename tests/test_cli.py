@@ -13,6 +13,8 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 import sklearn
 
+pytestmark = pytest.mark.slow  # a real freesegdiff process for each test
+
 CHINA = Path(sklearn.__file__).parent / "datasets" / "images" / "china.jpg"
 LABELS = ["building", "tree", "sky"]
 

@@ -204,6 +204,7 @@ def test_the_memory_is_shared_through_redis(settings, tiny_segmenter, redis_serv
         assert second.predict(1, _image())["model_version"] == f"{base}-m{revision}"
 
 
+@pytest.mark.slow
 def test_freesegdiff_learn_rebuilds_and_forgets(settings, fake, monkeypatch, capsys):
     monkeypatch.setenv("FREESEG_MODELS", "tiny")
     monkeypatch.setenv("FREESEG_DEVICE", "cpu")

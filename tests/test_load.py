@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a real server under load
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS, WARMUP = 150, 50
 # A leak of what one request holds would show well above this: the 640x427 image decoded for every call

@@ -146,7 +146,8 @@ def _predictions(base: str) -> dict[str, list[list[dict]]]:
     return answers
 
 
-def test_every_process_uses_what_setup_said_before_and_after_a_restart(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_every_process_uses_what_setup_said_before_and_after_a_restart(tmp_path: Path, tiny_settings) -> None:
     import io
 
     from PIL import Image
@@ -156,15 +157,15 @@ def test_every_process_uses_what_setup_said_before_and_after_a_restart(tmp_path:
     first, second = _LabelStudioStandIn("token-a", buffer.getvalue()), _LabelStudioStandIn("token-b", buffer.getvalue())
     port, log = free_port(), tmp_path / "serve.log"
     base = f"http://127.0.0.1:{port}"
-    process = _start(port, tmp_path / "models", log)
+    process = _start(port, tiny_settings.model_dir, log)
     try:
         _post(base, "/setup", {"project": "1.111", "schema": CONFIG, "hostname": first.url,
-                               "access_token": "token-a", "extra_params": {"k": 2, "use_caption": False}})
+                               "access_token": "token-a", "extra_params": {"k": 2, "use_caption": False, "refine": "none"}})
         _post(base, "/setup", {"project": "2.222", "schema": CONFIG, "hostname": second.url,
-                               "access_token": "token-b", "extra_params": {"k": 3, "use_caption": False}})
+                               "access_token": "token-b", "extra_params": {"k": 3, "use_caption": False, "refine": "none"}})
         before = _predictions(base)
         _stop(process)
-        process = _start(port, tmp_path / "models", log)
+        process = _start(port, tiny_settings.model_dir, log)
         after = _predictions(base)
     finally:
         _stop(process)

@@ -10,6 +10,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 import redis
 import sklearn
 from rq import Queue
@@ -21,6 +22,8 @@ from backend.pipeline.segmenter import SegmentOptions
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import labels_from_names
 from tests.queue_workers import REPO_ROOT, log_text, queue_env, start_worker, stop, wait_until
+
+pytestmark = pytest.mark.slow  # real worker processes
 
 SAMPLES = Path(sklearn.__file__).parent / "datasets" / "images"
 LABELS = "building,flower,sky"

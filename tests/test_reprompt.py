@@ -146,6 +146,7 @@ def _serve(port: int, redis_url: str, model_dir) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 def test_two_server_processes_share_the_cache(start_redis, tiny_settings, image_server):
     server = start_redis()
     ports = [free_port(), free_port()]
