@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from backend.models.loading import StableDiffusionParts
+from backend.pipeline.sd_text import StableDiffusionText
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,8 @@ class FeatureExtractor:
             raise ValueError(f"the U-Net has no {self.settings.kind} tensors at level {self.settings.level}")
         return modules
 
-    @torch.inference_mode()
     def _empty_prompt_embedding(self, parts: StableDiffusionParts) -> torch.Tensor:
-        length = parts.text_encoder.config.max_position_embeddings
-        tokens = parts.tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids
-        return parts.text_encoder(tokens.to(self.device))[0].to(self.dtype)
+        return StableDiffusionText(parts, self.device).hidden_states([""]).to(self.dtype)
 
     def _to_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         size = self.settings.image_size
