@@ -32,7 +32,7 @@ from backend.pipeline.labelling import BARE_NAMES_CROPPED, PROMPTS_PADDED, clust
 from backend.pipeline.refine import above_half, above_half_of_peak, refine_masks
 from backend.pipeline.vocabulary import Label
 from backend.server.app import create_app
-from backend.settings import Settings, get_settings
+from backend.settings import Settings
 from tests.fakes import WordVectorEmbedder
 from tests.test_eval_cli import _voc
 from tests.test_server import BRUSH_CONFIG, _wait_ready
@@ -213,19 +213,10 @@ def test_predict_runs_under_release_fidelity(release_settings, tiny_release, ima
     assert {region["value"]["brushlabels"][0] for region in prediction["result"]} <= {"building", "tree", "Sky"}
 
 
-@pytest.fixture()
-def release_environment(monkeypatch, tiny_settings):
-    for name, value in {"FREESEG_MODELS": "tiny", "MODEL_DIR": str(tiny_settings.model_dir),
-                        "FREESEG_DEVICE": "cpu", "FREESEG_FIDELITY": "release"}.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
-def test_segment_runs_under_release_fidelity(release_environment, tmp_path, china):
+def test_segment_runs_under_release_fidelity(tiny_environment, tmp_path, china):
     from PIL import Image
 
+    tiny_environment.setenv("FREESEG_FIDELITY", "release")
     Image.fromarray(china).save(tmp_path / "china.png")
     assert main(["segment", str(tmp_path / "china.png"), "--labels", "building,tree,sky", "--refine", "pamr",
                  "--out", str(tmp_path / "out")]) == 0
@@ -233,19 +224,22 @@ def test_segment_runs_under_release_fidelity(release_environment, tmp_path, chin
     assert record["model_version"].endswith("tiny-random-weights") and (tmp_path / "out" / "china.png").is_file()
 
 
-def test_eval_with_release_fidelity_prints_both_conventions(tmp_path, tiny_settings, monkeypatch, capsys):
+def test_eval_with_release_fidelity_prints_both_conventions(tmp_path, tiny_environment, capsys):
     root = tmp_path / "VOC2012"
     _voc(root, ["a"])
-    monkeypatch.setenv("FREESEG_MODELS", "tiny")
-    monkeypatch.setenv("MODEL_DIR", str(tiny_settings.model_dir))
-    monkeypatch.setenv("FREESEG_DEVICE", "cpu")
-    get_settings.cache_clear()
-    try:
-        assert main(["eval", "--dataset", "voc", "--root", str(root), "--json", str(tmp_path / "out.json"),
-                     "--refine", "none", "--fidelity", "release"]) == 0
-    finally:
-        get_settings.cache_clear()
+    assert main(["eval", "--dataset", "voc", "--root", str(root), "--json", str(tmp_path / "out.json"),
+                 "--refine", "none", "--fidelity", "release"]) == 0
     result = json.loads((tmp_path / "out.json").read_text())
     printed = capsys.readouterr().out
     assert f"mIoU {result['miou']:.2f} (dataset-level, as mmsegmentation)" in printed
     assert f"authors' per-image mean {result['miou_per_image_release']:.2f}" in printed
+
+
+def test_eval_with_release_fidelity_refuses_blip2_naming_both_settings(tmp_path, tiny_environment, caplog):
+    tiny_environment.setenv("FREESEG_CAPTIONER", "blip2")
+    root = tmp_path / "VOC2012"
+    _voc(root, ["a"])
+    assert main(["eval", "--dataset", "voc", "--root", str(root), "--json", str(tmp_path / "out.json"),
+                 "--fidelity", "release"]) == 2
+    assert "FREESEG_CAPTIONER=blip2" in caplog.text and "FREESEG_FIDELITY=release" in caplog.text
+    assert not (tmp_path / "out.json").exists()
