@@ -216,7 +216,8 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--predictions", type=Path, help="score these label-index PNGs instead of running the models")
     _add_segment_options(parser, strict_flag=False)
     parser.add_argument("--fidelity", choices=FIDELITIES,
-                        help="release: the authors' released code's rules, to check the paper's figures (FREESEG_FIDELITY)")
+                        help="release: the authors' released code's rules, to check the paper's figures "
+                             "(FREESEG_FIDELITY)")
     parser.add_argument("--json", type=Path, dest="json_path", required=True, help="write the figures here")
     parser.set_defaults(strict=True)  # the paper's protocol: no fallback when the caption names no class
 

@@ -325,7 +325,8 @@ class Segmenter:
         if options.prompt.strip():
             words = prompt_words(options.prompt, labels)
             # typed words are ours whatever the fidelity: the released code had no prompts
-            return match_candidates(words, labels, label_embeddings(self.clip, labels), self.clip, drop_far=False), False
+            prompted = label_embeddings(self.clip, labels)
+            return match_candidates(words, labels, prompted, self.clip, drop_far=False), False
         if not options.use_caption:
             return list(range(len(labels))), False
         found = self.rules.candidates(self.rules.nouns(self.nlp, encoding.caption), labels)

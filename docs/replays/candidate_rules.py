@@ -126,7 +126,8 @@ def _score(segmenter: Segmenter, encodings: list, images: list, samples: list, l
             beside_exact += 1
             kept_beside_exact += bool(set(result.candidates) - exact)
     row = (f"cand/img {np.mean([len(c) for c in candidates]):.2f}  false cand/img {false / len(samples):.2f}  "
-           f"person found {found}/{persons}  exact+other nouns {beside_exact:2d}, other kept in {kept_beside_exact:2d}  "
+           f"person found {found}/{persons}  "
+           f"exact+other nouns {beside_exact:2d}, other kept in {kept_beside_exact:2d}  "
            f"mIoU {matrix.miou():5.2f}  authors' {authors.value():5.2f}")
     return row, candidates
 
