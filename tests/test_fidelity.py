@@ -202,6 +202,17 @@ def tiny_release(release_settings):
     return process_segmenter(release_settings)
 
 
+def test_release_settings_give_every_stage_its_release_rule(tiny_release, tiny_segmenter):
+    rules = tiny_release.rules
+    assert isinstance(rules.candidates, ReleaseCandidates) and rules.nouns is release_caption_nouns
+    assert rules.naming is BARE_NAMES_CROPPED and tiny_release.refiner.pamr_threshold is above_half_of_peak
+    assert tiny_release.captioner.kind == "blip" and tiny_release.fingerprint != tiny_segmenter.fingerprint
+    ours = tiny_segmenter.rules
+    assert isinstance(ours.candidates, ClipCandidates) and ours.nouns is caption_nouns
+    assert ours.naming is PROMPTS_PADDED and tiny_segmenter.refiner.pamr_threshold is above_half
+    assert tiny_segmenter.captioner.length == OURS
+
+
 def test_predict_runs_under_release_fidelity(release_settings, tiny_release, image_server):
     with TestClient(create_app(release_settings, load_segmenter=lambda: tiny_release)) as client:
         _wait_ready(client)
