@@ -16,6 +16,11 @@ from typing import Literal, get_args
 
 RefineMethod = Literal["crf", "pamr", "none"]
 REFINE_METHODS: tuple[str, ...] = get_args(RefineMethod)
+# Which rules the stages follow: ours ("default") or the authors' released code's ("release");
+# a process setting (FREESEG_FIDELITY, ``eval --fidelity``), not a per-request option: it picks a captioner
+# and the text encoder that matches nouns to labels. backend.pipeline.fidelity names each stage's rule.
+Fidelity = Literal["default", "release"]
+FIDELITIES: tuple[str, ...] = get_args(Fidelity)
 K_RANGE = (2, 32)  # K-means clusters: fewer cannot separate anything, more make confetti of 32x32 cells
 OptionValue = int | str | bool
 

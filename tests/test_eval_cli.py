@@ -40,19 +40,10 @@ def test_eval_scores_label_index_predictions(tmp_path, capsys):
     assert "mIoU 58.33" in capsys.readouterr().out
 
 
-def test_eval_runs_the_pipeline_when_no_predictions_are_given(tmp_path, tiny_settings, monkeypatch):
+def test_eval_runs_the_pipeline_when_no_predictions_are_given(tmp_path, tiny_environment):
     root = tmp_path / "VOC2012"
     _voc(root, ["a"])
-    monkeypatch.setenv("FREESEG_MODELS", "tiny")
-    monkeypatch.setenv("MODEL_DIR", str(tiny_settings.model_dir))
-    monkeypatch.setenv("FREESEG_DEVICE", "cpu")
-    from backend.settings import get_settings
-
-    get_settings.cache_clear()
-    try:
-        assert main(["eval", "--dataset", "voc", "--root", str(root), "--json", str(tmp_path / "out.json"),
-                     "--refine", "none"]) == 0
-    finally:
-        get_settings.cache_clear()
+    assert main(["eval", "--dataset", "voc", "--root", str(root), "--json", str(tmp_path / "out.json"),
+                 "--refine", "none"]) == 0
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["num_images"] == 1 and 0 <= result["miou"] <= 100

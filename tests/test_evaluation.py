@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from backend.evaluation.datasets import COCO_OBJECT_NAMES, VOC_NAMES, get_dataset
-from backend.evaluation.metrics import ConfusionMatrix
+from backend.evaluation.metrics import ConfusionMatrix, ReleasePerImageMean
 from backend.evaluation.run import evaluate_predictions, evaluate_with_model, write_json
 
 X = 255  # ignored
@@ -80,6 +80,23 @@ def test_dataset_level_and_per_image_means_differ():
     assert matrix.miou() == pytest.approx(100 * 7 / 12)
     assert matrix.pixel_accuracy() == pytest.approx(100 * 24 / 32)
     assert matrix.num_images == 2
+
+
+def test_the_authors_per_image_mean_counts_only_the_truths_classes_and_voc_void_as_background():
+    truth = _map([[X, X, X, X], [0, 0, 1, 1]])
+    prediction = _map([[0, 0, 0, 0], [0, 1, 1, 2]])  # class 2 is only predicted
+    voc, coco, ours = ReleasePerImageMean(3, void_as_background=True), ReleasePerImageMean(3), ConfusionMatrix(3)
+    for scores in (voc, coco, ours):
+        scores.update(prediction, truth)
+    # void as background: class 0 TP 5 of truth 6, predicted 5 -> 5/6; class 1 TP 1, truth 2, predicted 2 -> 1/3;
+    # class 2 is not in the truth, so not in the mean: (5/6 + 1/3) / 2 = 7/12
+    assert voc.value() == pytest.approx(100 * 7 / 12)
+    # void ignored: class 0 TP 1, truth 2, predicted 1 -> 1/2; class 1 1/3: 5/12
+    assert coco.value() == pytest.approx(100 * 5 / 12)
+    # ours counts the predicted-only class 2 at 0: (1/2 + 1/3 + 0) / 3
+    assert ours.miou_per_image_mean() == pytest.approx(100 * 5 / 18)
+    voc.update(np.ones((2, 2), np.uint8), np.ones((2, 2), np.uint8))  # a perfect image: 100
+    assert voc.value() == pytest.approx((100 * 7 / 12 + 100) / 2)
 
 
 def test_a_wholly_ignored_image_changes_nothing():

@@ -83,6 +83,7 @@ class Dataset:
     id_list: str | None = None
     stored_to_class: tuple[int, ...] | None = None
     image_suffixes: tuple[str, ...] = (".jpg",)  # the first that exists is the image
+    release_void_as_background: bool = False  # the released code read the ignored pixels as class 0
 
     @property
     def num_classes(self) -> int:
@@ -181,6 +182,7 @@ DATASETS: dict[str, Dataset] = {
         image_dir="JPEGImages",
         label_dir="SegmentationClass",
         id_list="ImageSets/Segmentation/val.txt",
+        release_void_as_background=True,  # its colour-map reader mapped the void border's colour to 0
     ),
     "coco-object": Dataset(
         key="coco-object", classes=_same_prompts(COCO_OBJECT_NAMES), image_dir="images", label_dir="annotations"

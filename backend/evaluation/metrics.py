@@ -7,6 +7,9 @@ classes whose union (ground truth or prediction) is non-empty. Pixels whose grou
 prediction says there. The FreeSeg-Diff authors' released code averaged per-image mIoUs instead;
 that averaging is kept as ``miou_per_image_mean`` so the two are never confused (with 255 still
 ignored: the released code counted VOC's void border as background, which is not reproduced).
+``ReleasePerImageMean`` is the released code's own per-image figure, its conventions and all, for
+checking the paper's numbers: each image's mean is over the classes of its ground truth only, and
+VOC's void border is background.
 """
 
 from __future__ import annotations
@@ -77,6 +80,34 @@ class ConfusionMatrix:
     def _require_pixels(self) -> None:
         if self.matrix.sum() == 0:
             raise ValueError("nothing to score: no image with a non-ignored pixel was added")
+
+
+class ReleasePerImageMean:
+    """The mean over images of each image's mIoU as the authors' released code computed it, in percent.
+
+    An image's mIoU averages the classes present in its ground truth: a class only predicted adds
+    no IoU of 0 of its own (its pixels still lower the IoU of the true class they cover). With
+    ``void_as_background`` (VOC, as the released code read its label PNGs) ``IGNORE_INDEX`` in the
+    truth is class 0; otherwise it is ignored.
+    """
+
+    def __init__(self, num_classes: int, void_as_background: bool = False) -> None:
+        self.num_classes, self.void_as_background = num_classes, void_as_background
+        self._image_mious: list[float] = []
+
+    def update(self, prediction: np.ndarray, truth: np.ndarray) -> None:
+        if self.void_as_background:
+            truth = np.where(truth == IGNORE_INDEX, 0, truth).astype(truth.dtype)
+        image = ConfusionMatrix(self.num_classes)
+        image.update(prediction, truth)
+        present = image.matrix.sum(axis=1) > 0
+        if present.any():
+            self._image_mious.append(float(np.mean(_iou(image.matrix)[present])))
+
+    def value(self) -> float:
+        if not self._image_mious:
+            raise ValueError("nothing to score: no image with a non-ignored pixel was added")
+        return 100.0 * float(np.mean(self._image_mious))
 
 
 def _iou(matrix: np.ndarray) -> np.ndarray:

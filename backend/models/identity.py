@@ -35,6 +35,8 @@ def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
         "features": feature_settings(settings).__dict__,
         "captioner": [settings.captioner, settings.captioner_device],
     }
+    if settings.fidelity != "default":  # the release's captions are shorter; default fingerprints stay as they were
+        described["fidelity"] = settings.fidelity
     if settings.models == "pretrained":
         described.update(sd=settings.sd_model, clip=[settings.clip_model, settings.clip_pretrained],
                          captioner_model=settings.captioner_source)

@@ -15,7 +15,9 @@ from backend.models.identity import feature_settings, models_fingerprint
 from backend.pipeline.caption import Captioner
 from backend.pipeline.clip_embeddings import ClipEmbedder
 from backend.pipeline.features import FeatureNetwork
+from backend.pipeline.fidelity import stage_rules
 from backend.pipeline.refine import Refiner
+from backend.pipeline.sd_text import StableDiffusionText
 from backend.pipeline.segmenter import Segmenter
 from backend.settings import Settings
 from backend.threads import configure_threads
@@ -30,15 +32,20 @@ def process_segmenter(settings: Settings) -> Segmenter:
     placement = parts.placement
     device, dtype = placement.device, placement.dtype
     fingerprint = models_fingerprint(settings, dtype)
-    network = FeatureNetwork(parts.stable_diffusion, feature_settings(settings), device)
+    stable_diffusion_text = StableDiffusionText(parts.stable_diffusion, device)
+    network = FeatureNetwork(parts.stable_diffusion, feature_settings(settings), stable_diffusion_text)
+    clip = ClipEmbedder(parts.clip, device, dtype)
+    rules = stage_rules(settings.fidelity, clip, stable_diffusion_text)
     return Segmenter(
-        captioner=Captioner(parts.captioner, placement.captioner_device, placement.captioner_dtype),
+        captioner=Captioner(parts.captioner, placement.captioner_device, placement.captioner_dtype,
+                            rules.caption_length),
         features=feature_extractor(network, settings.engine, settings.model_dir / "engines", fingerprint),
-        clip=ClipEmbedder(parts.clip, device, dtype),
+        clip=clip,
         nlp=parts.nlp,
         fingerprint=fingerprint,
         device=device,
-        refiner=Refiner(device, threads.crf_processes),
+        refiner=Refiner(device, threads.crf_processes, rules.pamr_threshold),
         overlap_caption=device.type == "cuda",
         refine_max_side=settings.refine_max_side,
+        rules=rules,
     )

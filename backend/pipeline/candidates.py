@@ -12,18 +12,36 @@ made most class embeddings identical; CLIP's text tower with a prompt template d
 Typed prompts are not captions: a person means every word, whatever spaCy would tag it.
 A prompt is split into phrases; a phrase that names labels (or synonyms) word for word
 gives those labels, and any other phrase is matched whole to its nearest label.
+
+The released code's rules (FREESEG_FIDELITY=release) are here too: ``release_caption_nouns``
+and ``ReleaseCandidates``. Its nouns are each NOUN's text and each adjective's head, whatever
+that head is, repeats kept. Each noun goes to its nearest class by correlation distance between
+Stable Diffusion text embeddings (``sd_text``) of the bare noun and of "A photo of {class}", and
+is kept when that distance is at most the mean over the caption's nouns; an exact name gets no
+shortcut, it is one distance among the others.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 from spacy.language import Language
 
 from backend.pipeline.clip_embeddings import TextImageEmbedder, prompts_for
-from backend.pipeline.vocabulary import Label
+from backend.pipeline.sd_text import TextPooler
+from backend.pipeline.vocabulary import Label, label_embeddings
+
+NounRule = Callable[[Language, str], list[str]]  # (spaCy, caption) -> the caption's nouns
+RELEASE_CLASS_PROMPT = "A photo of {}"
+
+
+class CandidateRule(Protocol):
+    """A caption's nouns in, the indices (into ``labels``) of the candidate labels out, sorted."""
+
+    def __call__(self, nouns: Sequence[str], labels: Sequence[Label]) -> list[int]: ...
 
 _PHRASE_SEPARATORS = re.compile(r"[,;\n]|\band\b")
 _WORD = re.compile(r"[\w'-]+")  # a phrase's words, without its punctuation
@@ -38,6 +56,22 @@ def caption_nouns(nlp: Language, caption: str) -> list[str]:
         elif token.pos_ == "ADJ" and token.head.pos_ == "NOUN" and not token.head.is_stop:
             nouns.append(token.head.lemma_.lower())
     return list(dict.fromkeys(n for n in nouns if n.isalpha() or " " in n or "-" in n))
+
+
+def release_caption_nouns(nlp: Language, caption: str) -> list[str]:
+    """The released code's nouns, in caption order, repeats kept: the text of each NOUN, and of each ADJ's head.
+
+    Only the NOUN or ADJ itself must not be a stop word; the head may be any word ("sky is blue" gives "is").
+    """
+    words = []
+    for token in nlp(caption):
+        if token.is_stop:
+            continue
+        if token.pos_ == "NOUN":
+            words.append(token.text)
+        elif token.pos_ == "ADJ":
+            words.append(token.head.text)
+    return words
 
 
 def prompt_phrases(prompt: str) -> list[str]:
@@ -84,3 +118,55 @@ def match_candidates(
         mean_distance = distance.sum() / len(nouns)  # exact matches count in the mean, at distance 0
         candidates.update(int(i) for i, d in zip(nearest, distance) if not drop_far or d <= mean_distance + 1e-6)
     return sorted(candidates)
+
+
+class ClipCandidates:
+    """Our rule (``match_candidates``) with CLIP's text embeddings of the labels' prompts."""
+
+    def __init__(self, clip: TextImageEmbedder):
+        self.clip = clip
+
+    def __call__(self, nouns: Sequence[str], labels: Sequence[Label]) -> list[int]:
+        return match_candidates(nouns, labels, label_embeddings(self.clip, labels), self.clip)
+
+
+class ReleaseCandidates:
+    """The released code's rule, with Stable Diffusion's text encoder (``encode``: texts to pooled vectors)."""
+
+    def __init__(self, encode: TextPooler):
+        self.encode = encode
+
+    def __call__(self, nouns: Sequence[str], labels: Sequence[Label]) -> list[int]:
+        if not nouns or not labels:
+            return []
+        words = [release_class_words(label) for label in labels]
+        vectors = self.encode([*nouns, *(RELEASE_CLASS_PROMPT.format(w) for label_words in words for w in label_words)])
+        noun_vectors, rest = vectors[: len(nouns)], vectors[len(nouns) :]
+        bounds = np.cumsum([0, *(len(label_words) for label_words in words)])
+        class_vectors = np.stack([rest[start:end].mean(axis=0) for start, end in zip(bounds, bounds[1:])])
+        return nearest_within_mean(noun_vectors, class_vectors)
+
+
+def release_class_words(label: Label) -> list[str]:
+    """The words whose "A photo of {word}" embeddings a class averages: each word of its name and synonyms.
+
+    The released code split a class name with spaces into words and averaged their prompts' embeddings.
+    """
+    return list(dict.fromkeys(word for phrase in label.words for word in phrase.split()))
+
+
+def nearest_within_mean(noun_vectors: np.ndarray, class_vectors: np.ndarray) -> list[int]:
+    """Each noun's nearest class by correlation distance, kept when at most the mean over all nouns; sorted."""
+    distance = correlation_distances(noun_vectors, class_vectors)
+    nearest, closest = distance.argmin(axis=1), distance.min(axis=1)
+    return sorted({int(c) for c, d in zip(nearest, closest) if d <= closest.mean()})
+
+
+def correlation_distances(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """(N, M) correlation distances, 1 - Pearson correlation, of each of ``rows`` to each of ``columns``."""
+
+    def standardised(vectors: np.ndarray) -> np.ndarray:
+        centred = np.asarray(vectors, np.float64) - np.mean(vectors, axis=1, keepdims=True)
+        return centred / np.linalg.norm(centred, axis=1, keepdims=True)
+
+    return 1.0 - standardised(rows) @ standardised(columns).T

@@ -5,12 +5,16 @@ BLIP-2 (``Salesforce/blip2-opt-2.7b``) is the paper's captioner and the default;
 prompted with "a picture of " (stripped from the output). Both use beam search with
 3 beams as the released code did, on a batch of images at once. The model is loaded once
 per process (the released code reloaded it for every image).
+
+How long a caption may be is a ``CaptionLength``: ours lets BLIP write 30 tokens after its
+prompt; the released code's (LAVIS base_coco) counted the prompt in its 30 (and in its minimum of 10).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,15 +28,32 @@ MAX_NEW_TOKENS = 30
 BLIP_MIN_LENGTH = 10  # counts the prompt, as in the released code
 
 
+@dataclass(frozen=True)
+class CaptionLength:
+    """How many tokens BLIP may write: ``max_tokens``, after its prompt or, ``prompt_counts``, including it."""
+
+    max_tokens: int = MAX_NEW_TOKENS
+    prompt_counts: bool = False
+
+    def blip_max_length(self, prompt_tokens: int) -> int:
+        """generate()'s ``max_length`` (which counts the prompt) for a prompt of ``prompt_tokens``."""
+        return self.max_tokens if self.prompt_counts else prompt_tokens + self.max_tokens
+
+
+OURS = CaptionLength()
+RELEASE = CaptionLength(prompt_counts=True)  # LAVIS blip_caption: max_length=30 over prompt and caption
+
+
 class Captioner:
     """Images in, one caption string per image out."""
 
-    def __init__(self, parts: CaptionerParts, device: torch.device, dtype: torch.dtype):
+    def __init__(self, parts: CaptionerParts, device: torch.device, dtype: torch.dtype, length: CaptionLength = OURS):
         self.kind = parts.kind
         self.model = parts.model
         self.tokenizer = parts.processor.tokenizer
         self.image_processor = parts.processor.image_processor
         self.device, self.dtype = device, dtype
+        self.length = length
         # Its own CUDA stream, so that it runs beside the U-Net when called from another thread.
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -48,7 +69,7 @@ class Captioner:
             prompt = self._blip_prompt(len(images))
             output = self.model.generate(
                 pixel_values=pixels, input_ids=prompt, num_beams=NUM_BEAMS,
-                min_length=BLIP_MIN_LENGTH, max_length=prompt.shape[1] + MAX_NEW_TOKENS,
+                min_length=BLIP_MIN_LENGTH, max_length=self.length.blip_max_length(prompt.shape[1]),
             )
             output = output[:, prompt.shape[1] - 1 :]  # generate() drops the prompt's final [SEP]
         else:

@@ -3,6 +3,7 @@
 Images are padded to a square with black before resizing, never centre-cropped: the
 released code let CLIP's preprocessing crop, which drops the pixels of clusters near the
 edges of non-square images. Black padding matches the black of the masked-out pixels.
+(``centre_square`` is that crop, for the released code's rules: a square is padded by nothing.)
 Text embeddings are kept in a bounded cache, since a project's label set repeats.
 """
 
@@ -39,6 +40,14 @@ def pad_to_square(image: np.ndarray) -> np.ndarray:
     top, left = (side - height) // 2, (side - width) // 2
     canvas[top : top + height, left : left + width] = image
     return canvas
+
+
+def centre_square(image: np.ndarray) -> np.ndarray:
+    """The central square of ``image`` (H, W, 3): what CLIP's own preprocessing (resize, centre crop) keeps."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return image[top : top + side, left : left + side]
 
 
 class ClipEmbedder:

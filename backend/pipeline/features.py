@@ -35,6 +35,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from backend.models.loading import StableDiffusionParts
+from backend.pipeline.sd_text import StableDiffusionText
 
 FeatureRunner = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) pixels in [-1, 1] -> (B, C, G, G) grids
 
@@ -50,7 +51,7 @@ class FeatureSettings:
 class FeatureNetwork(torch.nn.Module):
     """Pixels in [-1, 1], (B, 3, S, S), to the (B, C, grid, grid) feature grids, in the models' dtype."""
 
-    def __init__(self, parts: StableDiffusionParts, settings: FeatureSettings, device: torch.device):
+    def __init__(self, parts: StableDiffusionParts, settings: FeatureSettings, text: StableDiffusionText):
         super().__init__()
         vae, unet = parts.vae, parts.unet
         _require_plain_unet(unet)
@@ -60,9 +61,10 @@ class FeatureNetwork(torch.nn.Module):
         self.conv_in, self.down_blocks, self.mid_block = unet.conv_in, unet.down_blocks, unet.mid_block
         self.up_blocks = _up_blocks_to_level(unet, settings.level)
         self.taps = _tapped_modules(self.down_blocks[settings.level], self.up_blocks[-1], settings)
-        dtype = unet.dtype
+        device, dtype = text.device, unet.dtype
         self.register_buffer("time_embedding", _timestep_zero_embedding(unet, device, dtype), persistent=False)
-        self.register_buffer("context", _empty_prompt_embedding(parts, device, dtype), persistent=False)
+        empty_prompt = text.hidden_states([""]).to(dtype).clone()  # a clone outside inference mode: traceable
+        self.register_buffer("context", empty_prompt, persistent=False)
         self._tapped: list[torch.Tensor] = []
         for module in self.taps:
             module.register_forward_hook(lambda module, inputs, output: self._tapped.append(output))
@@ -161,13 +163,6 @@ def _timestep_zero_embedding(unet: UNet2DConditionModel, device: torch.device, d
     sample = torch.zeros(1, device=device, dtype=dtype)
     timestep = torch.zeros(1, device=device, dtype=torch.long)
     return unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep)).clone()
-
-
-@torch.no_grad()
-def _empty_prompt_embedding(parts: StableDiffusionParts, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    length = parts.text_encoder.config.max_position_embeddings
-    tokens = parts.tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids
-    return parts.text_encoder(tokens.to(device))[0].to(dtype).clone()
 
 
 def _as_grid(output: torch.Tensor) -> torch.Tensor:

@@ -6,17 +6,42 @@ label: a softmax over image-text similarities. Scores of non-candidate labels ar
 each label keeps only its best cluster; each cluster takes its best remaining label; a
 cluster no label picked stays unlabeled. All clusters of a batch of images go through CLIP in
 one call.
+
+What the masked images are scored against, and how CLIP sees them, is a ``MaskNaming``: ours
+(``PROMPTS_PADDED``) or the released code's (``BARE_NAMES_CROPPED``: bare class names, CLIP's
+centre crop, which loses cluster pixels near the edges of a non-square image).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from backend.pipeline.clip_embeddings import LOGIT_SCALE, TextImageEmbedder
+from backend.pipeline.clip_embeddings import LOGIT_SCALE, TextImageEmbedder, centre_square
+from backend.pipeline.vocabulary import Label, bare_name, label_embeddings, prompted_words
+
+
+@dataclass(frozen=True)
+class MaskNaming:
+    """What CLIP compares each masked image with (``texts`` of a label) and how it is shown it (``view``)."""
+
+    texts: Callable[[Label], Sequence[str]]
+    view: Callable[[np.ndarray], np.ndarray]  # a masked image -> what goes to CLIP (which pads it to a square)
+
+    def label_vectors(self, clip: TextImageEmbedder, labels: Sequence[Label]) -> np.ndarray:
+        """(L, D) unit-norm embeddings the masked images are scored against."""
+        return label_embeddings(clip, labels, self.texts)
+
+
+def _as_is(image: np.ndarray) -> np.ndarray:
+    return image
+
+
+PROMPTS_PADDED = MaskNaming(texts=prompted_words, view=_as_is)
+BARE_NAMES_CROPPED = MaskNaming(texts=bare_name, view=centre_square)
 
 
 @dataclass(frozen=True)
@@ -45,13 +70,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def cluster_label_scores(
-    clip: TextImageEmbedder, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], label_vectors: np.ndarray
+    clip: TextImageEmbedder, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], label_vectors: np.ndarray,
+    view: Callable[[np.ndarray], np.ndarray] = _as_is,
 ) -> list[np.ndarray]:
-    """(K_i, L) probabilities of each label for each cluster's masked image, for each image.
+    """(K_i, L) probabilities of each label for each cluster's masked image (as ``view`` shows it), for each image.
 
     The masked images of all images go through CLIP in one call: one batch on the GPU.
     """
-    masked = [view for image, image_masks in zip(images, masks) for view in masked_images(image, image_masks)]
+    masked = [view(shown) for image, image_masks in zip(images, masks) for shown in masked_images(image, image_masks)]
     if not masked:
         return [np.zeros((0, len(label_vectors)), np.float32) for _ in images]
     probabilities = softmax(LOGIT_SCALE * clip.embed_images(masked) @ label_vectors.T)

@@ -11,6 +11,9 @@ each edge onto the image's colour boundaries.
 - ``"pamr"``: Pixel-Adaptive Mask Refinement (Araslanov and Roth, 2020), the paper's
   alternative (52.82 mIoU on VOC against 53.27 for the CRF): a few dilated local
   operations that refine all masks at once and run on the GPU when there is one.
+  Its soft masks are binarised by a ``SoftThreshold``: ours keeps what is above 0.5
+  (``above_half``); the released code first divided each mask by its maximum
+  (``above_half_of_peak``), so a thin region that PAMR fades below 0.5 everywhere survives.
 - ``"none"``: the masks as they are.
 
 Images above ``FREESEG_REFINE_MAX_SIDE`` are refined on a copy of bounded size and the
@@ -34,10 +37,12 @@ from backend.pipeline.crf import CrfProcessDied, CrfProcesses, crf_refine
 from backend.pipeline.upsampling import guided_upsample, nearest_upsample
 from backend.settings import RefineMethod
 
-__all__ = ["PendingMasks", "RefineMethod", "Refiner", "refine_masks"]
+__all__ = ["PendingMasks", "RefineMethod", "Refiner", "SoftThreshold", "above_half", "above_half_of_peak",
+           "refine_masks"]
 log = logging.getLogger(__name__)
 
 PendingMasks = Callable[[], np.ndarray]  # waits for a started refinement and returns its masks
+SoftThreshold = Callable[[torch.Tensor], torch.Tensor]  # (R, H, W) soft masks -> (R, H, W) bool masks
 
 # PAMR parameters: iterations and dilations from the paper (FreeSeg-Diff, after
 # Araslanov and Roth); the temperature and threshold are those of the original PAMR.
@@ -46,6 +51,7 @@ PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
 PAMR_TEMPERATURE = 0.1  # colour differences are divided by this times the local std
 PAMR_THRESHOLD = 0.5  # a refined soft mask keeps the pixels above this value
 _STD_EPS = 1e-8  # keeps 0 / 0 at 0 where a window is flat
+_PEAK_EPS = 1e-5  # the released code's guard in the division by each mask's maximum
 
 # Affinities and mask values below this are set to zero. They cannot move a pixel
 # across the threshold, and on the CPU their products underflow to subnormal floats,
@@ -62,13 +68,14 @@ def refine_masks(
     method: RefineMethod,
     device: torch.device | str = "cpu",
     full_image: np.ndarray | None = None,
+    pamr_threshold: SoftThreshold | None = None,
 ) -> np.ndarray:
     """Refine ``masks`` (R, h, w) on ``image`` (h, w, 3 uint8 RGB); first mask wins.
 
     ``full_image`` (H, W, 3), when given and larger, is the picture ``image`` is a working
     copy of: the refined masks are brought to its size. Returns an (R, H, W) bool array
-    whose masks are pairwise disjoint. ``device`` is used by ``"pamr"`` only; the CRF
-    always runs on the CPU.
+    whose masks are pairwise disjoint. ``device`` and ``pamr_threshold`` (default
+    ``above_half``) are used by ``"pamr"`` only; the CRF always runs on the CPU.
     """
     _check_inputs(image, masks)
     masks = np.ascontiguousarray(masks, dtype=bool)
@@ -77,7 +84,7 @@ def refine_masks(
     elif method == "crf":
         refined = crf_refine(image, masks)
     elif method == "pamr":
-        refined = _pamr_refine(image, masks, torch.device(device))
+        refined = _pamr_refine(image, masks, torch.device(device), pamr_threshold or above_half)
     else:
         raise ValueError(f"unknown refinement method {method!r}")
     return _resolve_overlaps(_to_full_size(refined, image, full_image, method))
@@ -109,8 +116,10 @@ class Refiner:
     Masks whose process died are refined on the waiting thread, and the process is replaced.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", crf_processes: int = 0):
+    def __init__(self, device: torch.device | str = "cpu", crf_processes: int = 0,
+                 pamr_threshold: SoftThreshold | None = None):
         self.device = torch.device(device)
+        self.pamr_threshold = pamr_threshold
         self.crf_processes = crf_processes
         self.processes = CrfProcesses(crf_processes) if crf_processes > 0 else None
 
@@ -126,7 +135,8 @@ class Refiner:
         The masks are brought to ``full_image``'s size on the thread that waits.
         """
         if method != "crf" or self.processes is None or len(masks) == 0:
-            return lambda: refine_masks(image, masks, method, self.device, full_image)  # on the thread that waits
+            return lambda: refine_masks(image, masks, method, self.device, full_image,  # on the thread that waits
+                                        self.pamr_threshold)
         _check_inputs(image, masks)
         masks = np.ascontiguousarray(masks, dtype=bool)
         groups = np.array_split(masks, min(max(self.processes.idle(), 1), len(masks)))
@@ -169,13 +179,13 @@ def _check_inputs(image: np.ndarray, masks: np.ndarray) -> None:
         raise ValueError(f"masks must be (R, {image.shape[0]}, {image.shape[1]}), got {masks.shape}")
 
 
-def _pamr_refine(image: np.ndarray, masks: np.ndarray, device: torch.device) -> np.ndarray:
+def _pamr_refine(image: np.ndarray, masks: np.ndarray, device: torch.device, threshold: SoftThreshold) -> np.ndarray:
     """PAMR on all masks at once, each an independent binary soft mask.
 
     The masks are the R channels of one tensor. The update is a per-channel weighted
     average, so channels never interact: a background channel would change nothing
-    but the decision rule, and here each channel is binarised on its own at
-    ``PAMR_THRESHOLD``, as each mask gets its own binary CRF in the ``"crf"`` method.
+    but the decision rule, and here each channel is binarised on its own by ``threshold``,
+    as each mask gets its own binary CRF in the ``"crf"`` method.
     The affinities are computed in float32; the iterations run in float16 on CUDA
     and in float32 elsewhere.
     """
@@ -185,7 +195,21 @@ def _pamr_refine(image: np.ndarray, masks: np.ndarray, device: torch.device) -> 
     soft = torch.tensor(masks, device=device, dtype=dtype)
     for _ in range(PAMR_ITERATIONS):
         soft = _weighted_neighbour_average(soft, weights)
-    return (soft > PAMR_THRESHOLD).cpu().numpy()
+    return threshold(soft).cpu().numpy()
+
+
+def above_half(soft: torch.Tensor) -> torch.Tensor:
+    """Ours: a pixel stays in its mask when its soft value is above ``PAMR_THRESHOLD``."""
+    return soft > PAMR_THRESHOLD
+
+
+def above_half_of_peak(soft: torch.Tensor) -> torch.Tensor:
+    """The released code's: each mask divided by its maximum (plus 1e-5), then at least ``PAMR_THRESHOLD`` stays.
+
+    It set values below the threshold to 0 and above it to 1, so a value of exactly 0.5 stayed (non-zero).
+    """
+    peaks = soft.float().flatten(1).amax(dim=1).view(-1, 1, 1)
+    return soft.float() / (peaks + _PEAK_EPS) >= PAMR_THRESHOLD
 
 
 def _neighbours(x: torch.Tensor, dilation: int) -> torch.Tensor:

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from spacy.language import Language
 
-from backend.pipeline.candidates import caption_nouns, match_candidates, prompt_words
+from backend.pipeline.candidates import match_candidates, prompt_words
 from backend.pipeline.clip_embeddings import LOGIT_SCALE, TextImageEmbedder
 from backend.pipeline.clustering import cluster_feature_grid
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars, label_with_exemplars
+from backend.pipeline.fidelity import StageRules, our_rules
 from backend.pipeline.labelling import ClusterLabel, assign_labels, cluster_label_scores, cluster_masks, softmax
 from backend.pipeline.refine import PendingMasks, Refiner
 from backend.pipeline.upsampling import working_image
@@ -144,8 +145,10 @@ class Segmenter:
         refine_max_side: int | None = None,
         clustering: Clustering | None = None,
         observer: StageObserver | None = None,
+        rules: StageRules | None = None,
     ):
         self.captioner, self.features, self.clip, self.nlp = captioner, features, clip, nlp
+        self.rules = rules or our_rules(clip)  # nouns, candidates and mask naming (FREESEG_FIDELITY)
         self.refine_max_side = refine_max_side  # clusters, CLIP crops and refinement run at this size at most
         self.fingerprint = fingerprint
         self.device = torch.device(device)
@@ -247,7 +250,7 @@ class Segmenter:
         if not labels:
             raise ValueError("segment() needs at least one label")
         with self._stage("candidates"):
-            vectors = label_embeddings(self.clip, labels)
+            vectors = self.rules.naming.label_vectors(self.clip, labels)
             chosen = [self._candidates(encoding, labels, vectors, options) for encoding in encodings]
             taught = exemplars.taught(labels) if exemplars is not None else []
             if taught:
@@ -259,7 +262,8 @@ class Segmenter:
         grids, masks = [grid for grid, _ in clusters], [image_masks for _, image_masks in clusters]
         with self._stage("labelling"):
             named = [i for i, (candidates, _) in enumerate(chosen) if candidates]
-            scores = cluster_label_scores(self.clip, [working[i] for i in named], [masks[i] for i in named], vectors)
+            scores = cluster_label_scores(self.clip, [working[i] for i in named], [masks[i] for i in named], vectors,
+                                          self.rules.naming.view)
             if exemplars is None:
                 assigned = {i: assign_labels(image_scores, chosen[i][0]) for i, image_scores in zip(named, scores)}
             else:
@@ -320,11 +324,12 @@ class Segmenter:
     ) -> tuple[list[int], bool]:
         if options.prompt.strip():
             words = prompt_words(options.prompt, labels)
-            return match_candidates(words, labels, vectors, self.clip, drop_far=False), False
+            # typed words are ours whatever the fidelity: the released code had no prompts
+            prompted = label_embeddings(self.clip, labels)
+            return match_candidates(words, labels, prompted, self.clip, drop_far=False), False
         if not options.use_caption:
             return list(range(len(labels))), False
-        nouns = caption_nouns(self.nlp, encoding.caption)
-        found = match_candidates(nouns, labels, vectors, self.clip)
+        found = self.rules.candidates(self.rules.nouns(self.nlp, encoding.caption), labels)
         if found or not options.caption_fallback:
             return found, False
         return image_level_candidates(encoding.image_embedding, vectors, options.k), True

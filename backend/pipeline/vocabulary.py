@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,10 +28,22 @@ def labels_from_names(names: Sequence[str]) -> list[Label]:
     return [Label(name.strip()) for name in names if name.strip()]
 
 
-def label_embeddings(clip: TextImageEmbedder, labels: Sequence[Label]) -> np.ndarray:
-    """One unit-norm text embedding per label: the mean over the prompts of its name and synonyms."""
+def prompted_words(label: Label) -> list[str]:
+    """CLIP prompts of a label's name and synonyms (ours)."""
+    return prompts_for(label.words)
+
+
+def bare_name(label: Label) -> list[str]:
+    """The label's name alone, as the released code gave CLIP its class names."""
+    return [label.name]
+
+
+def label_embeddings(
+    clip: TextImageEmbedder, labels: Sequence[Label], texts: Callable[[Label], Sequence[str]] = prompted_words
+) -> np.ndarray:
+    """One unit-norm text embedding per label: the mean over its ``texts`` (by default the prompts of its words)."""
     rows = []
     for label in labels:
-        mean = clip.embed_texts(prompts_for(label.words)).mean(axis=0)
+        mean = clip.embed_texts(list(texts(label))).mean(axis=0)
         rows.append(mean / max(float(np.linalg.norm(mean)), 1e-12))
     return np.stack(rows).astype(np.float32)
