@@ -58,18 +58,42 @@ def test_a_taught_label_wins_over_clip_and_an_untaught_one_keeps_clips_best_clus
     assert names == ["rust", "sky"]  # sky only once: an untaught label keeps only its best cluster
 
 
-def test_with_few_regions_taught_clip_still_counts():
+def test_a_confident_correct_clip_label_survives_one_wrongly_taught_region():
     axes = np.zeros((2, 2), int)
     clusters = np.zeros((2, 2), int)
-    clip = np.array([[0.05, 0.9, 0.05]], np.float32)
-    weak = Exemplars(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 1})  # weight 1/3
-    _, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, weak, 2, 2)
-    assert [LABELS[a.label].name for a in assigned] == ["rust"]  # one exemplar votes with certainty: it overrides
+    clip = np.array([[0.05, 0.9, 0.05]], np.float32)  # CLIP is sure: moss, and right
+    wrong = Exemplars(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 1})  # one region taught as rust: w 1/3
+    q = exemplar_probabilities(features_of(axes), wrong, ["rust", "moss", "sky", UNLABELED])
+    assert q[:, 0].min() >= 0.9  # its exemplar votes with certainty on every cell...
+    _, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, wrong, 2, 2)
+    assert [LABELS[a.label].name for a in assigned] == ["moss"]  # ...but weighs 1/3 against CLIP's 2/3
+    assert Exemplars(vectors={}, regions={}).weight("rust") == 0.0 and wrong.weight("rust") == pytest.approx(1 / 3)
+    many = Exemplars(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 20})  # w 10/11: the memory is sure
+    _, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, many, 2, 2)
+    assert [LABELS[a.label].name for a in assigned] == ["rust"]
+
+
+def test_untaught_labels_keep_clips_choice():
+    axes = np.zeros((2, 2), int)
+    clusters = np.zeros((2, 2), int)
     strong_clip = np.array([[0.0, 1.0, 0.0]], np.float32)
-    assert Exemplars(vectors={}, regions={}).weight("rust") == 0.0 and weak.weight("rust") == pytest.approx(1 / 3)
     none_taught = Exemplars(vectors={}, regions={})
     _, assigned = label_with_exemplars(features_of(axes), clusters, strong_clip, [1], LABELS, none_taught, 2, 2)
     assert [LABELS[a.label].name for a in assigned] == ["moss"]
+
+
+def test_one_taught_region_splits_a_merged_cluster_only_where_clip_is_unsure():
+    axes = np.zeros((4, 4), int)
+    axes[:, 2:] = 1  # rust on the left, moss on the right
+    merged = np.zeros((4, 4), int)
+    one_region = {name: 1 for name in AXES}  # w 1/3 each
+    taught = Exemplars(vectors=exemplars().vectors, regions=one_region)
+    unsure = np.array([[0.5, 0.45, 0.05]], np.float32)
+    _, assigned = label_with_exemplars(features_of(axes), merged, unsure, [0, 1], LABELS, taught, 8, 8)
+    assert sorted(LABELS[a.label].name for a in assigned) == ["moss", "rust"]
+    sure = np.array([[0.95, 0.05, 0.0]], np.float32)  # 2/3 * 0.9 more for rust than one region's 1/3 for moss
+    _, assigned = label_with_exemplars(features_of(axes), merged, sure, [0, 1], LABELS, taught, 8, 8)
+    assert [LABELS[a.label].name for a in assigned] == ["rust"]
 
 
 def test_exemplars_of_other_labels_leave_the_segmentation_exactly_as_without():

@@ -8,7 +8,9 @@
 3. Taught labels are candidates whatever the caption says, and may take several clusters;
    untaught candidates keep the paper's rule (only their best cluster). A cluster takes the
    label of best mean score over its cells; ``UNLABELED`` or no score leaves it unlabeled.
-4. A cell whose q for some label reaches ``CONFIDENT`` takes that label, whatever its cluster took.
+4. A cell whose q for some label reaches ``CONFIDENT`` takes that label instead of its cluster's
+   when its score (rule 2, the same weight) for it is higher: a class K-means merged with its
+   neighbour is split again, but one taught region (w = 1/3) cannot outvote a confident CLIP.
 """
 
 from __future__ import annotations
@@ -97,8 +99,11 @@ def label_with_exemplars(
             cluster_scores[np.arange(len(cluster_scores)) != best, label] = 0
     cluster_choice = np.where(cluster_scores.max(axis=1) > 0, cluster_scores.argmax(axis=1), unlabeled)
     cell_labels = cluster_choice[clusters]
-    confident = (q.max(axis=1) >= CONFIDENT) & allowed[q.argmax(axis=1)]
-    cell_labels = np.where(confident, q.argmax(axis=1), cell_labels)
+    cells = np.arange(len(cell_labels))
+    exemplar_choice = q.argmax(axis=1)
+    confident = ((q[cells, exemplar_choice] >= CONFIDENT) & allowed[exemplar_choice]
+                 & (scores[cells, exemplar_choice] > scores[cells, cell_labels]))
+    cell_labels = np.where(confident, exemplar_choice, cell_labels)
     present = [int(label) for label in np.unique(cell_labels) if label != unlabeled]
     grid = np.full(cluster_grid.shape, len(present), np.int64)  # index len(present): no mask
     assigned = []
