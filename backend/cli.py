@@ -400,6 +400,7 @@ def run_learn(args: argparse.Namespace) -> int:
     from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
     from backend.labelstudio.images import TaskImageLoader
     from backend.labelstudio.learning import ProjectTeacher
+    from backend.labelstudio.projects import ProjectStore
     from backend.memories import ProjectMemories
     from backend.models.identity import settings_fingerprint
     from backend.store import StoreError
@@ -415,7 +416,7 @@ def run_learn(args: argparse.Namespace) -> int:
             return 0
         segmenter = process_segmenter(settings)
         access = LabelStudioAccess(args.url or settings.label_studio_url, args.api_key or settings.label_studio_api_key)
-        teacher = ProjectTeacher(memories, TaskImageLoader.from_settings(settings),
+        teacher = ProjectTeacher(memories, ProjectStore(memories.store.store), TaskImageLoader.from_settings(settings),
                                  lambda image: segmenter.encode(image.pixels), segmenter.fingerprint,
                                  Backoff.from_settings(settings))
         memory = teacher.rebuild(project, access)

@@ -11,6 +11,7 @@ so two processes learning at once do not lose each other's annotations.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -21,8 +22,21 @@ from backend.store import SharedStore, create_store
 
 
 def memory_version(version: str, revision: int) -> str:
-    """The model_version of predictions made with a memory of ``revision``: ``version`` with a suffix, ``...-m12``."""
-    return f"{version}-m{revision}"
+    """The model_version of predictions made with a memory of ``revision``: ``version`` with a suffix.
+
+    Revision 0, a memory that never held an example (only deletions), leaves ``version`` as it is.
+    """
+    return f"{version}-m{revision}" if revision else version
+
+
+def clock_revision() -> int:
+    """The wall clock in milliseconds: the least revision a change saved now may take.
+
+    A changed memory's revision is one more than before and at least this, so a memory lost with its
+    store (a Redis without persistence restarted) and taught again never takes a revision it had:
+    ``-m<revision>`` never names two contents (unless the clocks of the writers go back).
+    """
+    return time.time_ns() // 1_000_000
 
 
 class SharedMemoryStore:
@@ -56,6 +70,10 @@ class SharedMemoryStore:
 
     def lock(self, project: str, fingerprint: str) -> AbstractContextManager[None]:
         return self.store.lock(f"memory:{self._name(project, fingerprint)}")
+
+    def fingerprints(self, project: str) -> list[str]:
+        """The models' fingerprints the project has a memory of."""
+        return [name.removeprefix(f"{project}.") for name in self.store.names("memory", f"{project}.")]
 
 
 class ProjectMemories:
@@ -100,30 +118,52 @@ class ProjectMemories:
         current = self.exemplars(project, fingerprint)
         return (memory_version(version, current[0]), current[1]) if current else (version, None)
 
-    def change(self, project: str, fingerprint: str, channels: int, edit: Callable[[Memory], object]) -> Memory:
-        """Apply ``edit`` to the project's memory and save it, locked; a memory holding nothing takes ``channels``."""
-        with self.store.lock(project, fingerprint):
-            memory = self.load(project, fingerprint)
-            if memory is None or (not memory.annotations and memory.channels != channels):
-                memory = Memory(fingerprint, channels, self.bounds, revision=memory.revision if memory else 0)
-            edit(memory)
-            self.store.save(project, fingerprint, memory.to_bytes())
-        return memory
+    def change(self, project: str, fingerprint: str, channels: int, edit: Callable[[Memory], bool]) -> Memory:
+        """Apply ``edit`` to the project's memory (a new one when none), saved when ``edit`` says it changed.
 
-    def forget(self, project: str, fingerprint: str, annotation_id: str) -> bool:
-        """Remove what one annotation taught; False when the project's memory holds nothing of it."""
-        with self.store.lock(project, fingerprint):
-            memory = self.load(project, fingerprint)
-            if memory is None or not memory.forget(annotation_id):
-                return False
-            self.store.save(project, fingerprint, memory.to_bytes())
-        return True
+        A memory holding nothing takes ``channels``.
+        """
+        return self._edit(project, fingerprint, channels, edit)[0]
+
+    def forget(self, project: str, fingerprint: str, annotation_id: str, deleted: bool = False) -> bool:
+        """Remove what one annotation taught (``deleted`` in Label Studio: refuse it from now on, even unseen)."""
+        return self._edit(project, fingerprint, 0 if deleted else None,
+                          lambda memory: memory.forget(annotation_id, deleted))[1]
+
+    def forget_tasks(self, project: str, fingerprint: str, task_ids: list[str]) -> bool:
+        """Remove what the annotations of the deleted ``task_ids`` taught, and refuse them from now on."""
+        return self._edit(project, fingerprint, 0, lambda memory: memory.forget_tasks(task_ids))[1]
 
     def clear(self, project: str, fingerprint: str) -> Memory | None:
         """Empty the project's memory (its revision still grows, so model_version changes); None when none."""
+        return self._edit(project, fingerprint, None, Memory.clear)[0]
+
+    def drop(self, project: str) -> list[str]:
+        """Delete the project's memories of every models' fingerprint; the fingerprints dropped."""
+        fingerprints = self.store.fingerprints(project)
+        for fingerprint in fingerprints:
+            with self.store.lock(project, fingerprint):
+                self.store.delete(project, fingerprint)
+        return fingerprints
+
+    def _edit(self, project: str, fingerprint: str, channels: int | None,
+              edit: Callable[[Memory], bool]) -> tuple[Memory | None, bool]:
+        """The memory after ``edit``, locked, and whether it changed (then saved, with a ``clock_revision``).
+
+        No memory: a new one of ``channels``, or with ``channels`` None nothing is done.
+        """
         with self.store.lock(project, fingerprint):
             memory = self.load(project, fingerprint)
-            if memory is not None:
-                memory.clear()
+            if memory is None:
+                if channels is None:
+                    return None, False
+                memory = Memory(fingerprint, channels, self.bounds)
+            if channels and not memory.annotations:
+                memory.channels = channels
+            revision = memory.revision
+            changed = edit(memory)
+            if changed:
+                if memory.revision != revision:
+                    memory.revision = max(memory.revision, clock_revision())
                 self.store.save(project, fingerprint, memory.to_bytes())
-        return memory
+        return memory, changed

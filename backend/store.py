@@ -55,6 +55,10 @@ class SharedStore(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def names(self, namespace: str, prefix: str) -> list[str]:
+        """The names of the namespace's keys that start with ``prefix`` (a safe name), sorted."""
+        ...
+
     def lock(self, key: str, seconds: float = LOCK_SECONDS) -> AbstractContextManager[None]:
         """Held by one process at a time (for a read-modify-write of ``key``); a dead holder's lapses."""
         ...
@@ -107,6 +111,11 @@ class RedisStore:
 
     def delete(self, key: str) -> None:
         self._redis(self._redis.client.delete, self._redis_key(key))
+
+    def names(self, namespace: str, prefix: str) -> list[str]:
+        start = self._redis_key(f"{namespace}:{prefix}")  # checks both; safe names hold no glob characters
+        keys = self._redis(lambda: [key.decode() for key in self._redis.client.scan_iter(match=start + "*")])
+        return sorted(name for key in keys if ":" not in (name := key.removeprefix(f"{REDIS_KEY_PREFIX}{namespace}:")))
 
     @contextmanager
     def lock(self, key: str, seconds: float = LOCK_SECONDS) -> Iterator[None]:
@@ -166,6 +175,13 @@ class FileStore:
             path.unlink(missing_ok=True)
         except OSError as error:
             raise StoreError(f"cannot delete {path} (MODEL_DIR): {error}") from error
+
+    def names(self, namespace: str, prefix: str) -> list[str]:
+        folder = self.path(f"{namespace}:{prefix}").parent  # checks both
+        try:
+            return sorted(path.name for path in folder.glob(f"{prefix}*") if not path.name.startswith("."))
+        except OSError as error:
+            raise StoreError(f"cannot list {folder} (MODEL_DIR): {error}") from error
 
     @contextmanager
     def lock(self, key: str, seconds: float = LOCK_SECONDS) -> Iterator[None]:

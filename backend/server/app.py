@@ -38,7 +38,8 @@ from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.server.cache_writer import CacheWriter
 from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
-from backend.server.learner import FORGET_ACTIONS, LEARN_ACTIONS, TRAIN_ACTION, Learner, LearningEvent
+from backend.server.learner import (FORGET_ACTIONS, LEARN_ACTIONS, PROJECT_DELETED_ACTION, TASKS_DELETED_ACTION,
+                                    TRAIN_ACTION, Learner, LearningEvent)
 from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
 from backend.server.predictions import Predictor
@@ -82,7 +83,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     def teacher() -> ProjectTeacher:
         worker.wait_until_loaded()
         worker.ensure_ready()
-        return ProjectTeacher(memories, predictor.images, predictor.encoding, worker.fingerprint,
+        return ProjectTeacher(memories, projects, predictor.images, predictor.encoding, worker.fingerprint,
                               Backoff.from_settings(settings))
 
     learner = Learner(teacher, settings.learn_queue_size, metrics)
@@ -253,6 +254,11 @@ def _learning_events(request: WebhookRequest) -> list[LearningEvent]:
         return []
     if request.action == TRAIN_ACTION:
         return [LearningEvent("rebuild", project, LabelStudioAccess())]
+    if request.action == PROJECT_DELETED_ACTION:
+        return [LearningEvent("drop", project, LabelStudioAccess())]
+    if request.action == TASKS_DELETED_ACTION:
+        ids = tuple(int(t["id"]) for t in request.tasks or [] if isinstance(t, dict) and str(t.get("id", "")).isdigit())
+        return [LearningEvent("forget-tasks", project, LabelStudioAccess(), task_ids=ids)] if ids else []
     if request.action in LEARN_ACTIONS + FORGET_ACTIONS:
         named = request.annotations if request.action in FORGET_ACTIONS else request.annotation
         named = named if isinstance(named, list) else [named] if named else []
