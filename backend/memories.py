@@ -39,6 +39,16 @@ def clock_revision() -> int:
     return time.time_ns() // 1_000_000
 
 
+MEMORY_NAMESPACES = ("memory", "memory-revision")
+
+
+def shared_store(settings: Settings) -> SharedStore:
+    """The settings' shared store (REDIS_URL, else files under MODEL_DIR), memories expiring after
+    FREESEG_MEMORY_TTL_SECONDS unused (0: never)."""
+    ttl = settings.memory_ttl_seconds
+    return create_store(settings.redis_url, settings.model_dir, dict.fromkeys(MEMORY_NAMESPACES, ttl) if ttl else {})
+
+
 class SharedMemoryStore:
     """A ``MemoryStore`` (``backend.pipeline.memory``) on a ``SharedStore``, with revision keys and a lock."""
 
@@ -64,9 +74,14 @@ class SharedMemoryStore:
         self.store.delete(f"memory:{name}")
 
     def revision(self, project: str, fingerprint: str) -> int | None:
-        """The saved memory's revision; None when the project has no memory for these models."""
-        data = self.store.get(f"memory-revision:{self._name(project, fingerprint)}")
-        return int(data) if data else None
+        """The saved memory's revision, which marks the memory used; None when the project has none."""
+        name = self._name(project, fingerprint)
+        data = self.store.get(f"memory-revision:{name}")
+        if not data:
+            return None
+        self.store.touch(f"memory-revision:{name}")
+        self.store.touch(f"memory:{name}")
+        return int(data)
 
     def lock(self, project: str, fingerprint: str) -> AbstractContextManager[None]:
         return self.store.lock(f"memory:{self._name(project, fingerprint)}")
@@ -87,7 +102,7 @@ class ProjectMemories:
     @classmethod
     def from_settings(cls, settings: Settings) -> ProjectMemories:
         """The memories of the settings' shared store (REDIS_URL, else files under MODEL_DIR)."""
-        return cls(SharedMemoryStore(create_store(settings.redis_url, settings.model_dir)), settings.memory_bounds)
+        return cls(SharedMemoryStore(shared_store(settings)), settings.memory_bounds)
 
     def load(self, project: str, fingerprint: str) -> Memory | None:
         return self.parse(self.store.load(project, fingerprint))

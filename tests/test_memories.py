@@ -7,7 +7,7 @@ import pytest
 
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
-from backend.memories import ProjectMemories, SharedMemoryStore, clock_revision
+from backend.memories import MEMORY_NAMESPACES, ProjectMemories, SharedMemoryStore, clock_revision
 from backend.pipeline.memory import LabelExamples, MemoryBounds
 from backend.store import FileStore, RedisStore
 from tests.redis_server import RedisServer
@@ -116,3 +116,43 @@ def test_a_memory_lost_with_redis_never_takes_a_revision_again(start_redis):
     assert memories.load("1", "fp") is None
     after = _teach(memories, "100", 9.0).revision  # other contents than any revision before named
     assert before == sorted(set(before)) and after > before[-1] and after >= clock_revision() - 60_000
+
+
+def test_an_unused_memory_expires_in_files_and_a_used_one_does_not(tmp_path):
+    import os
+    import time
+
+    expiring = dict.fromkeys(MEMORY_NAMESPACES, 3600)
+    memories = ProjectMemories(SharedMemoryStore(FileStore(tmp_path, expiring)), BOUNDS)
+    for project in ("1", "2"):
+        _teach(memories, "7", 1.0, project)
+    two_hours_ago = time.time() - 7200
+    for path in (tmp_path / "memory").iterdir():
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    for path in (tmp_path / "memory-revision").iterdir():
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    assert memories.for_predictions("1", "fp", "v") == ("v", None)  # unused for two hours: gone
+    assert memories.load("1", "fp") is None and not (tmp_path / "memory-revision" / "1.fp").exists()
+    os.utime(tmp_path / "memory-revision" / "2.fp")  # ...unless the other key was just used
+    assert memories.for_predictions("2", "fp", "v")[1] is not None  # reading it marks the memory used
+    assert time.time() - (tmp_path / "memory" / "2.fp").stat().st_mtime < 60
+
+
+def test_an_unused_memory_expires_in_redis_and_each_prediction_restarts_its_time(redis_server):
+    import time
+
+    store = RedisStore(redis_server.url, expiring=dict.fromkeys(MEMORY_NAMESPACES, 100))
+    memories = ProjectMemories(SharedMemoryStore(store), BOUNDS)
+    _teach(memories, "7", 1.0, "5")
+    with redis_server.client() as client:
+        keys = ["freeseg:memory:5.fp", "freeseg:memory-revision:5.fp"]
+        assert all(90 < client.ttl(key) <= 100 for key in keys)
+        for key in keys:
+            client.expire(key, 5)
+        assert memories.for_predictions("5", "fp", "v")[1] is not None
+        assert all(90 < client.ttl(key) <= 100 for key in keys)
+        assert client.ttl("freeseg:projects:5") == -2  # other namespaces are not touched
+    short = ProjectMemories(SharedMemoryStore(RedisStore(redis_server.url, expiring={"memory-revision": 1})), BOUNDS)
+    _teach(short, "7", 1.0, "6")
+    time.sleep(1.5)
+    assert short.for_predictions("6", "fp", "v") == ("v", None)

@@ -29,7 +29,7 @@ from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, pars
 from backend.labelstudio.context import ContextError, parse_context
 from backend.labelstudio.learning import ProjectTeacher
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
-from backend.memories import ProjectMemories, SharedMemoryStore
+from backend.memories import ProjectMemories, SharedMemoryStore, shared_store
 from backend.models import downloads_wanted, ensure_downloaded
 from backend.options import OptionError, option_changes
 from backend.models.identity import model_version
@@ -46,7 +46,7 @@ from backend.server.predictions import Predictor
 from backend.server.protocol import PredictRequest, SetupRequest, TrainRequest, WebhookRequest
 from backend.server.worker import InferenceWorker, ModelsNotReadyError, ModelState, QueueFullError
 from backend.settings import Settings, get_settings
-from backend.store import StoreError, create_store
+from backend.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     settings = settings or get_settings()
     metrics = Metrics()
     version = model_version(settings)
-    shared = create_store(settings.redis_url, settings.model_dir)
+    shared = shared_store(settings)
     projects = ProjectStore(shared)
     memories = ProjectMemories(SharedMemoryStore(shared), settings.memory_bounds)
 
