@@ -11,6 +11,7 @@ so two processes learning at once do not lose each other's annotations.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -92,17 +93,27 @@ class SharedMemoryStore:
 
 
 class ProjectMemories:
-    """Reading, changing and caching projects' memories of one store, within ``bounds``."""
+    """Reading, changing and caching projects' memories of one store, within ``bounds``.
 
-    def __init__(self, store: SharedMemoryStore, bounds: MemoryBounds) -> None:
-        self.store, self.bounds = store, bounds
-        self._cached: dict[tuple[str, str], tuple[int, Exemplars]] = {}
+    The exemplars of the projects predicted last are cached, at most ``cache_bytes`` of them in all
+    (the least recently used go first; one larger than that is used, not kept).
+    """
+
+    def __init__(self, store: SharedMemoryStore, bounds: MemoryBounds, cache_bytes: int) -> None:
+        self.store, self.bounds, self.cache_bytes = store, bounds, cache_bytes
+        self._cached: OrderedDict[tuple[str, str], tuple[int, Exemplars]] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ProjectMemories:
         """The memories of the settings' shared store (REDIS_URL, else files under MODEL_DIR)."""
-        return cls(SharedMemoryStore(shared_store(settings)), settings.memory_bounds)
+        return cls(SharedMemoryStore(shared_store(settings)), settings.memory_bounds, settings.memory_cache_bytes)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of the exemplars this process holds now."""
+        with self._lock:
+            return sum(exemplars.nbytes for _, exemplars in self._cached.values())
 
     def load(self, project: str, fingerprint: str) -> Memory | None:
         return self.parse(self.store.load(project, fingerprint))
@@ -116,17 +127,30 @@ class ProjectMemories:
         revision = self.store.revision(project, fingerprint)
         if revision is None:
             return None
+        key = (project, fingerprint)
         with self._lock:
-            cached = self._cached.get((project, fingerprint))
-        if cached is not None and cached[0] == revision:
-            return cached
+            cached = self._cached.get(key)
+            if cached is not None and cached[0] == revision:
+                self._cached.move_to_end(key)
+                return cached
         memory = self.load(project, fingerprint)
         if memory is None:
             return None
         current = (memory.revision, Exemplars.from_memory(memory))
-        with self._lock:
-            self._cached[(project, fingerprint)] = current
+        self._keep(key, current)
         return current
+
+    def _keep(self, key: tuple[str, str], current: tuple[int, Exemplars]) -> None:
+        """Cache ``current`` as the most recently used, dropping the least recently used beyond the bound."""
+        with self._lock:
+            self._cached.pop(key, None)
+            if current[1].nbytes > self.cache_bytes:
+                return
+            self._cached[key] = current
+            held = sum(exemplars.nbytes for _, exemplars in self._cached.values())
+            while held > self.cache_bytes:
+                _, (_, dropped) = self._cached.popitem(last=False)
+                held -= dropped.nbytes
 
     def for_predictions(self, project: str, fingerprint: str, version: str) -> tuple[str, Exemplars | None]:
         """``memory_version`` of ``version`` and the memory's exemplars; ``version`` and None without a memory."""

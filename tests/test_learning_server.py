@@ -227,6 +227,25 @@ def test_freesegdiff_learn_rebuilds_and_forgets(settings, fake, monkeypatch, cap
         get_settings.cache_clear()
 
 
+def test_freesegdiff_learn_takes_encodings_from_the_feature_cache(settings, fake, monkeypatch, capsys, redis_server):
+    from backend.pipeline.segmenter import Segmenter
+    from backend.settings import get_settings
+
+    for name, value in (("FREESEG_MODELS", "tiny"), ("FREESEG_DEVICE", "cpu"), ("MODEL_DIR", str(settings.model_dir)),
+                        ("FREESEG_ALLOW_PRIVATE_URLS", "true"), ("REDIS_URL", redis_server.url)):
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        assert main(["learn", "--project", "1", "--url", fake.url, "--api-key", TOKEN]) == 0
+        with redis_server.client() as client:
+            assert client.keys("freeseg:enc:*")  # the first rebuild encoded, and wrote what it encoded
+        monkeypatch.setattr(Segmenter, "encode", lambda *args, **kwargs: pytest.fail("encoded again"))
+        assert main(["learn", "--project", "1", "--url", fake.url, "--api-key", TOKEN]) == 0
+        assert capsys.readouterr().out.count("memory of 1 annotations") == 2
+    finally:
+        get_settings.cache_clear()
+
+
 @pytest.mark.parametrize("kind", ["file", "redis"])
 def test_the_store_lock_keeps_read_modify_writes_whole(kind, tmp_path, redis_server):
     store = FileStore(tmp_path) if kind == "file" else RedisStore(redis_server.url)

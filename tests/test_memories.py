@@ -13,6 +13,7 @@ from backend.store import FileStore, RedisStore
 from tests.redis_server import RedisServer
 
 BOUNDS = MemoryBounds(label_bytes=1 << 20, project_bytes=1 << 22)
+CACHE = 1 << 24
 
 
 class CountingStore(FileStore):
@@ -37,8 +38,8 @@ def _teach(memories: ProjectMemories, annotation: str, value: float, project: st
 
 def test_predictions_reread_the_memory_only_when_its_revision_changed(tmp_path):
     store = CountingStore(tmp_path)  # the reader's: another process's view of the same folder
-    writer = ProjectMemories(SharedMemoryStore(FileStore(tmp_path)), BOUNDS)
-    reader = ProjectMemories(SharedMemoryStore(store), BOUNDS)
+    writer = ProjectMemories(SharedMemoryStore(FileStore(tmp_path)), BOUNDS, CACHE)
+    reader = ProjectMemories(SharedMemoryStore(store), BOUNDS, CACHE)
     assert reader.for_predictions("1", "fp", "v") == ("v", None)
     first = _teach(writer, "7", 1.0).revision
     for _ in range(3):
@@ -53,7 +54,7 @@ def test_predictions_reread_the_memory_only_when_its_revision_changed(tmp_path):
 
 def test_an_update_that_changes_nothing_is_not_saved_and_keeps_the_version(tmp_path):
     store = CountingStore(tmp_path)
-    memories = ProjectMemories(SharedMemoryStore(store), BOUNDS)
+    memories = ProjectMemories(SharedMemoryStore(store), BOUNDS, CACHE)
     revision = _teach(memories, "7", 1.0).revision
     data = store.get("memory:1.fp")
     assert _teach(memories, "7", 1.0).revision == revision
@@ -61,7 +62,7 @@ def test_an_update_that_changes_nothing_is_not_saved_and_keeps_the_version(tmp_p
 
 
 def test_clear_empties_the_memory_and_its_revision_still_grows(tmp_path):
-    memories = ProjectMemories(SharedMemoryStore(FileStore(tmp_path)), BOUNDS)
+    memories = ProjectMemories(SharedMemoryStore(FileStore(tmp_path)), BOUNDS, CACHE)
     assert memories.clear("1", "fp") is None
     taught = _teach(memories, "7", 1.0).revision
     cleared = memories.clear("1", "fp")
@@ -73,7 +74,7 @@ def test_clear_empties_the_memory_and_its_revision_still_grows(tmp_path):
 
 
 def test_a_deletion_before_any_learn_is_kept_without_changing_the_version(tmp_path):
-    memories = ProjectMemories(SharedMemoryStore(FileStore(tmp_path)), BOUNDS)
+    memories = ProjectMemories(SharedMemoryStore(FileStore(tmp_path)), BOUNDS, CACHE)
     assert memories.forget("1", "fp", "7", deleted=True)  # the delete's webhook came first
     assert memories.for_predictions("1", "fp", "v")[0] == "v"  # nothing taught: the version is as before
     assert _teach(memories, "7", 1.0).annotations == {}  # the learn that read it before it was deleted
@@ -82,7 +83,7 @@ def test_a_deletion_before_any_learn_is_kept_without_changing_the_version(tmp_pa
 @pytest.mark.parametrize("kind", ["file", "redis"])
 def test_drop_deletes_the_projects_memories_of_every_fingerprint_only(kind, tmp_path, redis_server):
     store = FileStore(tmp_path) if kind == "file" else RedisStore(redis_server.url)
-    memories = ProjectMemories(SharedMemoryStore(store), BOUNDS)
+    memories = ProjectMemories(SharedMemoryStore(store), BOUNDS, CACHE)
     for project, fingerprint in (("3", "fp"), ("3", "other"), ("31", "fp")):
         _teach(memories, "7", 1.0, project, fingerprint)
     assert memories.drop("3") == ["fp", "other"]
@@ -93,13 +94,13 @@ def test_drop_deletes_the_projects_memories_of_every_fingerprint_only(kind, tmp_
 
 def test_memories_and_setups_survive_redis_killed_and_restarted_with_its_aof(start_redis):
     server: RedisServer = start_redis(append_only=True)
-    memories = ProjectMemories(SharedMemoryStore(RedisStore(server.url)), BOUNDS)
+    memories = ProjectMemories(SharedMemoryStore(RedisStore(server.url)), BOUNDS, CACHE)
     setup = ProjectSetup("<View/>", {"k": 3}, LabelStudioAccess("http://ls:8080", "token"))
     ProjectStore(RedisStore(server.url)).save("1", setup)
     taught = _teach(memories, "7", 1.0)
     server.kill()  # no shutdown: only what the AOF already holds survives
     server.start()
-    again = ProjectMemories(SharedMemoryStore(RedisStore(server.url)), BOUNDS)  # a restarted backend's
+    again = ProjectMemories(SharedMemoryStore(RedisStore(server.url)), BOUNDS, CACHE)  # a restarted backend's
     kept = again.load("1", "fp")
     assert kept.revision == taught.revision and list(kept.annotations) == ["7"]
     np.testing.assert_array_equal(kept.vectors("rust"), taught.vectors("rust"))
@@ -109,7 +110,7 @@ def test_memories_and_setups_survive_redis_killed_and_restarted_with_its_aof(sta
 
 def test_a_memory_lost_with_redis_never_takes_a_revision_again(start_redis):
     server: RedisServer = start_redis()  # no persistence: a restart loses everything
-    memories = ProjectMemories(SharedMemoryStore(RedisStore(server.url)), BOUNDS)
+    memories = ProjectMemories(SharedMemoryStore(RedisStore(server.url)), BOUNDS, CACHE)
     before = [_teach(memories, str(annotation), float(annotation)).revision for annotation in range(5)]
     server.stop()
     server.start()
@@ -123,7 +124,7 @@ def test_an_unused_memory_expires_in_files_and_a_used_one_does_not(tmp_path):
     import time
 
     expiring = dict.fromkeys(MEMORY_NAMESPACES, 3600)
-    memories = ProjectMemories(SharedMemoryStore(FileStore(tmp_path, expiring)), BOUNDS)
+    memories = ProjectMemories(SharedMemoryStore(FileStore(tmp_path, expiring)), BOUNDS, CACHE)
     for project in ("1", "2"):
         _teach(memories, "7", 1.0, project)
     two_hours_ago = time.time() - 7200
@@ -142,7 +143,7 @@ def test_an_unused_memory_expires_in_redis_and_each_prediction_restarts_its_time
     import time
 
     store = RedisStore(redis_server.url, expiring=dict.fromkeys(MEMORY_NAMESPACES, 100))
-    memories = ProjectMemories(SharedMemoryStore(store), BOUNDS)
+    memories = ProjectMemories(SharedMemoryStore(store), BOUNDS, CACHE)
     _teach(memories, "7", 1.0, "5")
     with redis_server.client() as client:
         keys = ["freeseg:memory:5.fp", "freeseg:memory-revision:5.fp"]
@@ -152,7 +153,7 @@ def test_an_unused_memory_expires_in_redis_and_each_prediction_restarts_its_time
         assert memories.for_predictions("5", "fp", "v")[1] is not None
         assert all(90 < client.ttl(key) <= 100 for key in keys)
         assert client.ttl("freeseg:projects:5") == -2  # other namespaces are not touched
-    short = ProjectMemories(SharedMemoryStore(RedisStore(redis_server.url, expiring={"memory-revision": 1})), BOUNDS)
+    short = ProjectMemories(SharedMemoryStore(RedisStore(redis_server.url, expiring={"memory-revision": 1})), BOUNDS, CACHE)
     _teach(short, "7", 1.0, "6")
     time.sleep(1.5)
     assert short.for_predictions("6", "fp", "v") == ("v", None)

@@ -193,8 +193,9 @@ class Memory:
         annotation_id, taught = max(holders, key=lambda holder: len(holder[1][label].cells))
         examples = taught[label]
         if len(examples.cells):
-            taught[label] = LabelExamples(examples.prototypes, examples.cells[::2] if len(examples.cells) > 1
-                                          else examples.cells[:0])
+            # copies, not views: a view would keep the whole sample it was cut from alive
+            taught[label] = LabelExamples(examples.prototypes, examples.cells[::2].copy() if len(examples.cells) > 1
+                                          else np.zeros((0, self.channels), np.float16))
             return
         oldest_id, oldest = holders[0]
         del oldest[label]

@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     version = model_version(settings)
     shared = shared_store(settings)
     projects = ProjectStore(shared)
-    memories = ProjectMemories(SharedMemoryStore(shared), settings.memory_bounds)
+    memories = ProjectMemories(SharedMemoryStore(shared), settings.memory_bounds, settings.memory_cache_bytes)
 
     def load() -> Segmenter:
         return (load_segmenter or (lambda: process_segmenter(settings)))().observed_by(metrics.observe_stage)
