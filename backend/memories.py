@@ -5,14 +5,18 @@ REDIS_URL is set, else an owner-only file under MODEL_DIR), so every process and
 see the same one. Beside it, ``memory-revision:<project>.<fingerprint>`` holds its revision
 as text: a prediction reads that small key and re-reads the memory (up to 64 MB) only when
 the revision changed. Changes are read-modify-writes under the store's lock for that key,
-so two processes learning at once do not lose each other's annotations.
+so two processes learning at once do not lose each other's annotations; only a change is
+saved, and one of the examples takes a revision from the clock (``clock_revision``), so that
+revisions never repeat even after the store lost the memory. Memories unused for
+FREESEG_MEMORY_TTL_SECONDS expire, and each process caches the exemplars of the projects it
+predicted last within FREESEG_MEMORY_CACHE_BYTES.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 

@@ -110,7 +110,7 @@ def test_exemplars_of_other_labels_leave_the_segmentation_exactly_as_without():
     encoding = segmenter.encode(image)
     options = SegmentOptions(k=3, refine="none")
     plain = segmenter.segment(encoding, image, SCENE_LABELS, options)
-    unrelated = Exemplars.of(vectors={"rust": np.ones((3, encoding.features.shape[0]), np.float32)}, regions={"rust": 3})
+    unrelated = Exemplars.of({"rust": np.ones((3, encoding.features.shape[0]), np.float32)}, {"rust": 3})
     other = segmenter.segment(encoding, image, SCENE_LABELS, options, unrelated)
     np.testing.assert_array_equal(other.label_map, plain.label_map)
     assert (other.regions, other.candidates) == (plain.regions, plain.candidates)
@@ -120,8 +120,10 @@ def test_exemplars_of_a_memory_are_one_matrix_and_a_label_gone_from_the_config_t
     from backend.pipeline.memory import LabelExamples, Memory, MemoryBounds
 
     memory = Memory("fp", 4, MemoryBounds(1 << 20, 1 << 20))
-    memory.learn("a", {"rust": LabelExamples(np.stack([unit(0)]).astype(np.float16), np.zeros((0, 4), np.float16)),
-                       "moss": LabelExamples(np.stack([unit(1)]).astype(np.float16), np.stack([unit(1)] * 3).astype(np.float16))})
+    def examples(axis: int, cells: int) -> LabelExamples:
+        return LabelExamples(unit(axis)[None].astype(np.float16), np.tile(unit(axis), (cells, 1)).astype(np.float16))
+
+    memory.learn("a", {"rust": examples(0, 0), "moss": examples(1, 3)})
     taught = Exemplars.from_memory(memory)
     assert taught.matrix.shape == (5, 4) and taught.names == ("rust", "moss") and list(taught.owners) == [0, 1, 1, 1, 1]
     assert taught.regions == {"rust": 1, "moss": 1} and taught.nbytes == 5 * 4 * 4 + 5 * 8

@@ -99,7 +99,8 @@ def test_each_process_keeps_exemplars_within_its_bound_least_recently_used_first
     store = SharedMemoryStore(FileStore(tmp_path))
     for project in ("1", "2", "3"):
         memory = Memory("fp", CHANNELS, bounds)
-        memory.learn("7", {"rust": LabelExamples(_features(1)[:, 0, :1].T.copy(), _features(2)[:, :8].reshape(CHANNELS, -1).T.copy())})
+        cells = _features(2)[:, :8].reshape(CHANNELS, -1).T.copy()  # 256 cells
+        memory.learn("7", {"rust": LabelExamples(cells[:1].copy(), cells)})
         store.save(project, "fp", memory.to_bytes())
     one = Exemplars.from_memory(Memory.from_bytes(store.load("1", "fp"), bounds)).nbytes  # 257 rows: 6.4 MiB
     memories = ProjectMemories(store, bounds, cache_bytes=2 * one + one // 2)

@@ -153,7 +153,8 @@ def test_an_unused_memory_expires_in_redis_and_each_prediction_restarts_its_time
         assert memories.for_predictions("5", "fp", "v")[1] is not None
         assert all(90 < client.ttl(key) <= 100 for key in keys)
         assert client.ttl("freeseg:projects:5") == -2  # other namespaces are not touched
-    short = ProjectMemories(SharedMemoryStore(RedisStore(redis_server.url, expiring={"memory-revision": 1})), BOUNDS, CACHE)
+    quick = RedisStore(redis_server.url, expiring={"memory-revision": 1})
+    short = ProjectMemories(SharedMemoryStore(quick), BOUNDS, CACHE)
     _teach(short, "7", 1.0, "6")
     time.sleep(1.5)
     assert short.for_predictions("6", "fp", "v") == ("v", None)
