@@ -71,6 +71,11 @@ def test_a_learn_that_read_an_annotation_before_its_delete_or_a_newer_version_is
     back = Memory.from_bytes(memory.to_bytes(), ROOMY)
     assert (back.deleted_annotations, back.deleted_tasks) == ({"a", "b"}, {"1"})
     assert back.sources == {"d": Source("2")}
+    # updated after a rebuild read it: the rebuild keeps the newer version
+    memory.learn("d", {"rust": examples(2, 2)}, Source("2", "2026-12-03T09:10:00Z"))
+    stale = Memory("fp", CHANNELS, ROOMY)
+    stale.learn("d", {"moss": examples(1, 3)}, Source("2", "2026-12-03T09:00:00Z"))
+    assert not memory.replace(stale) and memory.labels == ["rust"]
 
 
 def test_bounds_per_label_thin_the_largest_sample_first_and_keep_every_annotation():

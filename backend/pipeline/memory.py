@@ -136,16 +136,24 @@ class Memory:
         return bool(tasks)
 
     def replace(self, other: Memory) -> bool:
-        """Take ``other``'s examples (a rebuild's), but none Label Studio deleted since; True when they differ."""
-        refused = [a for a, source in other.sources.items()
-                   if a in self.deleted_annotations or source.task in self.deleted_tasks]
-        annotations = {a: taught for a, taught in other.annotations.items() if a not in refused}
-        sources = {a: source for a, source in other.sources.items() if a not in refused}
+        """Take ``other``'s examples (a rebuild's); True when anything changed.
+
+        Not those Label Studio deleted since, and not an older version of an annotation than this
+        memory learned meanwhile (the rebuild read it before the update).
+        """
+        refused = {a for a, source in other.sources.items()
+                   if a in self.deleted_annotations or source.task in self.deleted_tasks}
+        newer = {a for a, source in other.sources.items() if source.is_older_than(self.sources.get(a))}
+        sources = {a: self.sources[a] if a in newer else source for a, source in other.sources.items()
+                   if a not in refused}
+        annotations = {a: self.annotations[a] if a in newer else other.annotations[a] for a in sources
+                       if a in (self.annotations if a in newer else other.annotations)}
         same = (list(annotations) == list(self.annotations)
                 and all(_same_taught(self.annotations[a], taught) for a, taught in annotations.items()))
         changed = not same or sources != self.sources or other.channels != self.channels
         self.channels, self.annotations, self.sources = other.channels, annotations, sources
         if not same:
+            self._fit_bounds()
             self.revision += 1
         return changed
 
