@@ -391,6 +391,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         "device": str(device),
         "dtype": _dtype_name(fast),
         "engine": _engine_name(fast),
+        "nouns": settings.nouns,  # "words" where spaCy is not installed (the GPU kit)
         "images": len(images),
         "image_size": list(images[0].shape[1::-1]),  # width, height
         "megapixels": images[0].shape[0] * images[0].shape[1] / 1e6,

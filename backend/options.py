@@ -21,6 +21,7 @@ REFINE_METHODS: tuple[str, ...] = get_args(RefineMethod)
 # and the text encoder that matches nouns to labels. backend.pipeline.fidelity names each stage's rule.
 Fidelity = Literal["default", "release"]
 FIDELITIES: tuple[str, ...] = get_args(Fidelity)
+NounSource = Literal["spacy", "words"]  # FREESEG_NOUNS: the caption's nouns tagged by spaCy, or its words
 K_RANGE = (2, 32)  # K-means clusters: fewer cannot separate anything, more make confetti of 32x32 cells
 OptionValue = int | str | bool
 

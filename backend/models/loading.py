@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import open_clip
-import spacy
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from huggingface_hub import snapshot_download
-from spacy.language import Language
 from transformers import (
     AutoProcessor,
     Blip2ForConditionalGeneration,
@@ -33,6 +31,9 @@ from transformers import (
 )
 
 from backend.models.selection import CAPTIONER, OPEN_CLIP, STABLE_DIFFUSION, Component, Weights, select_weights
+
+if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
+    from spacy.language import Language
 
 CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip2": Blip2ForConditionalGeneration}
 
@@ -190,7 +191,9 @@ def load_captioner(kind: str, source: str, *, device: torch.device, dtype: torch
 
 
 def load_spacy(name: str) -> Language:
-    """The spaCy pipeline that tags the caption's nouns."""
+    """The spaCy pipeline that tags the caption's nouns (imported here: FREESEG_NOUNS=words runs without it)."""
+    import spacy
+
     try:
         return spacy.load(name, exclude=["ner"])
     except OSError as error:

@@ -35,7 +35,7 @@ def process_segmenter(settings: Settings) -> Segmenter:
     stable_diffusion_text = StableDiffusionText(parts.stable_diffusion, device)
     network = FeatureNetwork(parts.stable_diffusion, feature_settings(settings), stable_diffusion_text)
     clip = ClipEmbedder(parts.clip, device, dtype)
-    rules = stage_rules(settings.fidelity, clip, stable_diffusion_text)
+    rules = stage_rules(settings.fidelity, clip, stable_diffusion_text, settings.nouns)
     return Segmenter(
         captioner=Captioner(parts.captioner, placement.captioner_device, placement.captioner_dtype,
                             rules.caption_length),

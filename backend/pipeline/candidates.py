@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from spacy.language import Language
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 from backend.pipeline.clip_embeddings import TextImageEmbedder, prompts_for
 from backend.pipeline.sd_text import TextPooler
 from backend.pipeline.vocabulary import Label, label_embeddings
 
-NounRule = Callable[[Language, str], list[str]]  # (spaCy, caption) -> the caption's nouns
+if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
+    from spacy.language import Language
+
+NounRule = Callable[["Language | None", str], list[str]]  # (spaCy, caption) -> the caption's nouns
 RELEASE_CLASS_PROMPT = "A photo of {}"
 
 
@@ -56,6 +59,16 @@ def caption_nouns(nlp: Language, caption: str) -> list[str]:
         elif token.pos_ == "ADJ" and token.head.pos_ == "NOUN" and not token.head.is_stop:
             nouns.append(token.head.lemma_.lower())
     return list(dict.fromkeys(n for n in nouns if n.isalpha() or " " in n or "-" in n))
+
+
+def caption_words(nlp: Language | None, caption: str) -> list[str]:
+    """FREESEG_NOUNS=words: every word of the caption that is no stop word, lower-cased, each once, untagged.
+
+    For machines without spaCy (the GPU bench's kit has no room for it): words that are no nouns go to the
+    candidate rule's distance test like nouns, which keeps those near a label's name.
+    """
+    words = (word.lower() for word in _WORD.findall(caption))
+    return list(dict.fromkeys(w for w in words if w.replace("-", "").isalpha() and w not in ENGLISH_STOP_WORDS))
 
 
 def release_caption_nouns(nlp: Language, caption: str) -> list[str]:

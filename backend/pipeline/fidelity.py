@@ -16,9 +16,9 @@ stage is handed its own:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from backend.options import Fidelity
+from backend.options import Fidelity, NounSource
 from backend.pipeline.caption import OURS, RELEASE, CaptionLength
 from backend.pipeline.candidates import (
     CandidateRule,
@@ -26,6 +26,7 @@ from backend.pipeline.candidates import (
     NounRule,
     ReleaseCandidates,
     caption_nouns,
+    caption_words,
     release_caption_nouns,
 )
 from backend.pipeline.clip_embeddings import TextImageEmbedder
@@ -56,7 +57,10 @@ def release_rules(stable_diffusion_text: TextPooler) -> StageRules:
                       pamr_threshold=above_half_of_peak)
 
 
-def stage_rules(fidelity: Fidelity, clip: TextImageEmbedder, stable_diffusion_text: TextPooler) -> StageRules:
-    """The rules FREESEG_FIDELITY names, over the models they use."""
+def stage_rules(fidelity: Fidelity, clip: TextImageEmbedder, stable_diffusion_text: TextPooler,
+                nouns: NounSource = "spacy") -> StageRules:
+    """The rules FREESEG_FIDELITY names, over the models they use; FREESEG_NOUNS=words takes the caption's
+    words for its nouns under either."""
     builders = {"default": lambda: our_rules(clip), "release": lambda: release_rules(stable_diffusion_text)}
-    return builders[fidelity]()
+    rules = builders[fidelity]()
+    return rules if nouns == "spacy" else replace(rules, nouns=caption_words)

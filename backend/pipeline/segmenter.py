@@ -23,11 +23,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
-from spacy.language import Language
 
 from backend.pipeline.candidates import match_candidates, prompt_words
 from backend.pipeline.clip_embeddings import LOGIT_SCALE, TextImageEmbedder
@@ -41,6 +40,9 @@ from backend.pipeline.upsampling import working_image
 from backend.pipeline.vocabulary import Label, label_embeddings
 from backend.options import RefineMethod
 from backend.settings import Settings
+
+if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
+    from spacy.language import Language
 
 log = logging.getLogger(__name__)
 StageObserver = Callable[[str, float], None]
@@ -137,7 +139,7 @@ class Segmenter:
         captioner: Callable[[Sequence[np.ndarray]], list[str]],
         features: Callable[[Sequence[np.ndarray]], np.ndarray],
         clip: TextImageEmbedder,
-        nlp: Language,
+        nlp: Language | None,
         fingerprint: str,
         device: torch.device | str = "cpu",
         refiner: Refiner | None = None,
