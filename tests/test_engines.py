@@ -109,3 +109,17 @@ def test_the_segmenter_predicts_through_openvino(tiny_settings, china):
                                            SegmentOptions(refine="none"))
     assert segmentation.label_map.shape == china.shape[:2]
     assert segmentation.regions
+
+
+def test_a_compile_that_fails_leaves_the_network_in_the_layout_eager_runs(network, photos, tmp_path, monkeypatch):
+    expected = feature_extractor(network, "torch", tmp_path, "x")(photos)
+
+    def no_inductor(module, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_inductor)
+    extractor = feature_extractor(network, "compile", tmp_path, "fingerprint")
+    assert extractor.engine == "torch"
+    convolution = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
+    assert convolution.weight.is_contiguous()  # not channels-last
+    np.testing.assert_array_equal(extractor(photos), expected)

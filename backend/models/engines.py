@@ -8,9 +8,10 @@
 * ``auto``: ``openvino`` on the CPU where the package is installed, ``torch`` on CUDA (docs/benchmarks.md
   has the figures that chose it).
 
-A converted network is kept under ``MODEL_DIR/engines/<fingerprint>-<weights>-<engine>`` (the fingerprint names
-the models, their dtype and the feature settings; the weights' digest their values), so only the first start pays for the conversion. Where an
-engine is missing or fails, the process logs why and runs on torch: a prediction never fails for it.
+OpenVINO's converted network is kept under ``MODEL_DIR/engines/<fingerprint>-<weights>-openvino`` (the
+fingerprint names the models, their dtype and the feature settings; the weights' digest their values), so only the
+first start pays for the conversion; inductor caches its kernels itself. Where an engine is missing or fails, the
+process logs why and runs on torch: a prediction never fails for it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -112,18 +112,21 @@ def _openvino(network: FeatureNetwork, example: torch.Tensor, folder: Path) -> F
     return run
 
 
-def _compile(network: FeatureNetwork, example: torch.Tensor, folder: Path) -> FeatureRunner:
-    """``torch.compile`` with inductor, channels-last; its compiled kernels cached in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
-    compiled = torch.compile(network.to(memory_format=torch.channels_last), backend="inductor", dynamic=False)
-
+def _compile(network: FeatureNetwork, example: torch.Tensor) -> FeatureRunner:
+    """``torch.compile`` with inductor, channels-last. Inductor keeps the compiled kernels in its own cache
+    (``TORCHINDUCTOR_CACHE_DIR``, read once per process, so not ours to move), which later starts reuse. A second
+    batch size recompiles once with a dynamic batch dimension (``dynamic=None``), not once per size."""
     def run(pixels: torch.Tensor) -> torch.Tensor:
         return compiled(pixels.contiguous(memory_format=torch.channels_last))
 
-    with _progress("compiling the feature network with torch.compile (the kernels are cached for later starts)"):
-        with torch.inference_mode():
-            run(example)
+    try:
+        compiled = torch.compile(network.to(memory_format=torch.channels_last), backend="inductor")
+        with _progress("compiling the feature network with torch.compile (inductor caches the kernels)"):
+            with torch.inference_mode():
+                run(example)
+    except Exception:
+        network.to(memory_format=torch.contiguous_format)  # the eager fallback runs the layout it was measured in
+        raise
     return run
 
 
@@ -139,7 +142,7 @@ class _Float32Boundary(torch.nn.Module):
 
 
 _BUILDERS: dict[str, Callable[[FeatureNetwork, torch.Tensor, Path], FeatureRunner]] = {
-    "openvino": _openvino, "compile": _compile,
+    "openvino": _openvino, "compile": lambda network, example, _folder: _compile(network, example),
 }
 
 
