@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     models: Profile = "pretrained"
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"  # of the VAE, U-Net, CLIP and captioner; auto: fp16 on CUDA, bf16 on CPUs that have it
-    engine: EngineChoice = "auto"  # of the feature network; auto: openvino on the CPU where installed, else torch
+    engine: EngineChoice = "auto"  # of the feature network; auto: openvino for bfloat16 on the CPU, else torch
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"

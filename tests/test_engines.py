@@ -31,13 +31,15 @@ def photos(china: np.ndarray) -> list[np.ndarray]:
     return [china, np.ascontiguousarray(china[::-1, ::2])]
 
 
-def test_auto_is_openvino_on_a_cpu_that_has_it_and_torch_elsewhere(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_engine("auto", cpu) == "openvino"
-    assert resolve_engine("auto", cuda) == "torch"
-    assert resolve_engine("compile", cuda) == "compile"
+def test_auto_is_openvino_for_bfloat16_on_a_cpu_that_has_it_and_torch_elsewhere(monkeypatch):
+    cpu, cuda, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
+    assert resolve_engine("auto", cpu, bf16) == "openvino"
+    assert resolve_engine("auto", cpu, torch.float32) == "torch"  # AVX2-only CPUs: no gain (docs/benchmarks.md)
+    assert resolve_engine("auto", cuda, torch.float16) == "torch"
+    assert resolve_engine("compile", cuda, torch.float16) == "compile"
+    assert resolve_engine("openvino", cpu, torch.float32) == "openvino"
     monkeypatch.setattr(engines, "openvino_installed", lambda: False)
-    assert resolve_engine("auto", cpu) == "torch"
+    assert resolve_engine("auto", cpu, bf16) == "torch"
 
 
 def test_an_unknown_engine_is_refused_by_name(monkeypatch):
@@ -90,9 +92,9 @@ def test_an_engine_that_fails_falls_back_to_torch_and_says_why(network, photos, 
 
     monkeypatch.setitem(engines._BUILDERS, "openvino", broken)
     caplog.set_level(logging.WARNING, logger="backend.models.engines")
-    extractor = feature_extractor(network, "auto", tmp_path, "fingerprint")
+    extractor = feature_extractor(network, "openvino", tmp_path, "fingerprint")
     assert extractor.engine == "torch"
-    assert "FREESEG_ENGINE=auto" in caplog.text and "no CPU plugin" in caplog.text and "torch" in caplog.text
+    assert "FREESEG_ENGINE=openvino" in caplog.text and "no CPU plugin" in caplog.text and "torch" in caplog.text
     np.testing.assert_array_equal(extractor(photos), feature_extractor(network, "torch", tmp_path, "x")(photos))
 
 

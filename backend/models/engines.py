@@ -5,8 +5,8 @@
   between the convolutions (group norms, SiLU, residual additions), and oneDNN's convolutions are faster so;
 * ``openvino``: the network converted once with ``openvino.convert_model`` and compiled for this CPU, in
   the models' dtype (bfloat16 on CPUs that have it);
-* ``auto``: ``openvino`` on the CPU where the package is installed, ``torch`` on CUDA (docs/benchmarks.md
-  has the figures that chose it).
+* ``auto``: ``openvino`` for bfloat16 on the CPU where the package is installed, ``torch`` in float32 and on
+  CUDA (docs/benchmarks.md has the figures that chose it).
 
 OpenVINO's converted network is kept under ``MODEL_DIR/engines/<fingerprint>-<weights>-openvino`` (the
 fingerprint names the models, their dtype and the feature settings; the weights' digest their values), so only the
@@ -38,11 +38,15 @@ log = logging.getLogger(__name__)
 PROGRESS_SECONDS = 15.0  # how often a long conversion says it is still working
 
 
-def resolve_engine(choice: EngineChoice, device: torch.device) -> str:
-    """The engine ``choice`` names on ``device``; ``auto`` is openvino on a CPU that has it installed, else torch."""
+def resolve_engine(choice: EngineChoice, device: torch.device, dtype: torch.dtype) -> str:
+    """The engine ``choice`` names; ``auto`` is openvino for bfloat16 on a CPU that has it installed, else torch.
+
+    OpenVINO's gain is its bfloat16 kernels (5.6x float32 eager on AVX-512 bf16); in float32, as on AVX2-only
+    CPUs, it ran at 0.95x eager and costs a 70 s conversion and 3 GB on disk, so float32 stays on torch.
+    """
     if choice != "auto":
         return choice
-    return "openvino" if device.type == "cpu" and openvino_installed() else "torch"
+    return "openvino" if device.type == "cpu" and dtype == torch.bfloat16 and openvino_installed() else "torch"
 
 
 def openvino_installed() -> bool:
@@ -53,7 +57,7 @@ def feature_extractor(network: FeatureNetwork, choice: EngineChoice, cache_root:
                       fingerprint: str) -> FeatureExtractor:
     """``network`` on the engine ``choice`` resolves to, its converted form cached under ``cache_root``; torch
     (with a logged reason) where that engine cannot run it."""
-    engine = resolve_engine(choice, network.context.device)
+    engine = resolve_engine(choice, network.context.device, network.context.dtype)
     eager = FeatureExtractor(network)
     if engine == "torch":
         return eager
