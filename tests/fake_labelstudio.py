@@ -1,8 +1,10 @@
 """A loopback stand-in for the part of Label Studio's API that learning reads.
 
 It answers what label-studio-sdk asks: ``/api/annotations/<id>/``, ``/api/tasks/<id>/``,
-``/api/tasks/<id>/annotations/``, ``/api/tasks/?project=`` and ``/api/projects/<id>/``, from
-dicts the test edits (deleting an annotation makes it answer 404), and only to ``TOKEN``.
+``/api/tasks/<id>/annotations/``, ``/api/tasks/?project=``, ``/api/projects/<id>/``,
+``/api/predictions/<id>/`` and ``/api/predictions/?task=``, from dicts the test edits
+(deleting an annotation, a task or a project makes it answer 404), and only to ``TOKEN``.
+A task's ``predictions`` are those of ``predictions`` whose ``task`` is its id.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class FakeLabelStudio:
         self.projects: dict[int, str] = {}  # id -> label config
         self.tasks: dict[int, dict] = {}  # id -> {"project": id, "data": {...}}
         self.annotations: dict[int, dict] = {}  # id -> {"task": id, "result": [...]}
+        self.predictions: dict[int, dict] = {}  # id -> {"task": id, "result": [...], "model_version": ...}
         self.requests: list[str] = []
         fake = self
 
@@ -76,7 +79,13 @@ class FakeLabelStudio:
             return 200, [{"id": i, **a} for i, a in self.annotations.items() if a["task"] == task]
         if match := re.fullmatch(r"/api/tasks/(\d+)/?", split.path):
             task = self.tasks.get(int(match[1]))
-            return (200, {"id": int(match[1]), "predictions": [], **task}) if task else (404, {"detail": "Not found."})
+            return (200, {"id": int(match[1]), "predictions": self._predictions(int(match[1])), **task}) if task \
+                else (404, {"detail": "Not found."})
+        if match := re.fullmatch(r"/api/predictions/(\d+)/?", split.path):
+            prediction = self.predictions.get(int(match[1]))
+            return (200, {"id": int(match[1]), **prediction}) if prediction else (404, {"detail": "Not found."})
+        if split.path.rstrip("/") == "/api/predictions":
+            return 200, self._predictions(int(query["task"][0]))
         if split.path.rstrip("/") == "/api/tasks":
             project = int(query["project"][0])
             ids = [{"id": i} for i, t in self.tasks.items() if t["project"] == project]
@@ -86,6 +95,9 @@ class FakeLabelStudio:
             config = self.projects.get(int(match[1]))
             return (200, {"id": int(match[1]), "label_config": config}) if config else (404, {"detail": "Not found."})
         return 404, {"detail": "Not found."}
+
+    def _predictions(self, task: int) -> list[dict]:
+        return [{"id": i, **p} for i, p in self.predictions.items() if p["task"] == task]
 
     def __enter__(self) -> FakeLabelStudio:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
