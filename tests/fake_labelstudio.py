@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 TOKEN = "learning-token"
+UPDATED_AT = "2026-12-03T09:00:00.000000Z"  # Label Studio's form: microseconds and Z
 
 
 def data_uri(image: np.ndarray) -> str:
@@ -73,10 +74,11 @@ class FakeLabelStudio:
         query = parse_qs(split.query)
         if match := re.fullmatch(r"/api/annotations/(\d+)/?", split.path):
             annotation = self.annotations.get(int(match[1]))
-            return (200, {"id": int(match[1]), **annotation}) if annotation else (404, {"detail": "Not found."})
+            return (200, self._annotation(int(match[1]), annotation)) if annotation \
+                else (404, {"detail": "Not found."})
         if match := re.fullmatch(r"/api/tasks/(\d+)/annotations/?", split.path):
             task = int(match[1])
-            return 200, [{"id": i, **a} for i, a in self.annotations.items() if a["task"] == task]
+            return 200, [self._annotation(i, a) for i, a in self.annotations.items() if a["task"] == task]
         if match := re.fullmatch(r"/api/tasks/(\d+)/?", split.path):
             task = self.tasks.get(int(match[1]))
             return (200, {"id": int(match[1]), "predictions": self._predictions(int(match[1])), **task}) if task \
@@ -95,6 +97,11 @@ class FakeLabelStudio:
             config = self.projects.get(int(match[1]))
             return (200, {"id": int(match[1]), "label_config": config}) if config else (404, {"detail": "Not found."})
         return 404, {"detail": "Not found."}
+
+    @staticmethod
+    def _annotation(annotation_id: int, annotation: dict) -> dict:
+        """The annotation as Label Studio answers it: with its ``updated_at`` (a test may set its own)."""
+        return {"id": annotation_id, "updated_at": UPDATED_AT, **annotation}
 
     def _predictions(self, task: int) -> list[dict]:
         return [{"id": i, **p} for i, p in self.predictions.items() if p["task"] == task]

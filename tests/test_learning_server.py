@@ -18,7 +18,7 @@ from backend.cli import main
 from backend.pipeline.memory import UNLABELED
 from backend.server.app import create_app
 from backend.store import FileStore, RedisStore
-from tests.fake_labelstudio import TOKEN, FakeLabelStudio, data_uri, polygon
+from tests.fake_labelstudio import TOKEN, UPDATED_AT, FakeLabelStudio, data_uri, polygon
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -130,11 +130,15 @@ def test_a_forged_webhook_teaches_nothing(backend, fake):
 def test_update_replaces_and_delete_forgets_only_what_label_studio_deleted(backend, fake):
     backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
     first = backend.memory(1)
-    fake.annotations[100]["result"] = [polygon("rust", WHOLE)]
+    fake.annotations[100].update(result=[polygon("rust", WHOLE)], updated_at="2026-12-03T09:05:00.000000Z")
     backend.webhook("ANNOTATION_UPDATED", 1, **_annotation(100, 10, []))
     updated = backend.memory(1)
     assert list(updated.annotations) == ["100"] and updated.labels == ["rust"]
     assert updated.revision > first.revision
+    # A read of the older version that arrives late (its updated_at is earlier) changes nothing.
+    fake.annotations[100].update(result=[polygon("lesion", WHOLE)], updated_at=UPDATED_AT)
+    backend.webhook("ANNOTATION_UPDATED", 1, **_annotation(100, 10, []))
+    assert backend.memory(1).labels == ["rust"] and backend.memory(1).revision == updated.revision
     # Said deleted while Label Studio still holds it: kept.
     backend.webhook("ANNOTATIONS_DELETED", 1, annotations=[{"id": 100}])
     assert list(backend.memory(1).annotations) == ["100"]
