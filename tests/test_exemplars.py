@@ -63,13 +63,13 @@ def test_a_confident_correct_clip_label_survives_one_wrongly_taught_region():
     axes = np.zeros((2, 2), int)
     clusters = np.zeros((2, 2), int)
     clip = np.array([[0.05, 0.9, 0.05]], np.float32)  # CLIP is sure: moss, and right
-    wrong = Exemplars.of(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 1})  # one region taught as rust: w 1/3
+    wrong = Exemplars.of(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 1})  # one region taught as rust: w 1/2
     q = exemplar_probabilities(features_of(axes), wrong, ["rust", "moss", "sky", UNLABELED])
     assert q[:, 0].min() >= 0.9  # its exemplar votes with certainty on every cell...
     _, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, wrong, 2, 2)
-    assert [LABELS[a.label].name for a in assigned] == ["moss"]  # ...but weighs 1/3 against CLIP's 2/3
-    assert Exemplars.of(vectors={}, regions={}).weight("rust") == 0.0 and wrong.weight("rust") == pytest.approx(1 / 3)
-    many = Exemplars.of(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 20})  # w 10/11: the memory is sure
+    assert [LABELS[a.label].name for a in assigned] == ["moss"]  # ...but 1/2 * 1 + 1/2 * 0.05 < 0.9
+    assert Exemplars.of(vectors={}, regions={}).weight("rust") == 0.0 and wrong.weight("rust") == pytest.approx(1 / 2)
+    many = Exemplars.of(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 20})  # w 20/21: the memory is sure
     _, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, many, 2, 2)
     assert [LABELS[a.label].name for a in assigned] == ["rust"]
 
@@ -83,17 +83,21 @@ def test_untaught_labels_keep_clips_choice():
     assert [LABELS[a.label].name for a in assigned] == ["moss"]
 
 
-def test_one_taught_region_splits_a_merged_cluster_only_where_clip_is_unsure():
+def test_one_taught_region_splits_a_merged_cluster_where_clip_is_unsure_never_against_a_sure_clip():
     axes = np.zeros((4, 4), int)
     axes[:, 2:] = 1  # rust on the left, moss on the right
     merged = np.zeros((4, 4), int)
-    taught = exemplars(regions=1)  # w 1/3 each
+    taught = exemplars(regions=1)  # w 1/2 each
     unsure = np.array([[0.5, 0.45, 0.05]], np.float32)
     _, assigned = label_with_exemplars(features_of(axes), merged, unsure, [0, 1], LABELS, taught, 8, 8)
     assert sorted(LABELS[a.label].name for a in assigned) == ["moss", "rust"]
-    sure = np.array([[0.95, 0.05, 0.0]], np.float32)  # 2/3 * 0.9 more for rust than one region's 1/3 for moss
-    _, assigned = label_with_exemplars(features_of(axes), merged, sure, [0, 1], LABELS, taught, 8, 8)
+    sure = np.array([[0.95, 0.05, 0.0]], np.float32)
+    moss_only = Exemplars.of({"moss": np.stack([unit(1)] * 12)}, {"moss": 1})  # 0.5 * 0.05 + 0.5 < 0.95
+    _, assigned = label_with_exemplars(features_of(axes), merged, sure, [0, 1], LABELS, moss_only, 8, 8)
     assert [LABELS[a.label].name for a in assigned] == ["rust"]
+    # With rust taught too, its exemplars say the right half is not rust: 0.5 * 0.95 + 0.5 * 0 < 0.5 * 0.05 + 0.5.
+    _, assigned = label_with_exemplars(features_of(axes), merged, sure, [0, 1], LABELS, taught, 8, 8)
+    assert sorted(LABELS[a.label].name for a in assigned) == ["moss", "rust"]
 
 
 def test_exemplars_of_other_labels_leave_the_segmentation_exactly_as_without():

@@ -164,7 +164,7 @@ def test_two_projects_never_see_each_others_memory(backend, fake):
     assert taught["model_version"] == f"{base_version}-m{revision}" == backend.setup_version(1)
     # The taught project labels the taught image as it was annotated (cells follow their own exemplars).
     # The tiny profile's random CLIP is 95-99 % sure of one label everywhere: three regions of each label
-    # (w = 0.6) outweigh it, one (w = 1/3) would not.
+    # (w = 0.75) outweigh it.
     masks = _masks(taught["results"][0])
     left = np.zeros(image.shape[:2], bool)
     left[:, :64] = True

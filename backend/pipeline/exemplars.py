@@ -10,7 +10,10 @@
    label of best mean score over its cells; ``UNLABELED`` or no score leaves it unlabeled.
 4. A cell whose q for some label reaches ``CONFIDENT`` takes that label instead of its cluster's
    when its score (rule 2, the same weight) for it is higher: a class K-means merged with its
-   neighbour is split again, but one taught region (w = 1/3) cannot outvote a confident CLIP.
+   neighbour is split again, but one taught region (w = 1/2, a score of at most 1/2 + CLIP's
+   1/2 * (1 - c)) cannot outvote a label CLIP gives c >= 2/3 that the memory knows nothing of.
+   A label of CLIP's that is taught too weighs its own exemplars: where they say "not here",
+   two regions of evidence (one of each label) outvote CLIP's certainty.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from backend.pipeline.memory import UNLABELED, Memory
 from backend.pipeline.vocabulary import Label
 
 NEIGHBOURS = 10  # exemplars that vote on a cell's label: a few mislabelled ones are outvoted
-HALF_WEIGHT_REGIONS = 2  # regions taught at which the exemplars weigh as much as CLIP
+HALF_WEIGHT_REGIONS = 1  # regions taught at which the exemplars weigh as much as CLIP: one
 CONFIDENT = 0.9  # exemplar probability at which a cell follows the exemplars, not its cluster
 
 
