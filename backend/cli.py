@@ -7,9 +7,9 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import uvicorn
 from diffusers.utils import logging as diffusers_logging
@@ -26,6 +26,10 @@ from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
 from backend.settings import EngineChoice, Settings, get_settings
+
+if TYPE_CHECKING:
+    from backend.labelstudio.images import TaskImage
+    from backend.pipeline.encoding import Encoding
 
 log = logging.getLogger("freesegdiff")
 
@@ -426,6 +430,7 @@ def run_learn(args: argparse.Namespace) -> int:
     from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
     from backend.labelstudio.images import TaskImageLoader
     from backend.labelstudio.learning import ProjectTeacher
+    from backend.labelstudio.projects import ProjectStore
     from backend.memories import ProjectMemories
     from backend.models.identity import settings_fingerprint
     from backend.store import StoreError
@@ -441,8 +446,8 @@ def run_learn(args: argparse.Namespace) -> int:
             return 0
         segmenter = process_segmenter(settings)
         access = LabelStudioAccess(args.url or settings.label_studio_url, args.api_key or settings.label_studio_api_key)
-        teacher = ProjectTeacher(memories, TaskImageLoader.from_settings(settings),
-                                 lambda image: segmenter.encode(image.pixels), segmenter.fingerprint,
+        teacher = ProjectTeacher(memories, ProjectStore(memories.store.store), TaskImageLoader.from_settings(settings),
+                                 _learning_encoder(settings, segmenter), segmenter.fingerprint,
                                  Backoff.from_settings(settings))
         memory = teacher.rebuild(project, access)
     except ValueError as error:  # no URL or key, an unusable label config
@@ -458,6 +463,20 @@ def run_learn(args: argparse.Namespace) -> int:
           f"{', '.join(label for label in memory.labels if label) or 'none'}, revision {memory.revision}, "
           f"{memory.nbytes} bytes")
     return 0
+
+
+def _learning_encoder(settings: Settings, segmenter: Segmenter) -> Callable[[TaskImage], Encoding]:
+    """The segmenter's encodings, through the Redis feature cache when REDIS_URL is set (the server's entries).
+
+    Without Redis there is no cache: an in-process one would only hold memory for the one pass a rebuild makes.
+    """
+    if not settings.redis_url:
+        return lambda image: segmenter.encode(image.pixels)
+    from backend.cache import cache_key, create_cache, through_cache
+
+    cache = create_cache(settings)
+    return lambda image: through_cache(cache, cache_key(image.data, segmenter.fingerprint),
+                                       lambda: segmenter.encode(image.pixels), cache.put)
 
 
 def _worker_parser(commands: argparse._SubParsersAction) -> None:

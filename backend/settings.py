@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     # Learning from corrections: a project's memory of feature exemplars, bounded in bytes
     memory_label_bytes: int = Field(4 * 1024**2, ge=0)
     memory_project_bytes: int = Field(64 * 1024**2, ge=0)
+    memory_cache_bytes: int = Field(512 * 1024**2, ge=0)  # exemplars each process keeps for predictions, LRU
+    memory_ttl_seconds: int = Field(0, ge=0)  # a memory unused (no prediction, no learning) this long expires; 0: never
     learn_queue_size: int = Field(256, ge=1, le=100_000)  # webhooks waiting to be learned; beyond, dropped and counted
 
     # Input limits

@@ -11,6 +11,9 @@ Keys are ``namespace:name`` pairs of safe names (``projects:12``); a file store 
 file per key, ``<folder>/<namespace>/<name>``, readable only by its owner, since values may
 hold Label Studio tokens.
 
+Keys of the namespaces in ``expiring`` expire once unused for that many seconds: ``put`` and
+``touch`` start their time again (a Redis TTL; a file's mtime, checked when it is read).
+
 ``lock(key)`` makes a read-modify-write of one key whole across processes (a project's
 memory): ``SET NX PX`` with an expiry in Redis, so a crashed holder's lock lapses; ``flock``
 on a lock file beside the value's file, which the kernel releases when its holder dies.
@@ -24,7 +27,7 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -54,6 +57,14 @@ class SharedStore(Protocol):
     def put(self, key: str, value: bytes) -> None: ...
 
     def delete(self, key: str) -> None: ...
+
+    def touch(self, key: str) -> None:
+        """Mark the key used: when its namespace expires, its time starts again (no-op otherwise)."""
+        ...
+
+    def names(self, namespace: str, prefix: str) -> list[str]:
+        """The names of the namespace's keys that start with ``prefix`` (a safe name), sorted."""
+        ...
 
     def lock(self, key: str, seconds: float = LOCK_SECONDS) -> AbstractContextManager[None]:
         """Held by one process at a time (for a read-modify-write of ``key``); a dead holder's lapses."""
@@ -94,19 +105,32 @@ _RELEASE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.c
 
 
 class RedisStore:
-    """One Redis string per key, ``freeseg:<namespace>:<name>``."""
+    """One Redis string per key, ``freeseg:<namespace>:<name>``; ``expiring`` namespaces' keys with a TTL."""
 
-    def __init__(self, url: str, timeout_seconds: float = 2.0) -> None:
+    def __init__(self, url: str, timeout_seconds: float = 2.0, expiring: Mapping[str, int] | None = None) -> None:
         self._redis = RedisCalls(url, timeout_seconds, "Redis store", StoreError)
+        self._expiring = dict(expiring or {})
 
     def get(self, key: str) -> bytes | None:
         return self._redis(self._redis.client.get, self._redis_key(key))
 
     def put(self, key: str, value: bytes) -> None:
-        self._redis(self._redis.client.set, self._redis_key(key), value)
+        self._redis(self._redis.client.set, self._redis_key(key), value, ex=self._seconds(key))
+
+    def touch(self, key: str) -> None:
+        if seconds := self._seconds(key):
+            self._redis(self._redis.client.expire, self._redis_key(key), seconds)
+
+    def _seconds(self, key: str) -> int | None:
+        return self._expiring.get(checked_key(key)[0]) or None
 
     def delete(self, key: str) -> None:
         self._redis(self._redis.client.delete, self._redis_key(key))
+
+    def names(self, namespace: str, prefix: str) -> list[str]:
+        start = self._redis_key(f"{namespace}:{prefix}")  # checks both; safe names hold no glob characters
+        keys = self._redis(lambda: [key.decode() for key in self._redis.client.scan_iter(match=start + "*")])
+        return sorted(name for key in keys if ":" not in (name := key.removeprefix(f"{REDIS_KEY_PREFIX}{namespace}:")))
 
     @contextmanager
     def lock(self, key: str, seconds: float = LOCK_SECONDS) -> Iterator[None]:
@@ -126,10 +150,14 @@ class RedisStore:
 
 
 class FileStore:
-    """One file per key under ``folder``; writes replace the file whole (write, then rename)."""
+    """One file per key under ``folder``; writes replace the file whole (write, then rename).
 
-    def __init__(self, folder: Path) -> None:
+    A file of an ``expiring`` namespace older (mtime) than its seconds is deleted when read.
+    """
+
+    def __init__(self, folder: Path, expiring: Mapping[str, int] | None = None) -> None:
         self.folder = Path(folder)
+        self._expiring = dict(expiring or {})
 
     def path(self, key: str) -> Path:
         namespace, name = checked_key(key)
@@ -137,12 +165,27 @@ class FileStore:
 
     def get(self, key: str) -> bytes | None:
         path = self.path(key)
+        seconds = self._expiring.get(checked_key(key)[0])
         try:
+            if seconds and time.time() - path.stat().st_mtime > seconds:
+                path.unlink(missing_ok=True)
+                return None
             return path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as error:
             raise StoreError(f"cannot read {path} (MODEL_DIR): {error}") from error
+
+    def touch(self, key: str) -> None:
+        path = self.path(key)
+        if not self._expiring.get(checked_key(key)[0]):
+            return
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise StoreError(f"cannot touch {path} (MODEL_DIR): {error}") from error
 
     def put(self, key: str, value: bytes) -> None:
         path = self.path(key)
@@ -167,6 +210,13 @@ class FileStore:
         except OSError as error:
             raise StoreError(f"cannot delete {path} (MODEL_DIR): {error}") from error
 
+    def names(self, namespace: str, prefix: str) -> list[str]:
+        folder = self.path(f"{namespace}:{prefix}").parent  # checks both
+        try:
+            return sorted(path.name for path in folder.glob(f"{prefix}*") if not path.name.startswith("."))
+        except OSError as error:
+            raise StoreError(f"cannot list {folder} (MODEL_DIR): {error}") from error
+
     @contextmanager
     def lock(self, key: str, seconds: float = LOCK_SECONDS) -> Iterator[None]:
         """``flock`` on ``<folder>/<namespace>/.<name>.lock``: the kernel releases it when its holder dies."""
@@ -184,6 +234,6 @@ class FileStore:
             os.close(handle)  # releases the lock
 
 
-def create_store(redis_url: str | None, folder: Path) -> SharedStore:
+def create_store(redis_url: str | None, folder: Path, expiring: Mapping[str, int] | None = None) -> SharedStore:
     """Redis when a URL is given (shared by all workers and replicas), else files in ``folder``."""
-    return RedisStore(redis_url) if redis_url else FileStore(folder)
+    return RedisStore(redis_url, expiring=expiring) if redis_url else FileStore(folder, expiring)

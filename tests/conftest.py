@@ -96,8 +96,8 @@ def start_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     servers: list[RedisServer] = []
 
-    def start(password: str | None = None) -> RedisServer:
-        server = RedisServer(tmp_path_factory.mktemp("redis"), password)
+    def start(password: str | None = None, append_only: bool = False) -> RedisServer:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), password, append_only)
         servers.append(server)
         server.start()
         return server

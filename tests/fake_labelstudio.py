@@ -1,8 +1,10 @@
 """A loopback stand-in for the part of Label Studio's API that learning reads.
 
 It answers what label-studio-sdk asks: ``/api/annotations/<id>/``, ``/api/tasks/<id>/``,
-``/api/tasks/<id>/annotations/``, ``/api/tasks/?project=`` and ``/api/projects/<id>/``, from
-dicts the test edits (deleting an annotation makes it answer 404), and only to ``TOKEN``.
+``/api/tasks/<id>/annotations/``, ``/api/tasks/?project=``, ``/api/projects/<id>/``,
+``/api/predictions/<id>/`` and ``/api/predictions/?task=``, from dicts the test edits
+(deleting an annotation, a task or a project makes it answer 404), and only to ``TOKEN``.
+A task's ``predictions`` are those of ``predictions`` whose ``task`` is its id.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import cv2
 import numpy as np
 
 TOKEN = "learning-token"
+UPDATED_AT = "2026-12-03T09:00:00.000000Z"  # Label Studio's form: microseconds and Z
 
 
 def data_uri(image: np.ndarray) -> str:
@@ -40,6 +43,7 @@ class FakeLabelStudio:
         self.projects: dict[int, str] = {}  # id -> label config
         self.tasks: dict[int, dict] = {}  # id -> {"project": id, "data": {...}}
         self.annotations: dict[int, dict] = {}  # id -> {"task": id, "result": [...]}
+        self.predictions: dict[int, dict] = {}  # id -> {"task": id, "result": [...], "model_version": ...}
         self.requests: list[str] = []
         fake = self
 
@@ -70,13 +74,20 @@ class FakeLabelStudio:
         query = parse_qs(split.query)
         if match := re.fullmatch(r"/api/annotations/(\d+)/?", split.path):
             annotation = self.annotations.get(int(match[1]))
-            return (200, {"id": int(match[1]), **annotation}) if annotation else (404, {"detail": "Not found."})
+            return (200, self._annotation(int(match[1]), annotation)) if annotation \
+                else (404, {"detail": "Not found."})
         if match := re.fullmatch(r"/api/tasks/(\d+)/annotations/?", split.path):
             task = int(match[1])
-            return 200, [{"id": i, **a} for i, a in self.annotations.items() if a["task"] == task]
+            return 200, [self._annotation(i, a) for i, a in self.annotations.items() if a["task"] == task]
         if match := re.fullmatch(r"/api/tasks/(\d+)/?", split.path):
             task = self.tasks.get(int(match[1]))
-            return (200, {"id": int(match[1]), "predictions": [], **task}) if task else (404, {"detail": "Not found."})
+            return (200, {"id": int(match[1]), "predictions": self._predictions(int(match[1])), **task}) if task \
+                else (404, {"detail": "Not found."})
+        if match := re.fullmatch(r"/api/predictions/(\d+)/?", split.path):
+            prediction = self.predictions.get(int(match[1]))
+            return (200, {"id": int(match[1]), **prediction}) if prediction else (404, {"detail": "Not found."})
+        if split.path.rstrip("/") == "/api/predictions":
+            return 200, self._predictions(int(query["task"][0]))
         if split.path.rstrip("/") == "/api/tasks":
             project = int(query["project"][0])
             ids = [{"id": i} for i, t in self.tasks.items() if t["project"] == project]
@@ -86,6 +97,14 @@ class FakeLabelStudio:
             config = self.projects.get(int(match[1]))
             return (200, {"id": int(match[1]), "label_config": config}) if config else (404, {"detail": "Not found."})
         return 404, {"detail": "Not found."}
+
+    @staticmethod
+    def _annotation(annotation_id: int, annotation: dict) -> dict:
+        """The annotation as Label Studio answers it: with its ``updated_at`` (a test may set its own)."""
+        return {"id": annotation_id, "updated_at": UPDATED_AT, **annotation}
+
+    def _predictions(self, task: int) -> list[dict]:
+        return [{"id": i, **p} for i, p in self.predictions.items() if p["task"] == task]
 
     def __enter__(self) -> FakeLabelStudio:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()

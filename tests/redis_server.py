@@ -1,4 +1,4 @@
-"""A real redis-server on a loopback port, for the tests of the feature cache."""
+"""A real redis-server on a loopback port, for the tests of the feature cache and the shared store."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -22,12 +23,19 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server subprocess on a loopback port, without persistence; stop() and start() again."""
+    """A redis-server subprocess on a loopback port; stop() and start() again.
 
-    def __init__(self, directory: Path, password: str | None = None) -> None:
+    Without persistence by default; ``append_only`` keeps an AOF in ``directory``, fsynced on every
+    write, so a restart reads it back. ``options`` come last, so they win (the compose file's).
+    """
+
+    def __init__(self, directory: Path, password: str | None = None, append_only: bool = False,
+                 options: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.directory = directory
         self.password = password
+        self.append_only = append_only
+        self.options = list(options)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -39,10 +47,12 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2)
 
     def start(self) -> None:
-        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.append_only else ["--appendonly", "no"]
+        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
                    "--dir", str(self.directory)]
         if self.password:
             command += ["--requirepass", self.password]
+        command += self.options
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
@@ -55,6 +65,13 @@ class RedisServer:
                     self.stop()
                     raise RuntimeError(f"redis-server did not start on port {self.port}") from None
                 time.sleep(0.05)
+
+    def kill(self) -> None:
+        """Stop at once (SIGKILL), as a crash or an OOM kill would: nothing is flushed on the way out."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

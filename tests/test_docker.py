@@ -39,6 +39,29 @@ def test_compose_wires_the_backend_to_redis_and_label_studio():
     assert "volatile-lru" in config and "--maxmemory" in config  # evicts cache entries, never queued chunks
 
 
+def test_the_compose_files_redis_keeps_the_store_across_a_restart(tmp_path):
+    """Its own command line, on a real redis-server: a project's setup written, Redis restarted, still there."""
+    from backend.labelstudio.projects import ProjectSetup, ProjectStore
+    from backend.store import RedisStore
+    from tests.redis_server import REDIS_SERVER, RedisServer
+
+    redis = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["redis"]
+    command = redis["command"]
+    assert command[0] == "redis-server" and "redis-data:/data" in redis["volumes"]  # the image's --dir is /data
+    assert command[command.index("--appendonly") + 1] == "yes"
+    if REDIS_SERVER is None and not os.environ.get("CI"):
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path, options=command[1:])
+    server.start()
+    try:
+        ProjectStore(RedisStore(server.url)).save("5", ProjectSetup("<View/>"))
+        server.stop()  # SIGTERM, as docker compose restart sends: Redis flushes its AOF
+        server.start()
+        assert ProjectStore(RedisStore(server.url)).load("5") == ProjectSetup("<View/>")
+    finally:
+        server.stop()
+
+
 def test_dockerfile_installs_like_ci_and_runs_unprivileged():
     dockerfile = (ROOT / "Dockerfile").read_text()
     ci = (ROOT / ".ci" / "run").read_text() + (ROOT / "scripts" / "setup-tests.sh").read_text()

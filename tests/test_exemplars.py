@@ -18,8 +18,9 @@ def unit(axis: int, channels: int = 4) -> np.ndarray:
 
 
 def exemplars(regions: int = 4) -> Exemplars:
+    """Twelve exemplars of each of rust, moss and unlabeled, ``regions`` regions taught of each."""
     vectors = {name: np.stack([unit(axis)] * 12) for name, axis in AXES.items()}
-    return Exemplars(vectors=vectors, regions={name: regions for name in AXES})
+    return Exemplars.of(vectors, {name: regions for name in AXES})
 
 
 def features_of(axes: np.ndarray) -> np.ndarray:
@@ -58,18 +59,45 @@ def test_a_taught_label_wins_over_clip_and_an_untaught_one_keeps_clips_best_clus
     assert names == ["rust", "sky"]  # sky only once: an untaught label keeps only its best cluster
 
 
-def test_with_few_regions_taught_clip_still_counts():
+def test_a_confident_correct_clip_label_survives_one_wrongly_taught_region():
     axes = np.zeros((2, 2), int)
     clusters = np.zeros((2, 2), int)
-    clip = np.array([[0.05, 0.9, 0.05]], np.float32)
-    weak = Exemplars(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 1})  # weight 1/3
-    _, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, weak, 2, 2)
-    assert [LABELS[a.label].name for a in assigned] == ["rust"]  # one exemplar votes with certainty: it overrides
+    clip = np.array([[0.05, 0.9, 0.05]], np.float32)  # CLIP is sure: moss, and right
+    wrong = Exemplars.of(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 1})  # one region taught as rust: w 1/2
+    q = exemplar_probabilities(features_of(axes), wrong, ["rust", "moss", "sky", UNLABELED])
+    assert q[:, 0].min() >= 0.9  # its exemplar votes with certainty on every cell...
+    _, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, wrong, 2, 2)
+    assert [LABELS[a.label].name for a in assigned] == ["moss"]  # ...but 1/2 * 1 + 1/2 * 0.05 < 0.9
+    assert Exemplars.of(vectors={}, regions={}).weight("rust") == 0.0 and wrong.weight("rust") == pytest.approx(1 / 2)
+    many = Exemplars.of(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 20})  # w 20/21: the memory is sure
+    _, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, many, 2, 2)
+    assert [LABELS[a.label].name for a in assigned] == ["rust"]
+
+
+def test_untaught_labels_keep_clips_choice():
+    axes = np.zeros((2, 2), int)
+    clusters = np.zeros((2, 2), int)
     strong_clip = np.array([[0.0, 1.0, 0.0]], np.float32)
-    assert Exemplars(vectors={}, regions={}).weight("rust") == 0.0 and weak.weight("rust") == pytest.approx(1 / 3)
-    none_taught = Exemplars(vectors={}, regions={})
+    none_taught = Exemplars.of(vectors={}, regions={})
     _, assigned = label_with_exemplars(features_of(axes), clusters, strong_clip, [1], LABELS, none_taught, 2, 2)
     assert [LABELS[a.label].name for a in assigned] == ["moss"]
+
+
+def test_one_taught_region_splits_a_merged_cluster_where_clip_is_unsure_never_against_a_sure_clip():
+    axes = np.zeros((4, 4), int)
+    axes[:, 2:] = 1  # rust on the left, moss on the right
+    merged = np.zeros((4, 4), int)
+    taught = exemplars(regions=1)  # w 1/2 each
+    unsure = np.array([[0.5, 0.45, 0.05]], np.float32)
+    _, assigned = label_with_exemplars(features_of(axes), merged, unsure, [0, 1], LABELS, taught, 8, 8)
+    assert sorted(LABELS[a.label].name for a in assigned) == ["moss", "rust"]
+    sure = np.array([[0.95, 0.05, 0.0]], np.float32)
+    moss_only = Exemplars.of({"moss": np.stack([unit(1)] * 12)}, {"moss": 1})  # 0.5 * 0.05 + 0.5 < 0.95
+    _, assigned = label_with_exemplars(features_of(axes), merged, sure, [0, 1], LABELS, moss_only, 8, 8)
+    assert [LABELS[a.label].name for a in assigned] == ["rust"]
+    # With rust taught too, its exemplars say the right half is not rust: 0.5 * 0.95 + 0.5 * 0 < 0.5 * 0.05 + 0.5.
+    _, assigned = label_with_exemplars(features_of(axes), merged, sure, [0, 1], LABELS, taught, 8, 8)
+    assert sorted(LABELS[a.label].name for a in assigned) == ["moss", "rust"]
 
 
 def test_exemplars_of_other_labels_leave_the_segmentation_exactly_as_without():
@@ -86,7 +114,24 @@ def test_exemplars_of_other_labels_leave_the_segmentation_exactly_as_without():
     encoding = segmenter.encode(image)
     options = SegmentOptions(k=3, refine="none")
     plain = segmenter.segment(encoding, image, SCENE_LABELS, options)
-    unrelated = Exemplars(vectors={"rust": np.ones((3, encoding.features.shape[0]), np.float32)}, regions={"rust": 3})
+    unrelated = Exemplars.of({"rust": np.ones((3, encoding.features.shape[0]), np.float32)}, {"rust": 3})
     other = segmenter.segment(encoding, image, SCENE_LABELS, options, unrelated)
     np.testing.assert_array_equal(other.label_map, plain.label_map)
     assert (other.regions, other.candidates) == (plain.regions, plain.candidates)
+
+
+def test_exemplars_of_a_memory_are_one_matrix_and_a_label_gone_from_the_config_takes_no_part():
+    from backend.pipeline.memory import LabelExamples, Memory, MemoryBounds
+
+    memory = Memory("fp", 4, MemoryBounds(1 << 20, 1 << 20))
+    def examples(axis: int, cells: int) -> LabelExamples:
+        return LabelExamples(unit(axis)[None].astype(np.float16), np.tile(unit(axis), (cells, 1)).astype(np.float16))
+
+    memory.learn("a", {"rust": examples(0, 0), "moss": examples(1, 3)})
+    taught = Exemplars.from_memory(memory)
+    assert taught.matrix.shape == (5, 4) and taught.names == ("rust", "moss") and list(taught.owners) == [0, 1, 1, 1, 1]
+    assert taught.regions == {"rust": 1, "moss": 1} and taught.nbytes == 5 * 4 * 4 + 5 * 8
+    cell = features_of(np.zeros((1, 1), int))  # a rust-like cell
+    assert exemplar_probabilities(cell, taught, ["rust", "moss"])[0, 0] > 0.05
+    q = exemplar_probabilities(cell, taught, ["corrosion", "moss"])  # rust renamed: its exemplar is out
+    assert q[0, 0] == 0 and q[0, 1] < 0.05

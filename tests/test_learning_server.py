@@ -18,7 +18,7 @@ from backend.cli import main
 from backend.pipeline.memory import UNLABELED
 from backend.server.app import create_app
 from backend.store import FileStore, RedisStore
-from tests.fake_labelstudio import TOKEN, FakeLabelStudio, data_uri, polygon
+from tests.fake_labelstudio import TOKEN, UPDATED_AT, FakeLabelStudio, data_uri, polygon
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -130,11 +130,15 @@ def test_a_forged_webhook_teaches_nothing(backend, fake):
 def test_update_replaces_and_delete_forgets_only_what_label_studio_deleted(backend, fake):
     backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
     first = backend.memory(1)
-    fake.annotations[100]["result"] = [polygon("rust", WHOLE)]
+    fake.annotations[100].update(result=[polygon("rust", WHOLE)], updated_at="2026-12-03T09:05:00.000000Z")
     backend.webhook("ANNOTATION_UPDATED", 1, **_annotation(100, 10, []))
     updated = backend.memory(1)
     assert list(updated.annotations) == ["100"] and updated.labels == ["rust"]
     assert updated.revision > first.revision
+    # A read of the older version that arrives late (its updated_at is earlier) changes nothing.
+    fake.annotations[100].update(result=[polygon("lesion", WHOLE)], updated_at=UPDATED_AT)
+    backend.webhook("ANNOTATION_UPDATED", 1, **_annotation(100, 10, []))
+    assert backend.memory(1).labels == ["rust"] and backend.memory(1).revision == updated.revision
     # Said deleted while Label Studio still holds it: kept.
     backend.webhook("ANNOTATIONS_DELETED", 1, annotations=[{"id": 100}])
     assert list(backend.memory(1).annotations) == ["100"]
@@ -145,16 +149,22 @@ def test_update_replaces_and_delete_forgets_only_what_label_studio_deleted(backe
     assert 'action="forget",outcome="kept"} 1.0' in events and 'action="forget",outcome="done"} 1.0' in events
 
 
-def test_two_projects_never_see_each_others_memory(backend):
+def test_two_projects_never_see_each_others_memory(backend, fake):
     image = _image()
     before = backend.predict(2, image)
     base_version = before["model_version"]
     assert "-m" not in base_version.removeprefix("freesegdiff-").split("-")[-1]
-    backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
+    fake.tasks[12] = fake.tasks[10]
+    for annotation, task in ((101, 11), (102, 12)):
+        fake.annotations[annotation] = {"task": task, "result": fake.annotations[100]["result"]}
+    for annotation, task in ((100, 10), (101, 11), (102, 12)):
+        backend.webhook("ANNOTATION_CREATED", 1, **_annotation(annotation, task, []))
     revision = backend.memory(1).revision
     taught = backend.predict(1, image)
     assert taught["model_version"] == f"{base_version}-m{revision}" == backend.setup_version(1)
     # The taught project labels the taught image as it was annotated (cells follow their own exemplars).
+    # The tiny profile's random CLIP is 95-99 % sure of one label everywhere: three regions of each label
+    # (w = 0.75) outweigh it.
     masks = _masks(taught["results"][0])
     left = np.zeros(image.shape[:2], bool)
     left[:, :64] = True
@@ -222,6 +232,25 @@ def test_freesegdiff_learn_rebuilds_and_forgets(settings, fake, monkeypatch, cap
         get_settings.cache_clear()
 
 
+def test_freesegdiff_learn_takes_encodings_from_the_feature_cache(settings, fake, monkeypatch, capsys, redis_server):
+    from backend.pipeline.segmenter import Segmenter
+    from backend.settings import get_settings
+
+    for name, value in (("FREESEG_MODELS", "tiny"), ("FREESEG_DEVICE", "cpu"), ("MODEL_DIR", str(settings.model_dir)),
+                        ("FREESEG_ALLOW_PRIVATE_URLS", "true"), ("REDIS_URL", redis_server.url)):
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        assert main(["learn", "--project", "1", "--url", fake.url, "--api-key", TOKEN]) == 0
+        with redis_server.client() as client:
+            assert client.keys("freeseg:enc:*")  # the first rebuild encoded, and wrote what it encoded
+        monkeypatch.setattr(Segmenter, "encode", lambda *args, **kwargs: pytest.fail("encoded again"))
+        assert main(["learn", "--project", "1", "--url", fake.url, "--api-key", TOKEN]) == 0
+        assert capsys.readouterr().out.count("memory of 1 annotations") == 2
+    finally:
+        get_settings.cache_clear()
+
+
 @pytest.mark.parametrize("kind", ["file", "redis"])
 def test_the_store_lock_keeps_read_modify_writes_whole(kind, tmp_path, redis_server):
     store = FileStore(tmp_path) if kind == "file" else RedisStore(redis_server.url)
@@ -254,3 +283,91 @@ def test_with_basic_auth_webhooks_and_train_demand_it(settings, tiny_segmenter):
         assert client.post("/webhook", json=payload, auth=("ls", "secret")).status_code == 200
         backend.state.learner.join()
         assert list(backend.memory(1).annotations) == ["100"]
+
+
+def test_an_annotation_that_kept_our_prediction_unchanged_teaches_nothing(backend, fake):
+    fake.annotations[101] = {"task": 11, "result": [polygon("rust", LEFT), polygon("lesion", RIGHT)]}
+    backend.webhook("ANNOTATION_CREATED", 1, **_annotation(101, 11, []))
+    taught = backend.memory(1)
+    prediction = backend.predict(1, _image())  # the memory's prediction: it has regions
+    result = prediction["results"][0]["result"]
+    assert result
+    fake.predictions[500] = {"task": 10, "result": result, "model_version": prediction["model_version"]}
+    fake.annotations[100] = {"task": 10, "result": result, "parent_prediction": 500}  # submitted as predicted
+    backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
+    assert list(backend.memory(1).annotations) == ["101"] and backend.memory(1).revision == taught.revision
+    assert 'action="learn",outcome="none"} 1.0' in backend.learning_events()
+    fake.annotations[100]["result"] = [polygon("lesion", WHOLE)]  # corrected
+    backend.webhook("ANNOTATION_UPDATED", 1, **_annotation(100, 10, []))
+    assert list(backend.memory(1).annotations) == ["101", "100"]
+
+
+def test_an_update_that_changes_nothing_leaves_the_model_version(backend, fake):
+    backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
+    version = backend.setup_version(1)
+    backend.webhook("ANNOTATION_UPDATED", 1, **_annotation(100, 10, []))  # a comment changed, say
+    backend.webhook("START_TRAINING", 1)
+    assert backend.setup_version(1) == version
+
+
+def test_project_deleted_drops_its_memory_and_setup_once_label_studio_deleted_it(backend, fake):
+    backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
+    backend.webhook("ANNOTATION_CREATED", 2, **_annotation(200, 20, []))
+    backend.client.post("/setup", json={"project": "1.1700000000", "schema": CONFIG, "extra_params": {"k": 3}})
+    setups = backend.client.app.state.memories.store.store
+    backend.webhook("PROJECT_DELETED", 1)  # forged: Label Studio still holds project 1
+    assert backend.memory(1) is not None and setups.get("projects:1") is not None
+    del fake.projects[1]
+    backend.webhook("PROJECT_DELETED", 1)
+    assert backend.memory(1) is None and setups.get("projects:1") is None
+    assert backend.memory(2) is not None
+    events = backend.learning_events()
+    assert 'action="drop",outcome="kept"} 1.0' in events and 'action="drop",outcome="done"} 1.0' in events
+
+
+def test_tasks_deleted_forgets_what_their_annotations_taught(backend, fake):
+    fake.annotations[101] = {"task": 11, "result": [polygon("lesion", LEFT)]}
+    backend.webhook("START_TRAINING", 1)
+    assert sorted(backend.memory(1).annotations) == ["100", "101"]
+    backend.webhook("TASKS_DELETED", 1, tasks=[{"id": 11}])  # forged: the task is still there
+    assert sorted(backend.memory(1).annotations) == ["100", "101"]
+    del fake.tasks[11], fake.annotations[101]
+    backend.webhook("TASKS_DELETED", 1, tasks=[{"id": 11}])
+    assert sorted(backend.memory(1).annotations) == ["100"]
+
+
+def test_a_label_gone_from_the_config_is_neither_predicted_nor_taught_again(backend, fake):
+    backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
+    renamed = CONFIG.replace('value="rust"', 'value="corrosion"')
+    answer = backend.client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": data_uri(_image())}}],
+                                                   "label_config": renamed, "project": "1.1700000000"})
+    assert answer.status_code == 200 and "rust" not in _masks(answer.json()["results"][0])
+    fake.projects[1] = renamed
+    backend.webhook("START_TRAINING", 1)
+    assert "rust" not in backend.memory(1).labels and "lesion" in backend.memory(1).labels
+
+
+def test_a_learn_racing_the_delete_of_its_annotation_never_brings_it_back(settings, tiny_segmenter, fake):
+    from backend.labelstudio.backoff import Backoff
+    from backend.labelstudio.images import TaskImageLoader
+    from backend.labelstudio.learning import ProjectTeacher
+    from backend.labelstudio.projects import ProjectStore
+    from backend.memories import ProjectMemories
+    from backend.labelstudio.access import LabelStudioAccess
+
+    access = LabelStudioAccess(fake.url, TOKEN)
+
+    def teacher(encode) -> ProjectTeacher:  # each a process of its own, on the same MODEL_DIR
+        memories = ProjectMemories.from_settings(settings)
+        return ProjectTeacher(memories, ProjectStore(memories.store.store), TaskImageLoader.from_settings(settings),
+                              encode, tiny_segmenter.fingerprint, Backoff.from_settings(settings))
+
+    other = teacher(lambda image: tiny_segmenter.encode(image.pixels))
+
+    def encode_while_deleted(image):  # the annotation is deleted, and forgotten elsewhere, mid-learn
+        del fake.annotations[100]
+        assert other.forget("1", 100, access)
+        return tiny_segmenter.encode(image.pixels)
+
+    teacher(encode_while_deleted).learn("1", 100, access)
+    assert ProjectMemories.from_settings(settings).load("1", tiny_segmenter.fingerprint).annotations == {}

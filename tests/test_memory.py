@@ -5,7 +5,7 @@ import pytest
 
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.memory import (UNLABELED, InMemoryStore, LabelExamples, Memory, MemoryBounds,
-                                     MemoryFormatError)
+                                     MemoryFormatError, Source)
 from backend.pipeline.teaching import AnnotatedRegion, cell_coverage, taught_examples, teach
 
 CHANNELS = 8
@@ -35,12 +35,47 @@ def test_revision_grows_with_every_change_only():
     memory = Memory("fp", CHANNELS, ROOMY)
     revisions = [memory.revision]
     for change in (lambda: memory.learn("a", {"rust": examples(1, 1)}), lambda: memory.learn("a", {"rust": examples(1, 2)}),
-                   lambda: memory.forget("a"), memory.clear):
-        change()
+                   lambda: memory.forget("a"), lambda: memory.learn("b", {"rust": examples(1, 1)}), memory.clear):
+        assert change()
         revisions.append(memory.revision)
     assert revisions == sorted(set(revisions))
-    memory.forget("never taught")
+    assert not memory.forget("never taught") and not memory.clear()
     assert memory.revision == revisions[-1]
+
+
+def test_an_update_that_changes_nothing_leaves_the_revision():
+    memory = Memory("fp", CHANNELS, ROOMY)
+    memory.learn("a", {"rust": examples(1, 3)}, Source("1", "2026-12-03T09:00:00Z"))
+    revision = memory.revision
+    assert memory.learn("a", {"rust": examples(1, 3)}, Source("1", "2026-12-03T09:05:00Z"))  # its time is kept...
+    assert memory.revision == revision  # ...but the examples are the same
+    assert not memory.learn("a", {"rust": examples(1, 3)}, Source("1", "2026-12-03T09:05:00Z"))
+    rebuilt = Memory("fp", CHANNELS, ROOMY)
+    rebuilt.learn("a", {"rust": examples(1, 3)}, Source("1", "2026-12-03T09:05:00Z"))
+    assert not memory.replace(rebuilt) and memory.revision == revision
+
+
+def test_a_learn_that_read_an_annotation_before_its_delete_or_a_newer_version_is_refused():
+    memory = Memory("fp", CHANNELS, ROOMY)
+    memory.learn("a", {"rust": examples(1, 3)}, Source("1", "2026-12-03T09:05:00.500000Z"))
+    assert not memory.learn("a", {"moss": examples(1, 3)}, Source("1", "2026-12-03T09:05:00Z"))  # older
+    assert memory.labels == ["rust"]
+    assert memory.forget("b", deleted=True)  # deleted before its learn wrote: refused from now on
+    assert not memory.learn("b", {"rust": examples(1, 2)}, Source("1", "2026-12-03T09:06:00Z"))
+    assert memory.forget_tasks(["1"]) and memory.annotations == {}
+    assert not memory.learn("c", {"rust": examples(1, 2)}, Source("1"))  # another annotation of the deleted task
+    rebuilt = Memory("fp", CHANNELS, ROOMY)  # a rebuild that listed the task before it was deleted
+    rebuilt.learn("a", {"rust": examples(1, 3)}, Source("1"))
+    rebuilt.learn("d", {"moss": examples(1, 3)}, Source("2"))
+    assert memory.replace(rebuilt) and list(memory.annotations) == ["d"]
+    back = Memory.from_bytes(memory.to_bytes(), ROOMY)
+    assert (back.deleted_annotations, back.deleted_tasks) == ({"a", "b"}, {"1"})
+    assert back.sources == {"d": Source("2")}
+    # updated after a rebuild read it: the rebuild keeps the newer version
+    memory.learn("d", {"rust": examples(2, 2)}, Source("2", "2026-12-03T09:10:00Z"))
+    stale = Memory("fp", CHANNELS, ROOMY)
+    stale.learn("d", {"moss": examples(1, 3)}, Source("2", "2026-12-03T09:00:00Z"))
+    assert not memory.replace(stale) and memory.labels == ["rust"]
 
 
 def test_bounds_per_label_thin_the_largest_sample_first_and_keep_every_annotation():

@@ -8,6 +8,8 @@ bounded, logged, and the same for API calls and image downloads. Each method is 
 attempt, except ``task_ids``, which retries each page; callers wrap the others in
 ``with_backoff``, writes together with the check that precedes them. The SDK sends a
 legacy token as ``Token`` and exchanges a personal access token (a JWT) for a ``Bearer`` one.
+Annotations and predictions come back as the JSON Label Studio sent (times as ISO 8601
+strings, not the SDK's datetimes), so that what is kept of them can be written as JSON.
 """
 
 from __future__ import annotations
@@ -34,15 +36,15 @@ class LabelStudioClient:
 
     def annotation(self, annotation_id: int) -> dict:
         """The annotation as Label Studio holds it (``id``, ``task``, ``result``, ...)."""
-        return self.client.annotations.get(id=annotation_id).model_dump()
+        return self.client.annotations.get(id=annotation_id).model_dump(mode="json")
 
     def our_prediction(self, task_id: int, parent_prediction: int | None) -> dict | None:
         """The prediction of this backend an annotation started from, else this backend's latest for the task."""
         if parent_prediction:
-            prediction = self.client.predictions.get(id=parent_prediction).model_dump()
+            prediction = self.client.predictions.get(id=parent_prediction).model_dump(mode="json")
             if str(prediction.get("model_version") or "").startswith(MODEL_VERSION_PREFIX):
                 return prediction
-        listed = [p.model_dump() for p in self.client.predictions.list(task=task_id)]
+        listed = [p.model_dump(mode="json") for p in self.client.predictions.list(task=task_id)]
         ours = [p for p in listed if str(p.get("model_version") or "").startswith(MODEL_VERSION_PREFIX)]
         return max(ours, key=lambda p: p.get("id") or 0) if ours else None
 
@@ -80,7 +82,7 @@ class LabelStudioProject(LabelStudioClient):
 
     def annotations(self, task_id: int) -> list[dict]:
         """The task's annotations as Label Studio holds them."""
-        return [annotation.model_dump() for annotation in self.client.annotations.list(id=task_id)]
+        return [annotation.model_dump(mode="json") for annotation in self.client.annotations.list(id=task_id)]
 
     def prediction_ids(self, task_id: int, model_version: str) -> list[int]:
         """The ids of the task's predictions of ``model_version`` (other versions are not ours to touch)."""

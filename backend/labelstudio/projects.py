@@ -64,10 +64,18 @@ class ProjectStore:
 
     def save(self, project: object, setup: ProjectSetup) -> None:
         """Keep ``setup`` for the project; raises StoreError when the store is unreachable."""
+        self.store.put(f"projects:{self._key(project)}", setup.to_json())
+
+    def delete(self, project: object) -> None:
+        """Forget what /setup said of the project (deleted in Label Studio)."""
+        self.store.delete(f"projects:{self._key(project)}")
+
+    @staticmethod
+    def _key(project: object) -> str:
         key = project_id(project)
         if key is None:
             raise ValueError(f"not a Label Studio project: {project!r}")
-        self.store.put(f"projects:{key}", setup.to_json())
+        return key
 
     def load(self, project: object) -> ProjectSetup:
         """What /setup said of the project; an empty setup when it said nothing or the store is unreachable."""

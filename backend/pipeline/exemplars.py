@@ -8,7 +8,12 @@
 3. Taught labels are candidates whatever the caption says, and may take several clusters;
    untaught candidates keep the paper's rule (only their best cluster). A cluster takes the
    label of best mean score over its cells; ``UNLABELED`` or no score leaves it unlabeled.
-4. A cell whose q for some label reaches ``CONFIDENT`` takes that label, whatever its cluster took.
+4. A cell whose q for some label reaches ``CONFIDENT`` takes that label instead of its cluster's
+   when its score (rule 2, the same weight) for it is higher: a class K-means merged with its
+   neighbour is split again, but one taught region (w = 1/2, a score of at most 1/2 + CLIP's
+   1/2 * (1 - c)) cannot outvote a label CLIP gives c >= 2/3 that the memory knows nothing of.
+   A label of CLIP's that is taught too weighs its own exemplars: where they say "not here",
+   two regions of evidence (one of each label) outvote CLIP's certainty.
 """
 
 from __future__ import annotations
@@ -24,28 +29,54 @@ from backend.pipeline.memory import UNLABELED, Memory
 from backend.pipeline.vocabulary import Label
 
 NEIGHBOURS = 10  # exemplars that vote on a cell's label: a few mislabelled ones are outvoted
-HALF_WEIGHT_REGIONS = 2  # regions taught at which the exemplars weigh as much as CLIP
+HALF_WEIGHT_REGIONS = 1  # regions taught at which the exemplars weigh as much as CLIP: one
 CONFIDENT = 0.9  # exemplar probability at which a cell follows the exemplars, not its cluster
 
 
 @dataclass(frozen=True)
 class Exemplars:
-    """The memory as prediction uses it: unit-norm vectors and a count of regions, per taught label."""
+    """The memory as prediction uses it: every taught vector in one matrix, made once per memory revision.
 
-    vectors: dict[str, np.ndarray]  # label name (or UNLABELED) -> (N, C) float32, unit rows
-    regions: dict[str, int]
+    One matrix, so that a prediction multiplies it as it is, without gathering the memory again.
+    """
+
+    matrix: np.ndarray  # (N, C) float32 unit rows
+    owners: np.ndarray  # (N,) int64: the index in ``names`` of each row's label
+    names: tuple[str, ...]  # the taught labels (UNLABELED among them)
+    regions: dict[str, int]  # label -> regions taught
+
+    @classmethod
+    def of(cls, vectors: dict[str, np.ndarray], regions: dict[str, int]) -> Exemplars:
+        """Exemplars of per-label (N_l, C) vectors (normalised here)."""
+        names = tuple(name for name, rows in vectors.items() if len(rows))
+        parts = [np.asarray(vectors[name], np.float32) for name in names]
+        matrix = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        owners = np.repeat(np.arange(len(names)), [len(part) for part in parts])
+        return cls(_unit_rows(matrix), owners, names, regions)
 
     @classmethod
     def from_memory(cls, memory: Memory) -> Exemplars:
-        vectors = {}
-        for label in memory.labels:
-            rows = memory.vectors(label).astype(np.float32)
-            vectors[label] = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-        return cls(vectors=vectors, regions={label: memory.regions_taught(label) for label in memory.labels})
+        """Every prototype and cell of the memory, written once into a float32 matrix (no per-label copies)."""
+        names = tuple(memory.labels)
+        index = {name: position for position, name in enumerate(names)}
+        arrays = [(index[label], array) for taught in memory.annotations.values() for label, examples in taught.items()
+                  for array in (examples.prototypes, examples.cells) if len(array)]
+        matrix = np.empty((sum(len(array) for _, array in arrays), memory.channels), np.float32)
+        owners = np.empty(len(matrix), np.int64)
+        row = 0
+        for owner, array in arrays:
+            matrix[row : row + len(array)] = array
+            owners[row : row + len(array)] = owner
+            row += len(array)
+        return cls(_unit_rows(matrix), owners, names, {label: memory.regions_taught(label) for label in names})
+
+    @property
+    def nbytes(self) -> int:
+        return self.matrix.nbytes + self.owners.nbytes
 
     def taught(self, labels: Sequence[Label]) -> list[int]:
         """Indices of ``labels`` that have exemplars."""
-        return [index for index, label in enumerate(labels) if label.name in self.vectors]
+        return [index for index, label in enumerate(labels) if label.name in self.names]
 
     def weight(self, label: str) -> float:
         """How much the exemplars of ``label`` count against CLIP: grows with the regions taught."""
@@ -53,18 +84,31 @@ class Exemplars:
         return count / (count + HALF_WEIGHT_REGIONS)
 
 
+def _unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` with each row divided by its norm, in place."""
+    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    return matrix
+
+
 def exemplar_probabilities(features: np.ndarray, exemplars: Exemplars, names: Sequence[str],
                            device: torch.device | str = "cpu") -> np.ndarray:
-    """(G*G, len(names)) similarity-weighted share of each of ``names`` among each cell's nearest exemplars."""
+    """(G*G, len(names)) similarity-weighted share of each of ``names`` among each cell's nearest exemplars.
+
+    Exemplars of labels not in ``names`` (gone from the label config) take no part.
+    """
     channels = features.shape[0]
     cells = features.reshape(channels, -1).T
-    columns = [column for column, name in enumerate(names) if len(exemplars.vectors.get(name, ()))]
-    if not columns:
+    column = {name: position for position, name in enumerate(names)}
+    row_columns = np.array([column.get(name, -1) for name in exemplars.names], np.int64)[exemplars.owners]
+    usable = int((row_columns >= 0).sum())
+    if not usable:
         return np.zeros((len(cells), len(names)), np.float32)
-    vectors = torch.from_numpy(np.concatenate([exemplars.vectors[names[c]] for c in columns])).to(device)
-    owner = torch.tensor([c for c in columns for _ in range(len(exemplars.vectors[names[c]]))], device=device)
+    vectors = torch.from_numpy(exemplars.matrix).to(device)
+    owner = torch.from_numpy(row_columns).to(device)
     cells = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(cells, np.float32)).to(device), dim=1)
-    similarity, nearest = (cells @ vectors.T).topk(min(NEIGHBOURS, len(vectors)), dim=1)  # (N, k)
+    similarity = cells @ vectors.T  # (N cells, rows)
+    similarity[:, owner < 0] = -torch.inf
+    similarity, nearest = similarity.topk(min(NEIGHBOURS, usable), dim=1)  # (N, k)
     votes = torch.zeros((len(cells), len(names)), device=device)
     votes.scatter_add_(1, owner[nearest], similarity.clamp_min(0))
     return (votes / nearest.shape[1]).cpu().numpy()
@@ -97,8 +141,11 @@ def label_with_exemplars(
             cluster_scores[np.arange(len(cluster_scores)) != best, label] = 0
     cluster_choice = np.where(cluster_scores.max(axis=1) > 0, cluster_scores.argmax(axis=1), unlabeled)
     cell_labels = cluster_choice[clusters]
-    confident = (q.max(axis=1) >= CONFIDENT) & allowed[q.argmax(axis=1)]
-    cell_labels = np.where(confident, q.argmax(axis=1), cell_labels)
+    cells = np.arange(len(cell_labels))
+    exemplar_choice = q.argmax(axis=1)
+    confident = ((q[cells, exemplar_choice] >= CONFIDENT) & allowed[exemplar_choice]
+                 & (scores[cells, exemplar_choice] > scores[cells, cell_labels]))
+    cell_labels = np.where(confident, exemplar_choice, cell_labels)
     present = [int(label) for label in np.unique(cell_labels) if label != unlabeled]
     grid = np.full(cluster_grid.shape, len(present), np.int64)  # index len(present): no mask
     assigned = []

@@ -6,7 +6,7 @@ is kept under its id, so updating the annotation replaces it and deleting it rem
 memory is bounded in bytes per label and per project: beyond a bound, the annotation holding
 the most cells of the label gives up every other cell (halving its sample), so old and new
 annotations keep a fair share. The memory is for one models' fingerprint: features of other
-models are never mixed in. Its ``revision`` grows with every change.
+models are never mixed in. Its ``revision`` grows with every change of its examples, and only then.
 
 It travels as safetensors bytes (two float16 arrays and a JSON header): no pickle, so bytes
 from Redis or a file cannot run code. ``MemoryStore`` is where memories are kept.
@@ -15,6 +15,7 @@ from Redis or a file cannot run code. ``MemoryStore`` is where memories are kept
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -57,40 +58,113 @@ class MemoryBounds:
     project_bytes: int
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where an annotation's examples came from: its task, and when Label Studio last changed it (ISO 8601)."""
+
+    task: str | None = None
+    updated_at: str | None = None
+
+    def is_older_than(self, other: Source | None) -> bool:
+        """True when ``other`` was changed later than this (unknown times are never later)."""
+        if other is None or not (self.updated_at and other.updated_at):
+            return False
+        return datetime.fromisoformat(self.updated_at) < datetime.fromisoformat(other.updated_at)
+
+
 @dataclass
 class Memory:
-    """One project's exemplars for one models' fingerprint, kept per annotation id."""
+    """One project's exemplars for one models' fingerprint, kept per annotation id.
+
+    ``deleted_annotations`` and ``deleted_tasks`` name what Label Studio deleted: a learn that read
+    one of them before it was deleted, and writes after, is refused (ids are never reused).
+    """
 
     fingerprint: str
     channels: int
     bounds: MemoryBounds
     revision: int = 0
     annotations: dict[str, Taught] = field(default_factory=dict)  # in the order they were taught
+    sources: dict[str, Source] = field(default_factory=dict)  # annotation id -> where it came from
+    deleted_annotations: set[str] = field(default_factory=set)
+    deleted_tasks: set[str] = field(default_factory=set)
 
-    def learn(self, annotation_id: str, taught: Taught) -> None:
-        """Replace what ``annotation_id`` taught by ``taught`` (nothing taught: the annotation is forgotten)."""
+    def learn(self, annotation_id: str, taught: Taught, source: Source = Source()) -> bool:
+        """Replace what ``annotation_id`` taught by ``taught`` (nothing taught: the annotation is forgotten).
+
+        Refused when the annotation or its task was deleted, or the memory holds a later version of it.
+        The revision grows only when the examples changed. True when anything the memory keeps changed.
+        """
         for label, examples in taught.items():
             for array in (examples.prototypes, examples.cells):
                 if array.ndim != 2 or array.shape[1] != self.channels:
                     raise ValueError(f"label {label!r}: examples of shape {array.shape}, expected (n, {self.channels})")
-        self.annotations.pop(annotation_id, None)
+        if (annotation_id in self.deleted_annotations or source.task in self.deleted_tasks
+                or source.is_older_than(self.sources.get(annotation_id))):
+            return False
         kept = {label: _as_float16(examples) for label, examples in taught.items()
                 if len(examples.prototypes) or len(examples.cells)}
+        if _same_taught(self.annotations.get(annotation_id, {}), kept):
+            changed = self.sources.get(annotation_id) != source
+            self.sources[annotation_id] = source
+            return changed
+        self.annotations.pop(annotation_id, None)
+        self.sources[annotation_id] = source
         if kept:
             self.annotations[annotation_id] = kept
         self._fit_bounds()
         self.revision += 1
+        return True
 
-    def forget(self, annotation_id: str) -> bool:
-        """Remove what ``annotation_id`` taught; False when it taught nothing."""
+    def forget(self, annotation_id: str, deleted: bool = False) -> bool:
+        """Remove what ``annotation_id`` taught (``deleted``: and refuse it from now on); True when anything changed."""
+        known = annotation_id in self.deleted_annotations
+        if deleted:
+            self.deleted_annotations.add(annotation_id)
+        self.sources.pop(annotation_id, None)
         if self.annotations.pop(annotation_id, None) is None:
-            return False
+            return deleted and not known
         self.revision += 1
         return True
 
-    def clear(self) -> None:
+    def forget_tasks(self, task_ids: Iterable[str]) -> bool:
+        """Remove what the annotations of the deleted ``task_ids`` taught, and refuse them from now on."""
+        tasks = set(task_ids) - self.deleted_tasks
+        self.deleted_tasks |= tasks
+        for annotation_id in [a for a, source in self.sources.items() if source.task in tasks]:
+            self.forget(annotation_id, deleted=True)
+        return bool(tasks)
+
+    def replace(self, other: Memory) -> bool:
+        """Take ``other``'s examples (a rebuild's); True when anything changed.
+
+        Not those Label Studio deleted since, and not an older version of an annotation than this
+        memory learned meanwhile (the rebuild read it before the update).
+        """
+        refused = {a for a, source in other.sources.items()
+                   if a in self.deleted_annotations or source.task in self.deleted_tasks}
+        newer = {a for a, source in other.sources.items() if source.is_older_than(self.sources.get(a))}
+        sources = {a: self.sources[a] if a in newer else source for a, source in other.sources.items()
+                   if a not in refused}
+        annotations = {a: self.annotations[a] if a in newer else other.annotations[a] for a in sources
+                       if a in (self.annotations if a in newer else other.annotations)}
+        same = (list(annotations) == list(self.annotations)
+                and all(_same_taught(self.annotations[a], taught) for a, taught in annotations.items()))
+        changed = not same or sources != self.sources or other.channels != self.channels
+        self.channels, self.annotations, self.sources = other.channels, annotations, sources
+        if not same:
+            self._fit_bounds()
+            self.revision += 1
+        return changed
+
+    def clear(self) -> bool:
+        """Forget every annotation (what Label Studio deleted stays refused); True when there was any."""
+        self.sources.clear()
+        if not self.annotations:
+            return False
         self.annotations.clear()
         self.revision += 1
+        return True
 
     @property
     def labels(self) -> list[str]:
@@ -127,8 +201,9 @@ class Memory:
         annotation_id, taught = max(holders, key=lambda holder: len(holder[1][label].cells))
         examples = taught[label]
         if len(examples.cells):
-            taught[label] = LabelExamples(examples.prototypes, examples.cells[::2] if len(examples.cells) > 1
-                                          else examples.cells[:0])
+            # copies, not views: a view would keep the whole sample it was cut from alive
+            taught[label] = LabelExamples(examples.prototypes, examples.cells[::2].copy() if len(examples.cells) > 1
+                                          else np.zeros((0, self.channels), np.float16))
             return
         oldest_id, oldest = holders[0]
         del oldest[label]
@@ -144,7 +219,9 @@ class Memory:
                 cells.append(examples.cells)
         empty = np.zeros((0, self.channels), np.float16)
         header = {"fingerprint": self.fingerprint, "channels": self.channels, "revision": self.revision,
-                  "entries": entries}
+                  "entries": entries,
+                  "sources": {a: [source.task, source.updated_at] for a, source in self.sources.items()},
+                  "deleted_annotations": sorted(self.deleted_annotations), "deleted_tasks": sorted(self.deleted_tasks)}
         arrays = {"prototypes": np.concatenate(prototypes) if prototypes else empty,
                   "cells": np.concatenate(cells) if cells else empty}
         return save_tensors(arrays, metadata={"format": FORMAT_VERSION, "memory": json.dumps(header)})
@@ -162,6 +239,10 @@ class Memory:
                          revision=int(header["revision"]))
             memory.annotations = _read_entries(header["entries"], arrays["prototypes"], arrays["cells"],
                                                memory.channels)
+            # absent from memories saved before sources and deletions were kept
+            memory.sources = {str(a): Source(*source) for a, source in header.get("sources", {}).items()}
+            memory.deleted_annotations = {str(a) for a in header.get("deleted_annotations", [])}
+            memory.deleted_tasks = {str(t) for t in header.get("deleted_tasks", [])}
         except MemoryFormatError:
             raise
         except Exception as error:  # safetensors and json raise their own types for malformed bytes
@@ -176,6 +257,13 @@ def memory_revision(data: bytes) -> int:
         return int(json.loads(read_safetensors_metadata(data)["memory"])["revision"])
     except Exception as error:  # struct, json and key errors of bytes that are not a memory
         raise MemoryFormatError(f"not a memory: {error}") from error
+
+
+def _same_taught(first: Taught, second: Taught) -> bool:
+    """The same labels in the same order, with equal examples."""
+    return list(first) == list(second) and all(
+        np.array_equal(first[label].prototypes, second[label].prototypes)
+        and np.array_equal(first[label].cells, second[label].cells) for label in first)
 
 
 def _as_float16(examples: LabelExamples) -> LabelExamples:

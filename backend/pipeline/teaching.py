@@ -43,7 +43,8 @@ def taught_examples(encoding: Encoding, regions: Sequence[AnnotatedRegion],
     if not regions:
         return {}
     channels, grid, _ = encoding.features.shape
-    cells = encoding.features.reshape(channels, -1).T.astype(np.float32)  # (G*G, C)
+    by_channel = encoding.features.reshape(channels, -1)  # (C, G*G): cast and multiplied as it lies, the fast way
+    by_channel32 = by_channel.astype(np.float32)
     shape = (encoding.height, encoding.width)
     for region in regions:
         if region.mask.shape != shape:
@@ -61,9 +62,10 @@ def taught_examples(encoding: Encoding, regions: Sequence[AnnotatedRegion],
         coverages = [cell_coverage(mask, grid).ravel() for mask in masks if mask.any()]
         if not coverages:
             continue
-        prototypes = np.stack([coverage @ cells / coverage.sum() for coverage in coverages])
+        prototypes = np.stack([by_channel32 @ coverage / coverage.sum() for coverage in coverages])
         majority = cell_coverage(np.logical_or.reduce(masks), grid).ravel() > MAJORITY
-        taught[label] = LabelExamples(prototypes.astype(np.float16), cells[majority].astype(np.float16))
+        taught[label] = LabelExamples(prototypes.astype(np.float16),
+                                      by_channel.T[majority].astype(np.float16, copy=False))
     return taught
 
 

@@ -29,7 +29,7 @@ from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, pars
 from backend.labelstudio.context import ContextError, parse_context
 from backend.labelstudio.learning import ProjectTeacher
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
-from backend.memories import ProjectMemories, SharedMemoryStore
+from backend.memories import ProjectMemories, SharedMemoryStore, shared_store
 from backend.models import downloads_wanted, ensure_downloaded
 from backend.options import OptionError, option_changes
 from backend.models.identity import model_version
@@ -38,14 +38,15 @@ from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.server.cache_writer import CacheWriter
 from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
-from backend.server.learner import FORGET_ACTIONS, LEARN_ACTIONS, TRAIN_ACTION, Learner, LearningEvent
+from backend.server.learner import (FORGET_ACTIONS, LEARN_ACTIONS, PROJECT_DELETED_ACTION, TASKS_DELETED_ACTION,
+                                    TRAIN_ACTION, Learner, LearningEvent)
 from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
 from backend.server.predictions import Predictor
 from backend.server.protocol import PredictRequest, SetupRequest, TrainRequest, WebhookRequest
 from backend.server.worker import InferenceWorker, ModelsNotReadyError, ModelState, QueueFullError
 from backend.settings import Settings, get_settings
-from backend.store import StoreError, create_store
+from backend.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     settings = settings or get_settings()
     metrics = Metrics()
     version = model_version(settings)
-    shared = create_store(settings.redis_url, settings.model_dir)
+    shared = shared_store(settings)
     projects = ProjectStore(shared)
-    memories = ProjectMemories(SharedMemoryStore(shared), settings.memory_bounds)
+    memories = ProjectMemories(SharedMemoryStore(shared), settings.memory_bounds, settings.memory_cache_bytes)
 
     def load() -> Segmenter:
         return (load_segmenter or (lambda: process_segmenter(settings)))().observed_by(metrics.observe_stage)
@@ -82,7 +83,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     def teacher() -> ProjectTeacher:
         worker.wait_until_loaded()
         worker.ensure_ready()
-        return ProjectTeacher(memories, predictor.images, predictor.encoding, worker.fingerprint,
+        return ProjectTeacher(memories, projects, predictor.images, predictor.encoding, worker.fingerprint,
                               Backoff.from_settings(settings))
 
     learner = Learner(teacher, settings.learn_queue_size, metrics)
@@ -253,6 +254,11 @@ def _learning_events(request: WebhookRequest) -> list[LearningEvent]:
         return []
     if request.action == TRAIN_ACTION:
         return [LearningEvent("rebuild", project, LabelStudioAccess())]
+    if request.action == PROJECT_DELETED_ACTION:
+        return [LearningEvent("drop", project, LabelStudioAccess())]
+    if request.action == TASKS_DELETED_ACTION:
+        ids = tuple(int(t["id"]) for t in request.tasks or [] if isinstance(t, dict) and str(t.get("id", "")).isdigit())
+        return [LearningEvent("forget-tasks", project, LabelStudioAccess(), task_ids=ids)] if ids else []
     if request.action in LEARN_ACTIONS + FORGET_ACTIONS:
         named = request.annotations if request.action in FORGET_ACTIONS else request.annotation
         named = named if isinstance(named, list) else [named] if named else []

@@ -24,17 +24,24 @@ log = logging.getLogger(__name__)
 
 LEARN_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED")
 FORGET_ACTIONS = ("ANNOTATIONS_DELETED",)
+TASKS_DELETED_ACTION = "TASKS_DELETED"
+PROJECT_DELETED_ACTION = "PROJECT_DELETED"
 TRAIN_ACTION = "START_TRAINING"
 
 
 @dataclass(frozen=True)
 class LearningEvent:
-    """One thing to learn: ``action`` (``learn``, ``forget`` or ``rebuild``) of a project's annotation."""
+    """One thing to learn: ``action`` of a project, with the annotation or the tasks it names.
+
+    Actions: ``learn`` and ``forget`` (an annotation), ``forget-tasks`` (``task_ids``), ``drop`` (the
+    project was deleted) and ``rebuild``.
+    """
 
     action: str
     project: str
     access: LabelStudioAccess
     annotation_id: int | None = None
+    task_ids: tuple[int, ...] = ()
 
 
 class Learner:
@@ -83,6 +90,10 @@ class Learner:
                 outcome = "done"
             elif event.action == "forget":
                 outcome = "done" if teacher.forget(event.project, int(event.annotation_id), event.access) else "kept"
+            elif event.action == "forget-tasks":
+                outcome = "done" if teacher.forget_tasks(event.project, list(event.task_ids), event.access) else "kept"
+            elif event.action == "drop":
+                outcome = "done" if teacher.drop(event.project, event.access) else "kept"
             else:
                 outcome = "done" if teacher.learn(event.project, int(event.annotation_id), event.access) else "none"
         except Exception as error:  # learning is a by-product of annotating: logged and counted, never raised

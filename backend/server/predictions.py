@@ -28,7 +28,7 @@ from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.config import ProjectVocabulary
 from backend.labelstudio.images import TaskImage, TaskImageLoader
 from backend.labelstudio.results import prediction, project_prediction
-from backend.cache import FeatureCache, cache_key
+from backend.cache import FeatureCache, cache_key, through_cache
 from backend.labelstudio.context import Interaction
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars
@@ -124,13 +124,8 @@ class Predictor:
 
     def encoding(self, image: TaskImage) -> Encoding:
         """The image's encoding from the feature cache, else from the inference worker (behind queued work)."""
-        key = cache_key(image.data, self.worker.fingerprint)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        (encoding,) = self.worker.submit_encode([image.pixels]).result()
-        self.cache_writer.put(key, encoding)
-        return encoding
+        return through_cache(self.cache, cache_key(image.data, self.worker.fingerprint),
+                             lambda: self.worker.submit_encode([image.pixels]).result()[0], self.cache_writer.put)
 
     def _prediction(self, segmentation: Segmentation, vocabulary: ProjectVocabulary, model_version: str) -> dict:
         self.metrics.tasks.labels(outcome="predicted").inc()

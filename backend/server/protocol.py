@@ -47,6 +47,7 @@ class WebhookRequest(_Open):
     task: dict[str, Any] | None = None
     annotation: dict[str, Any] | list[dict[str, Any]] | None = None  # a list for ANNOTATIONS_CREATED
     annotations: list[dict[str, Any]] | None = None  # ANNOTATIONS_DELETED: their ids
+    tasks: list[dict[str, Any]] | None = None  # TASKS_DELETED: their ids
 
 
 class TrainRequest(_Open):
