@@ -16,6 +16,7 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
+from backend.evaluation.learning import ORDERS
 from backend.images import ImageError, read_image_file
 from backend.labelstudio.results import brush_results, prediction
 from backend.models import ModelUnavailableError
@@ -231,6 +232,10 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--root", type=Path, required=True, help="the dataset's folder (see README, Quality)")
     parser.add_argument("--learn", action="store_true",
                         help="replay: predict, correct with the ground truth, learn; mIoU with and without learning")
+    parser.add_argument("--order", choices=ORDERS, default="dataset",
+                        help="with --learn: teach in the dataset's order, or lowest prediction confidence first")
+    parser.add_argument("--holdout", type=int, default=0, metavar="N",
+                        help="with --learn: score the last N images, never taught (default: the images not yet taught)")
     parser.add_argument("--limit", type=int, help="score only the first N images")
     parser.add_argument("--predictions", type=Path, help="score these label-index PNGs instead of running the models")
     _add_segment_options(parser, strict_flag=False)
@@ -275,8 +280,12 @@ def run_replay(args: argparse.Namespace) -> int:
     from backend.evaluation.run import write_json
 
     settings = get_settings()
-    result = replay_dataset(process_segmenter(settings), args.dataset, args.root, args.limit,
-                            _options(args, settings), settings.memory_bounds)
+    try:
+        result = replay_dataset(process_segmenter(settings), args.dataset, args.root, args.limit,
+                                _options(args, settings), settings.memory_bounds, args.order, args.holdout)
+    except ValueError as error:  # a held-out set that leaves nothing to teach
+        log.error("--holdout %d: %s", args.holdout, error)
+        return 2
     write_json(result.to_dict(), args.json_path)
     if settings.models != "pretrained":
         print(f"{settings.models} profile: random weights; the figures measure the memory's mechanics only")
