@@ -30,6 +30,7 @@ from backend.settings import EngineChoice, Settings, get_settings
 
 if TYPE_CHECKING:
     from backend.labelstudio.images import TaskImage
+    from backend.memories import ProjectMemories
     from backend.pipeline.encoding import Encoding
 
 log = logging.getLogger("freesegdiff")
@@ -323,11 +324,26 @@ def run_report(args: argparse.Namespace) -> int:
         log.error("no feedback recorded for project %s yet (annotations of tasks with our predictions)", args.project)
         return 1
     print(format_table(summarize(records)))
-    print("\nmean IoU per label over time (annotations in time order):")
-    print(format_over_time(records))
+    print("\nper label: taught to the memory (regions), and mean IoU over time (annotations in time order):")
+    print(format_over_time(records, taught=_taught_regions(settings, args.project)))
     chart = render_chart(records, args.chart or Path(f"feedback-{args.project}.png"))
     print(f"{len(records)} annotations; chart {chart}")
     return 0
+
+
+def _taught_regions(settings: Settings, project: str) -> dict[str, int] | None:
+    """Each label the project's memory (of these models) was taught, with its regions; None when unreadable."""
+    from backend.memories import ProjectMemories
+    from backend.models.identity import settings_fingerprint
+    from backend.pipeline.memory import UNLABELED
+
+    try:
+        memory = ProjectMemories.from_settings(settings).load(project, settings_fingerprint(settings))
+    except Exception as error:  # StoreError, an unreadable memory: the report goes on without it
+        log.warning("project %s: its memory could not be read: %s", project, error)
+        return None
+    labels = memory.labels if memory is not None else []
+    return {label: memory.regions_taught(label) for label in labels if label != UNLABELED}
 
 
 def _annotate_folder_parser(commands: argparse._SubParsersAction) -> None:
@@ -431,7 +447,11 @@ def _learn_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--project", required=True, type=int, help="Label Studio project id")
     parser.add_argument("--url", help="Label Studio's address (default LABEL_STUDIO_URL)")
     parser.add_argument("--api-key", help="its access token (default LABEL_STUDIO_API_KEY)")
-    parser.add_argument("--forget", action="store_true", help="clear the project's memory instead (no models loaded)")
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument("--forget", action="store_true", help="clear the project's memory instead (no models loaded)")
+    instead.add_argument("--show", action="store_true",
+                         help="show what the project's memory was taught instead: labels, regions, cells, bytes, "
+                              "revision, annotations (no models loaded)")
 
 
 def run_learn(args: argparse.Namespace) -> int:
@@ -448,6 +468,8 @@ def run_learn(args: argparse.Namespace) -> int:
     project = str(args.project)
     memories = ProjectMemories.from_settings(settings)
     try:
+        if args.show:
+            return _show_memory(memories, project, settings)
         if args.forget:
             memory = memories.clear(project, settings_fingerprint(settings))
             print(f"project {project}: memory cleared (revision {memory.revision})" if memory
@@ -471,6 +493,18 @@ def run_learn(args: argparse.Namespace) -> int:
     print(f"project {project}: memory of {len(memory.annotations)} annotations, labels "
           f"{', '.join(label for label in memory.labels if label) or 'none'}, revision {memory.revision}, "
           f"{memory.nbytes} bytes")
+    return 0
+
+
+def _show_memory(memories: ProjectMemories, project: str, settings: Settings) -> int:
+    from backend.memory_summary import MemorySummary
+    from backend.models.identity import settings_fingerprint
+
+    memory = memories.load(project, settings_fingerprint(settings))
+    if memory is None:
+        print(f"project {project}: no memory for these models")
+        return 1
+    print(MemorySummary.of(project, memory, model_version(settings)).format())
     return 0
 
 
