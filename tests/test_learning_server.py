@@ -385,7 +385,8 @@ def test_the_memory_route_shows_what_was_taught_behind_basic_auth(settings, tiny
         body, memory = shown.json(), backend.memory(1)
         labels = {item["label"]: item for item in body["labels"]}
         assert sorted(labels) == ["lesion", "rust"]  # its two regions cover the image: no unlabeled cells
-        assert labels["rust"]["regions"] == 1 and labels["rust"]["cells"] > 0 and labels["rust"]["annotations"] == ["100"]
+        rust = labels["rust"]
+        assert rust["regions"] == 1 and rust["cells"] > 0 and rust["annotations"] == ["100"]
         assert body["bytes"] == memory.nbytes == sum(item["bytes"] for item in body["labels"])
         assert body["revision"] == memory.revision
         assert [(a["annotation"], a["task"]) for a in body["annotations"]] == [("100", "10")]

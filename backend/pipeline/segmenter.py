@@ -318,8 +318,9 @@ class Segmenter:
     ) -> Proposal:
         """Refinement of the assigned clusters' masks on ``small``, brought to ``image``'s size."""
         refined = self.refiner.start(small, masks[[a.cluster for a in assigned]], options.refine, full_image=image)
-        return Proposal(assigned=assigned, confidence=confidence, refined=refined, labels=labels, caption=encoding.caption,
-                        candidates=candidates, used_fallback=used_fallback, observer=self.observer)
+        return Proposal(assigned=assigned, confidence=confidence, refined=refined, labels=labels,
+                        caption=encoding.caption, candidates=candidates, used_fallback=used_fallback,
+                        observer=self.observer)
 
     def segment_image(self, image: np.ndarray, labels: Sequence[Label], options: SegmentOptions) -> Segmentation:
         """The one-shot run: encode, then segment."""
