@@ -2,9 +2,8 @@
 
 import json
 
-import pytest
-
 import numpy as np
+import pytest
 from PIL import Image
 
 from backend.cli import main
