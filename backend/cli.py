@@ -16,6 +16,7 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
+from backend.evaluation.learning import ORDERS
 from backend.images import ImageError, read_image_file
 from backend.labelstudio.results import brush_results, prediction
 from backend.models import ModelUnavailableError
@@ -29,6 +30,7 @@ from backend.settings import EngineChoice, Settings, get_settings
 
 if TYPE_CHECKING:
     from backend.labelstudio.images import TaskImage
+    from backend.memories import ProjectMemories
     from backend.pipeline.encoding import Encoding
 
 log = logging.getLogger("freesegdiff")
@@ -231,6 +233,10 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--root", type=Path, required=True, help="the dataset's folder (see README, Quality)")
     parser.add_argument("--learn", action="store_true",
                         help="replay: predict, correct with the ground truth, learn; mIoU with and without learning")
+    parser.add_argument("--order", choices=ORDERS, default="dataset",
+                        help="with --learn: teach in the dataset's order, or lowest prediction confidence first")
+    parser.add_argument("--holdout", type=int, default=0, metavar="N",
+                        help="with --learn: score the last N images, never taught (default: the images not yet taught)")
     parser.add_argument("--limit", type=int, help="score only the first N images")
     parser.add_argument("--predictions", type=Path, help="score these label-index PNGs instead of running the models")
     _add_segment_options(parser, strict_flag=False)
@@ -275,8 +281,12 @@ def run_replay(args: argparse.Namespace) -> int:
     from backend.evaluation.run import write_json
 
     settings = get_settings()
-    result = replay_dataset(process_segmenter(settings), args.dataset, args.root, args.limit,
-                            _options(args, settings), settings.memory_bounds)
+    try:
+        result = replay_dataset(process_segmenter(settings), args.dataset, args.root, args.limit,
+                                _options(args, settings), settings.memory_bounds, args.order, args.holdout)
+    except ValueError as error:  # a held-out set that leaves nothing to teach
+        log.error("--holdout %d: %s", args.holdout, error)
+        return 2
     write_json(result.to_dict(), args.json_path)
     if settings.models != "pretrained":
         print(f"{settings.models} profile: random weights; the figures measure the memory's mechanics only")
@@ -314,11 +324,26 @@ def run_report(args: argparse.Namespace) -> int:
         log.error("no feedback recorded for project %s yet (annotations of tasks with our predictions)", args.project)
         return 1
     print(format_table(summarize(records)))
-    print("\nmean IoU per label over time (annotations in time order):")
-    print(format_over_time(records))
+    print("\nper label: taught to the memory (regions), and mean IoU over time (annotations in time order):")
+    print(format_over_time(records, taught=_taught_regions(settings, args.project)))
     chart = render_chart(records, args.chart or Path(f"feedback-{args.project}.png"))
     print(f"{len(records)} annotations; chart {chart}")
     return 0
+
+
+def _taught_regions(settings: Settings, project: str) -> dict[str, int] | None:
+    """Each label the project's memory (of these models) was taught, with its regions; None when unreadable."""
+    from backend.memories import ProjectMemories
+    from backend.models.identity import settings_fingerprint
+    from backend.pipeline.memory import UNLABELED
+
+    try:
+        memory = ProjectMemories.from_settings(settings).load(project, settings_fingerprint(settings))
+    except Exception as error:  # StoreError, an unreadable memory: the report goes on without it
+        log.warning("project %s: its memory could not be read: %s", project, error)
+        return None
+    labels = memory.labels if memory is not None else []
+    return {label: memory.regions_taught(label) for label in labels if label != UNLABELED}
 
 
 def _annotate_folder_parser(commands: argparse._SubParsersAction) -> None:
@@ -422,7 +447,11 @@ def _learn_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--project", required=True, type=int, help="Label Studio project id")
     parser.add_argument("--url", help="Label Studio's address (default LABEL_STUDIO_URL)")
     parser.add_argument("--api-key", help="its access token (default LABEL_STUDIO_API_KEY)")
-    parser.add_argument("--forget", action="store_true", help="clear the project's memory instead (no models loaded)")
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument("--forget", action="store_true", help="clear the project's memory instead (no models loaded)")
+    instead.add_argument("--show", action="store_true",
+                         help="show what the project's memory was taught instead: labels, regions, cells, bytes, "
+                              "revision, annotations (no models loaded)")
 
 
 def run_learn(args: argparse.Namespace) -> int:
@@ -439,6 +468,8 @@ def run_learn(args: argparse.Namespace) -> int:
     project = str(args.project)
     memories = ProjectMemories.from_settings(settings)
     try:
+        if args.show:
+            return _show_memory(memories, project, settings)
         if args.forget:
             memory = memories.clear(project, settings_fingerprint(settings))
             print(f"project {project}: memory cleared (revision {memory.revision})" if memory
@@ -462,6 +493,18 @@ def run_learn(args: argparse.Namespace) -> int:
     print(f"project {project}: memory of {len(memory.annotations)} annotations, labels "
           f"{', '.join(label for label in memory.labels if label) or 'none'}, revision {memory.revision}, "
           f"{memory.nbytes} bytes")
+    return 0
+
+
+def _show_memory(memories: ProjectMemories, project: str, settings: Settings) -> int:
+    from backend.memory_summary import MemorySummary
+    from backend.models.identity import settings_fingerprint
+
+    memory = memories.load(project, settings_fingerprint(settings))
+    if memory is None:
+        print(f"project {project}: no memory for these models")
+        return 1
+    print(MemorySummary.of(project, memory, model_version(settings)).format())
     return 0
 
 

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from backend.cli import main
@@ -47,3 +48,21 @@ def test_eval_runs_the_pipeline_when_no_predictions_are_given(tmp_path, tiny_env
                  "--refine", "none"]) == 0
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["num_images"] == 1 and 0 <= result["miou"] <= 100
+
+
+@pytest.mark.slow
+def test_eval_learn_in_confidence_order_with_a_held_out_set(tmp_path, tiny_environment, capsys):
+    from backend.evaluation.synthetic import write_scenes
+
+    root = write_scenes(tmp_path / "scenes", count=4, seed=0, height=48, width=64)
+    out = tmp_path / "replay.json"
+    assert main(["eval", "--learn", "--dataset", "folder", "--root", str(root), "--order", "confidence",
+                 "--holdout", "2", "--refine", "none", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["order"] == "confidence" and result["holdout"] == 2
+    assert sorted(result["taught_order"]) == ["scene-0000", "scene-0001"]
+    assert [c["taught"] for c in result["checkpoints"]] == [0, 1, 2]
+    assert all(c["images_scored"] == 2 and 0 <= c["mean_confidence"] <= 1 for c in result["checkpoints"])
+    assert "order confidence" in capsys.readouterr().out
+    assert main(["eval", "--learn", "--dataset", "folder", "--root", str(root), "--holdout", "4",
+                 "--refine", "none", "--json", str(out)]) == 2  # nothing left to teach

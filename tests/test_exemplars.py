@@ -41,7 +41,7 @@ def test_cells_follow_confident_exemplars_where_kmeans_merged_two_classes():
     axes[:, 2:] = 1  # rust on the left, moss on the right
     merged = np.zeros((4, 4), int)  # K-means put both in one cluster
     clip = np.array([[0.6, 0.3, 0.1]], np.float32)  # CLIP calls the cluster rust
-    masks, assigned = label_with_exemplars(features_of(axes), merged, clip, [0, 1], LABELS, exemplars(), 8, 8)
+    masks, assigned, _ = label_with_exemplars(features_of(axes), merged, clip, [0, 1], LABELS, exemplars(), 8, 8)
     names = {a.cluster: LABELS[a.label].name for a in assigned}
     assert sorted(names.values()) == ["moss", "rust"]
     by_name = {name: masks[index] for index, name in names.items()}
@@ -54,7 +54,7 @@ def test_a_taught_label_wins_over_clip_and_an_untaught_one_keeps_clips_best_clus
     axes[:2] = 0  # the top half looks like rust
     clusters = (axes == 0).astype(int) ^ 1  # cluster 0: top, cluster 1: bottom
     clip = np.array([[0.1, 0.1, 0.8], [0.05, 0.05, 0.9]], np.float32)  # CLIP says sky for both, the bottom best
-    masks, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1, 2], LABELS, exemplars(), 4, 4)
+    masks, assigned, _ = label_with_exemplars(features_of(axes), clusters, clip, [0, 1, 2], LABELS, exemplars(), 4, 4)
     names = sorted(LABELS[a.label].name for a in assigned)
     assert names == ["rust", "sky"]  # sky only once: an untaught label keeps only its best cluster
 
@@ -66,11 +66,11 @@ def test_a_confident_correct_clip_label_survives_one_wrongly_taught_region():
     wrong = Exemplars.of(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 1})  # one region taught as rust: w 1/2
     q = exemplar_probabilities(features_of(axes), wrong, ["rust", "moss", "sky", UNLABELED])
     assert q[:, 0].min() >= 0.9  # its exemplar votes with certainty on every cell...
-    _, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, wrong, 2, 2)
+    _, assigned, _ = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, wrong, 2, 2)
     assert [LABELS[a.label].name for a in assigned] == ["moss"]  # ...but 1/2 * 1 + 1/2 * 0.05 < 0.9
     assert Exemplars.of(vectors={}, regions={}).weight("rust") == 0.0 and wrong.weight("rust") == pytest.approx(1 / 2)
     many = Exemplars.of(vectors={"rust": np.stack([unit(0)])}, regions={"rust": 20})  # w 20/21: the memory is sure
-    _, assigned = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, many, 2, 2)
+    _, assigned, _ = label_with_exemplars(features_of(axes), clusters, clip, [0, 1], LABELS, many, 2, 2)
     assert [LABELS[a.label].name for a in assigned] == ["rust"]
 
 
@@ -79,7 +79,7 @@ def test_untaught_labels_keep_clips_choice():
     clusters = np.zeros((2, 2), int)
     strong_clip = np.array([[0.0, 1.0, 0.0]], np.float32)
     none_taught = Exemplars.of(vectors={}, regions={})
-    _, assigned = label_with_exemplars(features_of(axes), clusters, strong_clip, [1], LABELS, none_taught, 2, 2)
+    _, assigned, _ = label_with_exemplars(features_of(axes), clusters, strong_clip, [1], LABELS, none_taught, 2, 2)
     assert [LABELS[a.label].name for a in assigned] == ["moss"]
 
 
@@ -89,14 +89,14 @@ def test_one_taught_region_splits_a_merged_cluster_where_clip_is_unsure_never_ag
     merged = np.zeros((4, 4), int)
     taught = exemplars(regions=1)  # w 1/2 each
     unsure = np.array([[0.5, 0.45, 0.05]], np.float32)
-    _, assigned = label_with_exemplars(features_of(axes), merged, unsure, [0, 1], LABELS, taught, 8, 8)
+    _, assigned, _ = label_with_exemplars(features_of(axes), merged, unsure, [0, 1], LABELS, taught, 8, 8)
     assert sorted(LABELS[a.label].name for a in assigned) == ["moss", "rust"]
     sure = np.array([[0.95, 0.05, 0.0]], np.float32)
     moss_only = Exemplars.of({"moss": np.stack([unit(1)] * 12)}, {"moss": 1})  # 0.5 * 0.05 + 0.5 < 0.95
-    _, assigned = label_with_exemplars(features_of(axes), merged, sure, [0, 1], LABELS, moss_only, 8, 8)
+    _, assigned, _ = label_with_exemplars(features_of(axes), merged, sure, [0, 1], LABELS, moss_only, 8, 8)
     assert [LABELS[a.label].name for a in assigned] == ["rust"]
     # With rust taught too, its exemplars say the right half is not rust: 0.5 * 0.95 + 0.5 * 0 < 0.5 * 0.05 + 0.5.
-    _, assigned = label_with_exemplars(features_of(axes), merged, sure, [0, 1], LABELS, taught, 8, 8)
+    _, assigned, _ = label_with_exemplars(features_of(axes), merged, sure, [0, 1], LABELS, taught, 8, 8)
     assert sorted(LABELS[a.label].name for a in assigned) == ["moss", "rust"]
 
 

@@ -295,8 +295,10 @@ def test_format_over_time_gives_each_label_its_mean_iou_per_group_of_annotations
     # Given out of time order: the table orders them. sky improves; car only in the last group.
     records = [record("p", task, 1_700_000_000 + task * DAY, LabelFeedback("sky", task / 10, "edited"),
                       *([LabelFeedback("car", 1.0, "kept")] if task >= 8 else [])) for task in reversed(range(10))]
-    lines = format_over_time(records, periods=5).splitlines()
-    assert lines[0].split() == ["label", "1-2", "3-4", "5-6", "7-8", "9-10"]
-    assert lines[2].split() == ["car", "-", "-", "-", "-", "1.000"]
-    assert lines[3].split() == ["sky", "0.050", "0.250", "0.450", "0.650", "0.850"]
-    assert format_over_time(records[:2], periods=5).splitlines()[0].split() == ["label", "1-1", "2-2"]
+    lines = format_over_time(records, periods=5, taught={"sky": 3, "tree": 1}).splitlines()
+    assert lines[0].split() == ["label", "taught", "1-2", "3-4", "5-6", "7-8", "9-10"]
+    assert lines[2].split() == ["car", "no", "-", "-", "-", "-", "1.000"]
+    assert lines[3].split() == ["sky", "3", "regions", "0.050", "0.250", "0.450", "0.650", "0.850"]
+    assert lines[4].split() == ["tree", "1", "regions", "-", "-", "-", "-", "-"]  # taught, never corrected
+    assert format_over_time(records[:2], periods=5).splitlines()[0].split() == ["label", "taught", "1-1", "2-2"]
+    assert format_over_time(records[:2], periods=5).splitlines()[2].split()[1] == "?"  # memory unknown

@@ -4,6 +4,7 @@ Whatever the learning run gains over the run without learning then comes from th
 """
 
 import hashlib
+import json
 from collections.abc import Sequence
 
 import cv2
@@ -11,12 +12,15 @@ import numpy as np
 import pytest
 
 from backend.evaluation.datasets import folder_dataset
-from backend.evaluation.learning import checkpoints, format_replay, replay
+from backend.evaluation.learning import checkpoints, format_replay, ground_truth_regions, replay
 from backend.evaluation.synthetic import CLASSES, write_scenes
 from backend.images import read_image_file
 from backend.models.loading import load_spacy
-from backend.pipeline.memory import MemoryBounds
+from backend.pipeline.exemplars import Exemplars
+from backend.pipeline.memory import Memory, MemoryBounds
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.pipeline.teaching import teach
+from backend.pipeline.vocabulary import labels_from_names
 
 GRID = 32
 BOUNDS = MemoryBounds(label_bytes=1 << 20, project_bytes=1 << 23)
@@ -85,3 +89,46 @@ def test_replay_is_deterministic(scenes):
     first = replay(segmenter, spec, samples[:5], SegmentOptions(k=4, refine="crf"), BOUNDS)
     second = replay(segmenter, spec, samples[:5], SegmentOptions(k=4, refine="crf"), BOUNDS)
     assert first == second
+
+
+def test_a_held_out_set_is_scored_at_every_checkpoint_and_never_taught(scenes):
+    segmenter, spec, samples = scenes
+    result = replay(segmenter, spec, samples, SegmentOptions(k=4, refine="none"), BOUNDS, holdout=4)
+    ids = [sample.image_id for sample in samples]
+    assert result.taught_order == ids[:6]  # the dataset's order, the held-out four never taught
+    assert [c.taught for c in result.checkpoints] == [0, 1, 2, 4]
+    assert all(c.images_scored == 4 for c in result.checkpoints)
+    assert len({c.miou_without for c in result.checkpoints}) == 1  # the same four images each time
+    assert result.checkpoints[-1].miou_with > result.checkpoints[0].miou_with
+    for value in [result.rank_correlation] + [c.rank_correlation for c in result.checkpoints]:
+        assert value is None or -1 <= value <= 1
+    json.dumps(result.to_dict(), allow_nan=False)  # strict JSON: None, never NaN
+
+
+def test_confidence_order_teaches_the_least_sure_image_next_rescored_with_the_memory(scenes):
+    segmenter, spec, samples = scenes
+    options = SegmentOptions(k=4, refine="none")
+    result = replay(segmenter, spec, samples, options, BOUNDS, order="confidence", holdout=4)
+    pool = samples[:6]
+    assert sorted(result.taught_order) == sorted(s.image_id for s in pool)
+    labels = labels_from_names(spec.label_names)
+    images = {s.image_id: read_image_file(s.image_path) for s in pool}
+    encodings = {image_id: segmenter.encode(image) for image_id, image in images.items()}
+
+    def least_sure(memory: Memory | None, candidates: list[str]) -> str:
+        exemplars = Exemplars.from_memory(memory) if memory is not None else None
+        scores = {i: segmenter.segment(encodings[i], images[i], labels, options, exemplars).score for i in candidates}
+        return min(candidates, key=lambda i: (scores[i], candidates.index(i)))
+
+    ids = [s.image_id for s in pool]
+    assert result.taught_order[0] == least_sure(None, ids)
+    memory = Memory(segmenter.fingerprint, encodings[ids[0]].features.shape[0], BOUNDS)
+    first = next(s for s in pool if s.image_id == result.taught_order[0])
+    teach(memory, first.image_id, encodings[first.image_id], *ground_truth_regions(first.label, spec.label_names))
+    assert result.taught_order[1] == least_sure(memory, [i for i in ids if i != first.image_id])
+
+
+def test_a_held_out_set_must_leave_images_to_teach(scenes):
+    segmenter, spec, samples = scenes
+    with pytest.raises(ValueError, match="holdout"):
+        replay(segmenter, spec, samples[:3], SegmentOptions(k=4, refine="none"), BOUNDS, holdout=3)

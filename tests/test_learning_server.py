@@ -371,3 +371,45 @@ def test_a_learn_racing_the_delete_of_its_annotation_never_brings_it_back(settin
 
     teacher(encode_while_deleted).learn("1", 100, access)
     assert ProjectMemories.from_settings(settings).load("1", tiny_segmenter.fingerprint).annotations == {}
+
+
+def test_the_memory_route_shows_what_was_taught_behind_basic_auth(settings, tiny_segmenter):
+    guarded = settings.model_copy(update={"basic_auth_user": "ls", "basic_auth_pass": "secret"})
+    with TestClient(create_app(guarded, load_segmenter=lambda: tiny_segmenter)) as client:
+        backend = Backend(client)
+        assert client.get("/memory/1").status_code == 401
+        missing = client.get("/memory/1", auth=("ls", "secret"))
+        assert missing.status_code == 404 and missing.json()["kind"] == "no_memory"
+        assert client.get("/memory/abc", auth=("ls", "secret")).json()["kind"] == "project"
+        client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
+                                      **_annotation(100, 10, [])}, auth=("ls", "secret"))
+        backend.state.learner.join()
+        shown = client.get("/memory/1.1700000000", auth=("ls", "secret"))
+        assert shown.status_code == 200
+        body, memory = shown.json(), backend.memory(1)
+        labels = {item["label"]: item for item in body["labels"]}
+        assert sorted(labels) == ["lesion", "rust"]  # its two regions cover the image: no unlabeled cells
+        rust = labels["rust"]
+        assert rust["regions"] == 1 and rust["cells"] > 0 and rust["annotations"] == ["100"]
+        assert body["bytes"] == memory.nbytes == sum(item["bytes"] for item in body["labels"])
+        assert body["revision"] == memory.revision
+        assert [(a["annotation"], a["task"]) for a in body["annotations"]] == [("100", "10")]
+        setup = client.post("/setup", json={"project": "1.1700000000", "schema": CONFIG}, auth=("ls", "secret"))
+        assert body["model_version"] == setup.json()["model_version"]
+
+
+def test_a_changed_memory_gives_fresh_scores_under_a_new_model_version(backend, fake):
+    image = _image()
+    before = backend.predict(1, image)
+    fake.tasks[12] = fake.tasks[10]
+    for annotation, task in ((101, 11), (102, 12)):
+        fake.annotations[annotation] = {"task": task, "result": fake.annotations[100]["result"]}
+    for annotation, task in ((100, 10), (101, 11), (102, 12)):
+        backend.webhook("ANNOTATION_CREATED", 1, **_annotation(annotation, task, []))
+    after = backend.predict(1, image)
+    # what Label Studio re-asks for: a /setup version its stored predictions lack
+    assert after["model_version"] != before["model_version"] == backend.predict(2, image)["model_version"]
+    scores = [prediction["results"][0]["score"] for prediction in (before, after)]
+    # the memory was taught this very image: its exemplars agree with the prediction, CLIP alone did not vouch
+    assert 0 <= scores[0] < scores[1] <= 1, scores
+    assert all(0 <= region["score"] <= 1 for region in after["results"][0]["result"])

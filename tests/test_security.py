@@ -91,7 +91,8 @@ def test_basic_auth_guards_every_route_but_health(tiny_settings, tiny_segmenter)
                     continue
                 assert statuses[:3] == [401] * 3 and statuses[3] not in (401, 403), (method, route.path, statuses)
                 checked.add(route.path)
-    assert {"/", "/setup", "/predict", "/webhook", "/versions", "/metrics", "/openapi.json", "/docs"} <= checked
+    assert {"/", "/setup", "/predict", "/webhook", "/versions", "/metrics", "/openapi.json", "/docs",
+            "/memory/{project}"} <= checked
 
 
 # --- Label Studio's token, and who may be fetched ------------------------------------------

@@ -1,10 +1,15 @@
 """The replay harness: what learning from corrections would do on an already labelled sample.
 
-It walks the images in a fixed order (the dataset's): predict with the memory of the images
-before, then "correct" with the ground truth and learn it. At 0, 1, 2, 4, 8, ... images taught
-it scores every image not yet taught, with that memory and without any, side by side (the same
-images both ways). Per label, it notes how many images had been taught when the walk first
-predicted the label correctly (IoU at least ``CORRECT_IOU`` on an image that shows it).
+It walks the images one by one: predict with the memory of the images taught before, then
+"correct" with the ground truth and learn it. Two orders: the dataset's, or lowest confidence
+first (every image not yet taught is predicted again with the memory after each image taught,
+and the least sure is taught next: Label Studio's tasks sorted by prediction score). With a
+held-out set (the last N images in the dataset's order) the rest is the pool the walk teaches,
+and at 0, 1, 2, 4, 8, ... images taught the held-out images are scored, with that memory and
+without any, side by side; without one, the images not yet taught are. Each checkpoint also
+gives the rank correlation (Spearman) of each scored image's confidence with its own mIoU: is a
+low score a worse prediction? Per label, it notes how many images had been taught when the walk
+first predicted the label correctly (IoU at least ``CORRECT_IOU`` on an image that shows it).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from backend.evaluation.datasets import Dataset, Sample, dataset_at
 from backend.evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
@@ -21,32 +28,45 @@ from backend.images import read_image_file
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory, MemoryBounds
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.pipeline.segmenter import Segmentation, Segmenter, SegmentOptions
 from backend.pipeline.teaching import AnnotatedRegion, teach
-from backend.pipeline.vocabulary import labels_from_names
+from backend.pipeline.vocabulary import Label, labels_from_names
 
 CORRECT_IOU = 0.5
+Order = Literal["dataset", "confidence"]
+ORDERS: tuple[Order, ...] = ("dataset", "confidence")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """mIoU (%) of the images not yet taught, after ``taught`` images, without and with learning."""
+    """After ``taught`` images: mIoU (%) of the images scored without and with learning, and their confidence.
+
+    ``rank_correlation``: Spearman's of per-image confidence and per-image mIoU, with learning (None
+    when fewer than three images, or either is constant).
+    """
 
     taught: int
     images_scored: int
     miou_without: float
     miou_with: float
+    mean_confidence: float
+    rank_correlation: float | None
 
 
 @dataclass(frozen=True)
 class ReplayResult:
+    order: Order
+    holdout: int
+    taught_order: list[str]  # the image ids in the order the walk taught them
     checkpoints: list[Checkpoint]
+    rank_correlation: float | None  # over every scored image of every checkpoint
     # label -> images taught before the walk first predicted it correctly (None: never)
     first_correct_with: dict[str, int | None]
     first_correct_without: dict[str, int | None]
 
     def to_dict(self) -> dict:
-        return {"checkpoints": [c.__dict__ for c in self.checkpoints],
+        return {"order": self.order, "holdout": self.holdout, "taught_order": self.taught_order,
+                "checkpoints": [c.__dict__ for c in self.checkpoints], "rank_correlation": self.rank_correlation,
                 "first_correct_with_learning": self.first_correct_with,
                 "first_correct_without_learning": self.first_correct_without}
 
@@ -68,41 +88,75 @@ def ground_truth_regions(truth: np.ndarray, names: Sequence[str]) -> tuple[list[
 
 
 def replay(segmenter: Segmenter, spec: Dataset, samples: Sequence[Sample], options: SegmentOptions,
-           bounds: MemoryBounds, batch: int = 4) -> ReplayResult:
-    """Walk ``samples`` in order: predict, correct with the ground truth, learn (see the module's docstring)."""
+           bounds: MemoryBounds, order: Order = "dataset", holdout: int = 0, batch: int = 4) -> ReplayResult:
+    """Walk the pool of ``samples`` in ``order``: predict, correct with the ground truth, learn (see the module)."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+    if not 0 <= holdout < len(samples):
+        raise ValueError(f"holdout must leave images to teach: 0 <= N < {len(samples)} images, not {holdout}")
     labels = labels_from_names(spec.label_names)
     images = [read_image_file(sample.image_path) for sample in samples]
     encodings = segmenter.encode_many(images, batch)
-    baseline = [segmenter.segment(e, image, labels, options).label_map for e, image in zip(encodings, images)]
-    memory = Memory(segmenter.fingerprint, encodings[0].features.shape[0], bounds) if encodings else None
-    results, walked = [], []
-    points = checkpoints(len(samples))
-    for index, (sample, encoding, image) in enumerate(zip(samples, encodings, images)):
-        exemplars = Exemplars.from_memory(memory) if memory.annotations else None
-        if index in points:
-            learned = [_predict(segmenter, e, im, labels, options, exemplars)
-                       for e, im in zip(encodings[index:], images[index:])]
-            truths = [s.label for s in samples[index:]]
-            results.append(Checkpoint(index, len(truths), _miou(spec, baseline[index:], truths),
-                                      _miou(spec, learned, truths)))
-            walked.append(learned[0])
-        else:
-            walked.append(_predict(segmenter, encoding, image, labels, options, exemplars))
-        regions, ignored = ground_truth_regions(sample.label, spec.label_names)
-        teach(memory, sample.image_id, encoding, regions, ignored)
     truths = [sample.label for sample in samples]
-    return ReplayResult(results, _first_correct(spec, walked, truths), _first_correct(spec, baseline, truths))
+
+    def predict(index: int, exemplars: Exemplars | None) -> Segmentation:
+        return _predict(segmenter, encodings[index], images[index], labels, options, exemplars)
+
+    baseline = [predict(index, None) for index in range(len(samples))]
+    memory = Memory(segmenter.fingerprint, encodings[0].features.shape[0], bounds)
+    held, remaining = list(range(len(samples) - holdout, len(samples))), list(range(len(samples) - holdout))
+    points = checkpoints(len(remaining) + 1 if holdout else len(remaining))
+    results, walked, scored_pairs = [], [], []
+    for taught in range(len(remaining) + 1):
+        exemplars = Exemplars.from_memory(memory) if memory.annotations else None
+        predicted: dict[int, Segmentation] = {}
+        if taught in points:
+            scored = held or remaining
+            predicted |= {index: predict(index, exemplars) for index in scored}
+            pairs = [(predicted[index].score, _miou(spec, [predicted[index].label_map], [truths[index]]))
+                     for index in scored]  # each image's own mIoU
+            scored_pairs += pairs
+            results.append(Checkpoint(
+                taught, len(scored), _miou(spec, [baseline[i].label_map for i in scored], [truths[i] for i in scored]),
+                _miou(spec, [predicted[i].label_map for i in scored], [truths[i] for i in scored]),
+                float(np.mean([confidence for confidence, _ in pairs])), _spearman(pairs)))
+        if not remaining:
+            break
+        if order == "confidence":
+            predicted |= {index: predict(index, exemplars) for index in remaining if index not in predicted}
+            chosen = min(remaining, key=lambda index: (predicted[index].score, index))
+        else:
+            chosen = remaining[0]
+        remaining.remove(chosen)
+        walked.append((chosen, predicted.get(chosen) or predict(chosen, exemplars)))
+        regions, ignored = ground_truth_regions(truths[chosen], spec.label_names)
+        teach(memory, samples[chosen].image_id, encodings[chosen], regions, ignored)
+    walk_truths = [truths[index] for index, _ in walked]
+    return ReplayResult(
+        order, holdout, [samples[index].image_id for index, _ in walked], results, _spearman(scored_pairs),
+        _first_correct(spec, [segmentation.label_map for _, segmentation in walked], walk_truths),
+        _first_correct(spec, [baseline[index].label_map for index, _ in walked], walk_truths))
 
 
 def replay_dataset(segmenter: Segmenter, dataset: str, root: Path, limit: int | None, options: SegmentOptions,
-                   bounds: MemoryBounds) -> ReplayResult:
+                   bounds: MemoryBounds, order: Order = "dataset", holdout: int = 0) -> ReplayResult:
     spec = dataset_at(dataset, root)
-    return replay(segmenter, spec, list(spec.samples(root, limit)), options, bounds)
+    return replay(segmenter, spec, list(spec.samples(root, limit)), options, bounds, order, holdout)
 
 
-def _predict(segmenter: Segmenter, encoding: Encoding, image: np.ndarray, labels, options: SegmentOptions,
-             exemplars: Exemplars | None) -> np.ndarray:
-    return segmenter.segment(encoding, image, labels, options, exemplars).label_map
+def _predict(segmenter: Segmenter, encoding: Encoding, image: np.ndarray, labels: Sequence[Label],
+             options: SegmentOptions, exemplars: Exemplars | None) -> Segmentation:
+    return segmenter.segment(encoding, image, labels, options, exemplars)
+
+
+def _spearman(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """Spearman's rank correlation of (confidence, mIoU) pairs; None when it is undefined."""
+    if len(pairs) < 3:
+        return None
+    confidences, mious = zip(*pairs)
+    if len(set(confidences)) < 2 or len(set(mious)) < 2:
+        return None
+    return float(spearmanr(confidences, mious).statistic)
 
 
 def _miou(spec: Dataset, predictions: Sequence[np.ndarray], truths: Sequence[np.ndarray]) -> float:
@@ -125,9 +179,12 @@ def _first_correct(spec: Dataset, predictions: Sequence[np.ndarray],
 
 def format_replay(result: ReplayResult) -> str:
     """The harness's two tables, fixed width, for a terminal."""
-    lines = ["taught  scored  mIoU without  mIoU with learning"]
-    lines += [f"{c.taught:>6}  {c.images_scored:>6}  {c.miou_without:>12.2f}  {c.miou_with:>18.2f}"
-              for c in result.checkpoints]
+    scored = f"the last {result.holdout} images, held out" if result.holdout else "the images not yet taught"
+    lines = [f"order {result.order}; scored: {scored}; rank correlation of confidence and mIoU over all: "
+             f"{_correlation(result.rank_correlation)}",
+             "taught  scored  mIoU without  mIoU with learning  mean confidence  rank correlation"]
+    lines += [f"{c.taught:>6}  {c.images_scored:>6}  {c.miou_without:>12.2f}  {c.miou_with:>18.2f}  "
+              f"{c.mean_confidence:>15.3f}  {_correlation(c.rank_correlation):>16}" for c in result.checkpoints]
     width = max(len(name) for name in result.first_correct_with) if result.first_correct_with else 5
     lines += ["", f"{'label':<{width}}  first correct after N images taught: with learning / without"]
     for name, taught in result.first_correct_with.items():
@@ -138,3 +195,7 @@ def format_replay(result: ReplayResult) -> str:
 
 def _never(taught: int | None) -> str:
     return "never" if taught is None else str(taught)
+
+
+def _correlation(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"

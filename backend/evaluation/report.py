@@ -36,24 +36,28 @@ def format_table(summary: Mapping[str, LabelSummary]) -> str:
     return _fixed_width(rows)
 
 
-def format_over_time(records: Iterable[FeedbackRecord], periods: int = PERIODS) -> str:
-    """Per label, the mean IoU of each of ``periods`` consecutive groups of annotations, oldest first.
+def format_over_time(records: Iterable[FeedbackRecord], periods: int = PERIODS,
+                     taught: Mapping[str, int] | None = None) -> str:
+    """Per label, whether the memory was taught it, and the mean IoU of ``periods`` groups of annotations, oldest first.
 
-    The columns are named by the annotations they hold (``1-20``: the first twenty); a label no
-    annotation of a group has shows ``-`` there. Rising figures: pre-annotation got better.
+    ``taught`` maps each label the project's memory holds to its regions taught (None: the memory
+    could not be read, shown ``?``); a label taught but never corrected gets a line too. The columns
+    are named by the annotations they hold (``1-20``: the first twenty); a label no annotation of a
+    group has shows ``-`` there. Rising figures: pre-annotation got better.
     """
     ordered = sorted(records, key=lambda r: r.timestamp)
     bounds = [round(i * len(ordered) / min(periods, len(ordered))) for i in range(min(periods, len(ordered)) + 1)]
     groups = [ordered[start:end] for start, end in zip(bounds, bounds[1:])]
-    labels = sorted({f.label for record in ordered for f in record.labels})
-    header = ("label", *(f"{start + 1}-{end}" for start, end in zip(bounds, bounds[1:])))
+    labels = sorted({f.label for record in ordered for f in record.labels} | set(taught or {}))
+    header = ("label", "taught", *(f"{start + 1}-{end}" for start, end in zip(bounds, bounds[1:])))
     rows = [header]
     for label in labels:
         cells = []
         for group in groups:
             ious = [f.iou for record in group for f in record.labels if f.label == label]
             cells.append(f"{sum(ious) / len(ious):.3f}" if ious else "-")
-        rows.append((label, *cells))
+        regions = "?" if taught is None else f"{taught[label]} regions" if label in taught else "no"
+        rows.append((label, regions, *cells))
     return _fixed_width(rows)
 
 

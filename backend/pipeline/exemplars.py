@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from backend.pipeline.confidence import Confidence, cell_confidence
 from backend.pipeline.labelling import ClusterLabel, cluster_masks
 from backend.pipeline.memory import UNLABELED, Memory
 from backend.pipeline.vocabulary import Label
@@ -117,8 +118,8 @@ def exemplar_probabilities(features: np.ndarray, exemplars: Exemplars, names: Se
 def label_with_exemplars(
     features: np.ndarray, cluster_grid: np.ndarray, clip_scores: np.ndarray, candidates: Sequence[int],
     labels: Sequence[Label], exemplars: Exemplars, height: int, width: int, device: torch.device | str = "cpu",
-) -> tuple[np.ndarray, list[ClusterLabel]]:
-    """(M, H, W) masks, one per label given, and the label of each, by the rules of this module's docstring.
+) -> tuple[np.ndarray, list[ClusterLabel], Confidence]:
+    """(M, H, W) masks, one per label given, the label of each (rules of this module's docstring), their confidence.
 
     ``clip_scores`` are CLIP's (K, L) probabilities of the clusters of ``cluster_grid``; ``candidates``
     already include the taught labels. A mask's ``ClusterLabel.cluster`` is its index in the masks.
@@ -148,9 +149,12 @@ def label_with_exemplars(
     cell_labels = np.where(confident, exemplar_choice, cell_labels)
     present = [int(label) for label in np.unique(cell_labels) if label != unlabeled]
     grid = np.full(cluster_grid.shape, len(present), np.int64)  # index len(present): no mask
-    assigned = []
+    assigned, region_cells = [], []
     for index, label in enumerate(present):
         chosen = cell_labels == label
         grid.ravel()[chosen] = index
+        region_cells.append(chosen)
         assigned.append(ClusterLabel(cluster=index, label=label, score=float(scores[chosen, label].mean())))
-    return cluster_masks(grid, height, width)[: len(present)], assigned
+    confidence = Confidence.of_cells(
+        cell_confidence(scores, cell_labels, q[cells, cell_labels], weights[cell_labels] > 0), region_cells)
+    return cluster_masks(grid, height, width)[: len(present)], assigned, confidence

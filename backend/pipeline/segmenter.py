@@ -31,6 +31,7 @@ import torch
 from backend.pipeline.candidates import match_candidates, prompt_words
 from backend.pipeline.clip_embeddings import LOGIT_SCALE, TextImageEmbedder
 from backend.pipeline.clustering import cluster_feature_grid
+from backend.pipeline.confidence import Confidence, clip_confidence
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars, label_with_exemplars
 from backend.pipeline.fidelity import StageRules, our_rules
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 StageObserver = Callable[[str, float], None]
 Clustering = Callable[[np.ndarray, int, int], np.ndarray]  # (C, G, G) float32 features, K, seed -> (G, G) clusters
 Tag = TypeVar("Tag")  # what a caller of ``segment_batches`` knows a batch by
+NO_CONFIDENCE = Confidence((), 0.0)  # of an image no candidate label was found for: nothing labelled
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class Click:
 class Region:
     label: int  # index into the labels passed to segment()
     name: str
-    score: float  # CLIP probability of this label for the region's cluster
+    score: float  # the region's confidence in [0, 1] (``backend.pipeline.confidence``)
 
 
 @dataclass
@@ -90,11 +92,7 @@ class Segmentation:
     caption: str
     candidates: list[str]
     used_fallback: bool = False
-
-    @property
-    def score(self) -> float:
-        """The prediction's score: the mean of its regions' scores (0 when it has none)."""
-        return float(np.mean([r.score for r in self.regions])) if self.regions else 0.0
+    score: float = 0.0  # the prediction's confidence in [0, 1], over the whole image (``backend.pipeline.confidence``)
 
 
 @dataclass
@@ -102,6 +100,7 @@ class Proposal:
     """A segmentation before refinement: the labelled clusters, their refinement started."""
 
     assigned: list[ClusterLabel]
+    confidence: Confidence  # of ``assigned``, in that order, and of the image
     refined: PendingMasks  # waits for the refined masks of ``assigned``, in that order
     labels: Sequence[Label]
     caption: str
@@ -115,12 +114,12 @@ class Proposal:
             refined = self.refined()
         label_map = np.zeros(refined.shape[1:], dtype=np.uint16)
         regions = []
-        for assignment, mask in zip(self.assigned, refined):
+        for assignment, mask, confidence in zip(self.assigned, refined, self.confidence.regions, strict=True):
             if mask.any():
                 label_map[mask] = assignment.label + 1
-                regions.append(Region(assignment.label, self.labels[assignment.label].name, assignment.score))
+                regions.append(Region(assignment.label, self.labels[assignment.label].name, confidence))
         return Segmentation(label_map=label_map, regions=regions, caption=self.caption,
-                            candidates=self.candidates, used_fallback=self.used_fallback)
+                            candidates=self.candidates, used_fallback=self.used_fallback, score=self.confidence.image)
 
 
 @contextmanager
@@ -266,17 +265,20 @@ class Segmenter:
             named = [i for i, (candidates, _) in enumerate(chosen) if candidates]
             scores = cluster_label_scores(self.clip, [working[i] for i in named], [masks[i] for i in named], vectors,
                                           self.rules.naming.view)
-            if exemplars is None:
-                assigned = {i: assign_labels(image_scores, chosen[i][0]) for i, image_scores in zip(named, scores)}
-            else:
-                assigned = {}
-                for i, image_scores in zip(named, scores):
-                    masks[i], assigned[i] = label_with_exemplars(
+            assigned: dict[int, tuple[list[ClusterLabel], Confidence]] = {}
+            for i, image_scores in zip(named, scores):
+                if exemplars is None:
+                    assignment = assign_labels(image_scores, chosen[i][0])
+                    assigned[i] = assignment, clip_confidence(grids[i], image_scores, assignment)
+                else:
+                    masks[i], assignment, confidence = label_with_exemplars(
                         encodings[i].features, grids[i], image_scores, chosen[i][0], labels, exemplars,
                         *working[i].shape[:2], self.device)
+                    assigned[i] = assignment, confidence
         return [
-            self._start_refinement(encoding, image, small, image_masks, assigned.get(i, []), labels, options,
-                                   candidates=[labels[c].name for c in candidates], used_fallback=used_fallback)
+            self._start_refinement(encoding, image, small, image_masks, *assigned.get(i, ([], NO_CONFIDENCE)), labels,
+                                   options, candidates=[labels[c].name for c in candidates],
+                                   used_fallback=used_fallback)
             for i, (encoding, image, small, image_masks, (candidates, used_fallback))
             in enumerate(zip(encodings, images, working, masks, chosen))
         ]
@@ -296,7 +298,9 @@ class Segmenter:
             column = min(max(int(click.x * scale_x), 0), small.shape[1] - 1)
             cluster = int(masks[:, row, column].argmax())
             assigned.setdefault(cluster, ClusterLabel(cluster=cluster, label=click.label, score=1.0))
-        return self._start_refinement(encoding, image, small, masks, list(assigned.values()), labels, options,
+        # the annotator named these regions: nothing to doubt
+        sure = Confidence((1.0,) * len(assigned), 1.0 if assigned else 0.0)
+        return self._start_refinement(encoding, image, small, masks, list(assigned.values()), sure, labels, options,
                                       candidates=[], used_fallback=False)
 
     def _clusters(
@@ -309,13 +313,14 @@ class Segmenter:
 
     def _start_refinement(
         self, encoding: Encoding, image: np.ndarray, small: np.ndarray, masks: np.ndarray,
-        assigned: list[ClusterLabel], labels: Sequence[Label], options: SegmentOptions, candidates: list[str],
-        used_fallback: bool,
+        assigned: list[ClusterLabel], confidence: Confidence, labels: Sequence[Label], options: SegmentOptions,
+        candidates: list[str], used_fallback: bool,
     ) -> Proposal:
         """Refinement of the assigned clusters' masks on ``small``, brought to ``image``'s size."""
         refined = self.refiner.start(small, masks[[a.cluster for a in assigned]], options.refine, full_image=image)
-        return Proposal(assigned=assigned, refined=refined, labels=labels, caption=encoding.caption,
-                        candidates=candidates, used_fallback=used_fallback, observer=self.observer)
+        return Proposal(assigned=assigned, confidence=confidence, refined=refined, labels=labels,
+                        caption=encoding.caption, candidates=candidates, used_fallback=used_fallback,
+                        observer=self.observer)
 
     def segment_image(self, image: np.ndarray, labels: Sequence[Label], options: SegmentOptions) -> Segmentation:
         """The one-shot run: encode, then segment."""

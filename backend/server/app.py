@@ -30,11 +30,13 @@ from backend.labelstudio.context import ContextError, parse_context
 from backend.labelstudio.learning import ProjectTeacher
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
 from backend.memories import ProjectMemories, SharedMemoryStore, shared_store
+from backend.memory_summary import MemorySummary
 from backend.models import downloads_wanted, ensure_downloaded
 from backend.options import OptionError, option_changes
 from backend.models.identity import model_version
 from backend.models.process import process_segmenter
 from backend.pipeline.exemplars import Exemplars
+from backend.pipeline.memory import MemoryFormatError
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.server.cache_writer import CacheWriter
 from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
@@ -224,6 +226,27 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
             raise HTTPException(400, "the training request names no project")
         learner.submit(LearningEvent("rebuild", key, await asyncio.to_thread(project_access, key)))
         return {"status": "ok", "job_id": f"rebuild-{key}"}
+
+    @app.get("/memory/{project}", dependencies=authenticated)
+    async def memory(project: str) -> JSONResponse:
+        """What the project's memory was taught, as ``freesegdiff learn --show`` prints it; 404 without one."""
+        count("memory")
+        key = project_id(project)
+        if key is None:
+            return JSONResponse({"error": f"{project!r} is not a project id", "kind": "project"}, status_code=400)
+        if worker.state != ModelState.READY:  # the memory is keyed by the loaded models' fingerprint
+            await asyncio.to_thread(worker.wait_until_loaded)
+        worker.ensure_ready()
+        try:
+            loaded = await asyncio.to_thread(memories.load, key, worker.fingerprint)
+        except (StoreError, MemoryFormatError) as error:
+            kind = "store" if isinstance(error, StoreError) else "memory"
+            metrics.errors.labels(kind=kind).inc()
+            return JSONResponse({"error": str(error), "kind": kind}, status_code=503)
+        if loaded is None:
+            return JSONResponse({"error": f"project {key} has no memory for these models", "kind": "no_memory"},
+                                status_code=404)
+        return JSONResponse(MemorySummary.of(key, loaded, version).to_dict())
 
     @app.get("/versions", dependencies=authenticated)
     async def versions() -> dict:

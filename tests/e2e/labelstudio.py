@@ -41,6 +41,7 @@ Label Studio 1.23.2 behaviours these helpers account for:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -375,6 +376,18 @@ def retrieve_predictions(
 def list_predictions(server: LabelStudioServer, task: int) -> list[dict[str, Any]]:
     """The predictions stored for one task (``GET /api/predictions?task=``), as JSON dicts."""
     return server.api("GET", "/api/predictions/", params={"task": task}).json()
+
+
+def tasks_by_prediction_score(server: LabelStudioServer, project: int) -> list[dict[str, Any]]:
+    """The project's tasks in the data manager's order by prediction score, lowest first (``GET /api/tasks``).
+
+    Each carries ``predictions_score``: Label Studio's mean score of the task's predictions of the project's
+    ``model_version`` (1.23.2, ``data_manager/managers.py``; None when the task has none of that version).
+    """
+    query = json.dumps({"ordering": ["tasks:predictions_score"]})
+    response = server.api("GET", "/api/tasks/", params={"project": project, "fields": "all", "page_size": 1000,
+                                                       "query": query})
+    return response.json()["tasks"]
 
 
 def get_project(server: LabelStudioServer, project: int) -> dict[str, Any]:
