@@ -121,11 +121,12 @@ def _compile(network: FeatureNetwork, example: torch.Tensor) -> FeatureRunner:
     """``torch.compile`` with inductor, channels-last. Inductor keeps the compiled kernels in its own cache
     (``TORCHINDUCTOR_CACHE_DIR``, read once per process, so not ours to move), which later starts reuse. A second
     batch size recompiles once with a dynamic batch dimension (``dynamic=None``), not once per size."""
-    def run(pixels: torch.Tensor) -> torch.Tensor:
-        return compiled(pixels.contiguous(memory_format=torch.channels_last))
-
     try:
         compiled = torch.compile(network.to(memory_format=torch.channels_last), backend="inductor")
+
+        def run(pixels: torch.Tensor) -> torch.Tensor:
+            return compiled(pixels.contiguous(memory_format=torch.channels_last))
+
         with _progress("compiling the feature network with torch.compile (inductor caches the kernels)"):
             with torch.inference_mode():
                 run(example)
