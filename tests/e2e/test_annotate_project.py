@@ -19,7 +19,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
 import sklearn
@@ -32,12 +31,9 @@ from labelstudio import (
     list_predictions,
     predictions_by_version,
 )
-from PIL import Image
-from test_learning import LABEL_CONFIG as SCENE_LABEL_CONFIG
-from test_learning import ground_truth_result, latest, miou
+from test_learning import latest, miou, scenes_in_projects, submit_truth
 
 from backend.cli import main
-from backend.evaluation.synthetic import write_scenes
 from backend.jobs.ledger import RedisLedger
 from backend.models.identity import model_version
 from backend.settings import get_settings
@@ -185,11 +181,8 @@ def test_queued_run_survives_a_worker_killed_mid_chunk(label_studio, redis_serve
 @pytest.mark.e2e
 def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_server, cli_env, capsys, monkeypatch,
                                                         tiny_settings, tmp_path):
-    folder = write_scenes(tmp_path / "scenes", 8, seed=0, height=96, width=128)
-    images = sorted((folder / "images").glob("*.png"))
-    truths = [np.asarray(Image.open(folder / "labels" / image.name)) for image in images]
-    project = create_project(label_studio, SCENE_LABEL_CONFIG, title=f"queued-memory-{uuid.uuid4().hex[:6]}")
-    tasks = [import_image_file(label_studio, project, image) for image in images]
+    truths, (project,), (tasks,) = scenes_in_projects(label_studio, tmp_path / "scenes", 8, 0,
+                                                      (f"queued-memory-{uuid.uuid4().hex[:6]}",))
     monkeypatch.setenv("REDIS_URL", redis_server.url)
     get_settings.cache_clear()
     version = model_version(get_settings())
@@ -198,7 +191,7 @@ def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_serv
     assert annotate(capsys, "--project", str(project))[:2] == (0, (8, 8, 0, 0))
     without = miou(label_studio, tasks[later], truths[later])
     for task, truth in zip(tasks[:4], truths[:4]):
-        label_studio.api("POST", f"/api/tasks/{task}/annotations/", json={"result": ground_truth_result(truth)})
+        submit_truth(label_studio, task, truth)
     assert main(["learn", "--project", str(project)]) == 0
     revision = re.search(r"memory of 4 annotations, .*revision (\d+)", capsys.readouterr().out).group(1)
     taught = f"{version}-m{revision}"

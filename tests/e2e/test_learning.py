@@ -69,19 +69,42 @@ def learned(backend_url: str) -> float:
     return float(lines[0].split()[-1]) if lines else 0.0
 
 
+def wait_for_learned(backend_url: str, count: int) -> None:
+    """Until the backend has learned ``count`` annotations (its webhooks run in the background)."""
+    deadline = time.monotonic() + LEARN_TIMEOUT
+    while learned(backend_url) < count:
+        assert time.monotonic() < deadline, f"the backend learned {learned(backend_url)} of {count} annotations"
+        time.sleep(0.5)
+
+
+def submit_truth(server: LabelStudioServer, task: int, truth: np.ndarray) -> None:
+    """Submit ``truth`` as the task's annotation, as an annotator would."""
+    server.api("POST", f"/api/tasks/{task}/annotations/", json={"result": ground_truth_result(truth)})
+
+
+def scenes_in_projects(server: LabelStudioServer, folder: Path, count: int, seed: int,
+                       titles: tuple[str, ...]) -> tuple[list[np.ndarray], list[int], list[list[int]]]:
+    """``count`` synthetic scenes imported into one new project per title: their truths, the projects, and
+    each project's tasks in import order."""
+    scenes = write_scenes(folder, count, seed=seed, height=96, width=128)
+    images = sorted((scenes / "images").glob("*.png"))
+    truths = [np.asarray(Image.open(scenes / "labels" / image.name)) for image in images]
+    projects = [create_project(server, LABEL_CONFIG, title=title) for title in titles]
+    return truths, projects, [[import_image_file(server, project, image) for image in images] for project in projects]
+
+
+def connect_and_predict(server: LabelStudioServer, projects: list[int], backend_url: str) -> None:
+    for project in projects:
+        connect_ml_backend(server, project, backend_url)
+        retrieve_predictions(server, project)
+
+
 @pytest.mark.e2e
 def test_annotations_teach_their_project_and_no_other(label_studio: LabelStudioServer, tmp_path: Path):
-    folder = write_scenes(tmp_path / "scenes", SCENES, seed=0, height=96, width=128)
-    images = sorted((folder / "images").glob("*.png"))
-    truths = [np.asarray(Image.open(folder / "labels" / image.name)) for image in images]
-    taught_project = create_project(label_studio, LABEL_CONFIG, title="learning taught")
-    other_project = create_project(label_studio, LABEL_CONFIG, title="learning other")
-    taught_tasks = [import_image_file(label_studio, taught_project, image) for image in images]
-    other_tasks = [import_image_file(label_studio, other_project, image) for image in images]
+    truths, projects, (taught_tasks, other_tasks) = scenes_in_projects(
+        label_studio, tmp_path / "scenes", SCENES, 0, ("learning taught", "learning other"))
     with run_backend(tmp_path / "backend", label_studio) as backend_url:
-        for project in (taught_project, other_project):
-            connect_ml_backend(label_studio, project, backend_url)
-            retrieve_predictions(label_studio, project)
+        connect_and_predict(label_studio, projects, backend_url)
         later = slice(TAUGHT, None)
         before_taught = miou(label_studio, taught_tasks[later], truths[later])
         before_other = miou(label_studio, other_tasks[later], truths[later])
@@ -89,13 +112,10 @@ def test_annotations_teach_their_project_and_no_other(label_studio: LabelStudioS
         (untaught_version,) = {latest(label_studio, task)["model_version"] for task in taught_tasks[later]}
 
         for task, truth in zip(taught_tasks[:TAUGHT], truths[:TAUGHT]):
-            label_studio.api("POST", f"/api/tasks/{task}/annotations/", json={"result": ground_truth_result(truth)})
-        deadline = time.monotonic() + LEARN_TIMEOUT
-        while learned(backend_url) < TAUGHT:
-            assert time.monotonic() < deadline, f"the backend learned {learned(backend_url)} of {TAUGHT} annotations"
-            time.sleep(0.5)
+            submit_truth(label_studio, task, truth)
+        wait_for_learned(backend_url, TAUGHT)
 
-        for project in (taught_project, other_project):
+        for project in projects:
             retrieve_predictions(label_studio, project)
         after_taught = miou(label_studio, taught_tasks[later], truths[later])
         after_other = miou(label_studio, other_tasks[later], truths[later])

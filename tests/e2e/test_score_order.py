@@ -13,27 +13,15 @@ the first ``TAUGHT`` tasks in import order are annotated.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from labelstudio import (LabelStudioServer, connect_ml_backend, create_project, import_image_file,
-                         retrieve_predictions, set_project_model_version, tasks_by_prediction_score)
-from PIL import Image
+from labelstudio import LabelStudioServer, retrieve_predictions, set_project_model_version, tasks_by_prediction_score
 from test_label_studio import run_backend
-from test_learning import LABEL_CONFIG, LEARN_TIMEOUT, ground_truth_result, latest, learned, miou
-
-from backend.evaluation.synthetic import write_scenes
+from test_learning import (connect_and_predict, latest, miou, scenes_in_projects, submit_truth,
+                           wait_for_learned)
 
 SCENES, HELD_OUT, TAUGHT = 10, 4, 3
-
-
-def wait_for_learned(backend_url: str, count: int) -> None:
-    deadline = time.monotonic() + LEARN_TIMEOUT
-    while learned(backend_url) < count:
-        assert time.monotonic() < deadline, f"the backend learned {learned(backend_url)} of {count} annotations"
-        time.sleep(0.5)
 
 
 def use_newest_predictions(server: LabelStudioServer, project: int, task: int) -> str:
@@ -46,18 +34,11 @@ def use_newest_predictions(server: LabelStudioServer, project: int, task: int) -
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_tasks_taken_by_prediction_score_beside_import_order(label_studio: LabelStudioServer, tmp_path: Path):
-    folder = write_scenes(tmp_path / "scenes", SCENES, seed=1, height=96, width=128)
-    images = sorted((folder / "images").glob("*.png"))
-    truths = [np.asarray(Image.open(folder / "labels" / image.name)) for image in images]
-    by_score = create_project(label_studio, LABEL_CONFIG, title="taken by prediction score")
-    by_import = create_project(label_studio, LABEL_CONFIG, title="taken in import order")
-    score_tasks = [import_image_file(label_studio, by_score, image) for image in images]
-    import_tasks = [import_image_file(label_studio, by_import, image) for image in images]
+    truths, (by_score, by_import), (score_tasks, import_tasks) = scenes_in_projects(
+        label_studio, tmp_path / "scenes", SCENES, 1, ("taken by prediction score", "taken in import order"))
     held = slice(SCENES - HELD_OUT, None)
     with run_backend(tmp_path / "backend", label_studio) as backend_url:
-        for project in (by_score, by_import):
-            connect_ml_backend(label_studio, project, backend_url)
-            retrieve_predictions(label_studio, project)
+        connect_and_predict(label_studio, [by_score, by_import], backend_url)
         before = miou(label_studio, score_tasks[held], truths[held])
         assert miou(label_studio, import_tasks[held], truths[held]) == before  # the same tasks, the same models
 
@@ -74,7 +55,7 @@ def test_tasks_taken_by_prediction_score_beside_import_order(label_studio: Label
                         if task["id"] in score_tasks[:held.start] and task["id"] not in taken)
             taken.append(task)
             truth = truths[score_tasks.index(task)]
-            label_studio.api("POST", f"/api/tasks/{task}/annotations/", json={"result": ground_truth_result(truth)})
+            submit_truth(label_studio, task, truth)
             wait_for_learned(backend_url, round_ + 1)
             retrieve_predictions(label_studio, by_score)  # /setup answers the memory's new version: all re-predicted
         versions.append(use_newest_predictions(label_studio, by_score, score_tasks[0]))
@@ -83,7 +64,7 @@ def test_tasks_taken_by_prediction_score_beside_import_order(label_studio: Label
                                                                                                   by_score)}
 
         for task, truth in zip(import_tasks[:TAUGHT], truths[:TAUGHT]):
-            label_studio.api("POST", f"/api/tasks/{task}/annotations/", json={"result": ground_truth_result(truth)})
+            submit_truth(label_studio, task, truth)
         wait_for_learned(backend_url, 2 * TAUGHT)
         retrieve_predictions(label_studio, by_import)
         after_import = miou(label_studio, import_tasks[held], truths[held])
