@@ -25,12 +25,11 @@ from scipy.stats import spearmanr
 from backend.evaluation.datasets import Dataset, Sample, dataset_at
 from backend.evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
 from backend.images import read_image_file
-from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory, MemoryBounds
 from backend.pipeline.segmenter import Segmentation, Segmenter, SegmentOptions
 from backend.pipeline.teaching import AnnotatedRegion, teach
-from backend.pipeline.vocabulary import Label, labels_from_names
+from backend.pipeline.vocabulary import labels_from_names
 
 CORRECT_IOU = 0.5
 Order = Literal["dataset", "confidence"]
@@ -100,7 +99,7 @@ def replay(segmenter: Segmenter, spec: Dataset, samples: Sequence[Sample], optio
     truths = [sample.label for sample in samples]
 
     def predict(index: int, exemplars: Exemplars | None) -> Segmentation:
-        return _predict(segmenter, encodings[index], images[index], labels, options, exemplars)
+        return segmenter.segment(encodings[index], images[index], labels, options, exemplars)
 
     baseline = [predict(index, None) for index in range(len(samples))]
     memory = Memory(segmenter.fingerprint, encodings[0].features.shape[0], bounds)
@@ -142,11 +141,6 @@ def replay_dataset(segmenter: Segmenter, dataset: str, root: Path, limit: int | 
                    bounds: MemoryBounds, order: Order = "dataset", holdout: int = 0) -> ReplayResult:
     spec = dataset_at(dataset, root)
     return replay(segmenter, spec, list(spec.samples(root, limit)), options, bounds, order, holdout)
-
-
-def _predict(segmenter: Segmenter, encoding: Encoding, image: np.ndarray, labels: Sequence[Label],
-             options: SegmentOptions, exemplars: Exemplars | None) -> Segmentation:
-    return segmenter.segment(encoding, image, labels, options, exemplars)
 
 
 def _spearman(pairs: Sequence[tuple[float, float]]) -> float | None:
