@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
+import termios
+import time
 import warnings
 
 import numpy as np
@@ -243,7 +246,14 @@ def test_the_crf_processes_give_the_in_line_masks() -> None:
     assert refiner.processes.pids() == []
 
 
-def test_a_killed_crf_process_costs_no_masks_and_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
+def _wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_crf_process_killed_while_idle_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
     disc = disc_mask()
     image, masks = disc_image(disc), blocky(disc)[None]
     expected = refine_masks(image, masks, "crf")
@@ -252,11 +262,35 @@ def test_a_killed_crf_process_costs_no_masks_and_is_replaced(caplog: pytest.LogC
         assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
         [pid] = refiner.processes.pids()
         os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
-        with caplog.at_level(logging.ERROR, logger="backend.pipeline.refine"):
+        _wait_until(lambda: refiner.processes.pids() == [])
+        with caplog.at_level(logging.WARNING, logger="backend.pipeline"):
             assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
-        assert f"CRF process {pid} died" in caplog.text
+        assert f"CRF process {pid} died (exit code -9) while idle" in caplog.text
+        assert refiner.processes.pids() not in ([], [pid])  # a new process serves
+        assert refiner.processes.idle() == 1
+    finally:
+        refiner.close()
+
+
+def test_a_crf_process_killed_mid_request_costs_no_masks_and_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    disc = disc_mask()
+    image, masks = disc_image(disc), blocky(disc)[None]
+    expected = refine_masks(image, masks, "crf")
+    refiner = Refiner("cpu", crf_processes=1)
+    try:
         assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
-        assert refiner.processes.pids() not in ([], [pid])  # a new process serves again
+        [process] = refiner.processes._processes
+        os.kill(process.pid, signal.SIGSTOP)  # it stops reading: the request waits in its pipe
+        pending = refiner.start(image, masks, "crf")
+        # FIONREAD on either end of a Linux pipe counts the bytes waiting in it
+        _wait_until(lambda: int.from_bytes(fcntl.ioctl(process.stdin.fileno(), termios.FIONREAD, bytes(4)),
+                                           "little") > 0)
+        os.kill(process.pid, signal.SIGKILL)
+        with caplog.at_level(logging.ERROR, logger="backend.pipeline.refine"):
+            assert np.array_equal(pending(), expected)
+        assert f"CRF process {process.pid} died" in caplog.text
+        assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
+        assert refiner.processes.pids() not in ([], [process.pid])  # a new process serves again
         assert refiner.processes.idle() == 1
     finally:
         refiner.close()

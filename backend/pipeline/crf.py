@@ -15,6 +15,7 @@ refined masks' R*H*W bytes. Only raw arrays and JSON cross the pipe: no pickle.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -24,6 +25,8 @@ from typing import BinaryIO
 import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels
+
+log = logging.getLogger(__name__)
 
 # CRF parameters, from the authors' released code.
 CRF_GT_PROB = 0.9  # confidence of the hard mask in the unary term
@@ -118,7 +121,12 @@ class CrfProcesses:
 
     def _process(self) -> subprocess.Popen:
         process = getattr(self._local, "process", None)
-        if process is None or process.poll() is not None:
+        if process is not None and process.poll() is not None:
+            log.warning("CRF process %d died (exit code %d) while idle; starting another", process.pid,
+                        process.returncode)
+            self._forget(process)
+            process = None
+        if process is None:
             process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             self._local.process = process
             with self._lock:
