@@ -349,7 +349,7 @@ def test_redis_unresponsive_server_costs_one_timeout_per_retry_interval():
             started = time.monotonic()
             assert cache.get(key_for("a")) is None
             cache.put(key_for("a"), make_encoding())
-            assert time.monotonic() - started < 0.05  # not tried: no timeout's latency per request
+            assert time.monotonic() - started < 0.1  # not tried: no timeout's latency (0.2 s) per request
         assert metrics.errors == 11
 
 

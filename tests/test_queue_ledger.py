@@ -56,13 +56,16 @@ def test_every_chunk_of_a_run_gets_the_memory_its_first_chunk_read(redis_server)
 
 
 def test_a_task_lock_held_by_another_writer_is_waited_for_then_given_up(redis_server):
-    locks = RedisLocks(redis_server.client(), uuid.uuid4().hex, seconds=1)
-    with locks.holding("5") as refresh:
+    scope = uuid.uuid4().hex
+    # the holder's lease outlasts the waiter's patience whatever the scheduling (equal, they raced)
+    connection = redis_server.client()
+    holder, waiter = RedisLocks(connection, scope, seconds=5), RedisLocks(connection, scope, seconds=1)
+    with holder.holding("5") as refresh:
         assert refresh is not None
         refresh()
-        with locks.holding("5") as second:
+        with waiter.holding("5") as second:
             assert second is None  # still held after a whole lease: left to its holder
-    with locks.holding("5") as again:
+    with waiter.holding("5") as again:
         assert again is not None  # released
 
 

@@ -156,9 +156,9 @@ def test_two_server_processes_share_the_cache(start_redis, tiny_settings, image_
             deadline = time.monotonic() + 180
             while True:
                 try:
-                    if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).json()["model_state"] == "ready":
+                    if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["model_state"] == "ready":
                         break
-                except requests.ConnectionError:
+                except requests.RequestException:  # not listening yet, or slow to answer while it loads
                     pass
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.2)
