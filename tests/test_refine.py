@@ -7,8 +7,8 @@ import logging
 import os
 import signal
 import termios
-import time
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from backend.pipeline.crf import crf_refine
 from backend.pipeline.refine import Refiner, _resolve_overlaps, refine_masks
+from tests.queue_workers import wait_until
 
 METHODS = ("crf", "pamr", "none")
 REFINERS = ("crf", "pamr")
@@ -246,54 +247,49 @@ def test_the_crf_processes_give_the_in_line_masks() -> None:
     assert refiner.processes.pids() == []
 
 
-def _wait_until(condition, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def test_a_crf_process_killed_while_idle_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def served_once() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, Refiner]]:
+    """An image, its mask, their in-line CRF answer, and a one-process refiner that has given it once."""
     disc = disc_mask()
     image, masks = disc_image(disc), blocky(disc)[None]
     expected = refine_masks(image, masks, "crf")
     refiner = Refiner("cpu", crf_processes=1)
     try:
         assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
-        [pid] = refiner.processes.pids()
-        os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
-        _wait_until(lambda: refiner.processes.pids() == [])
-        with caplog.at_level(logging.WARNING, logger="backend.pipeline"):
-            assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
-        assert f"CRF process {pid} died (exit code -9) while idle" in caplog.text
-        assert refiner.processes.pids() not in ([], [pid])  # a new process serves
-        assert refiner.processes.idle() == 1
+        yield image, masks, expected, refiner
     finally:
         refiner.close()
 
 
-def test_a_crf_process_killed_mid_request_costs_no_masks_and_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
-    disc = disc_mask()
-    image, masks = disc_image(disc), blocky(disc)[None]
-    expected = refine_masks(image, masks, "crf")
-    refiner = Refiner("cpu", crf_processes=1)
-    try:
+def test_a_crf_process_killed_while_idle_is_replaced(served_once, caplog: pytest.LogCaptureFixture) -> None:
+    image, masks, expected, refiner = served_once
+    [pid] = refiner.processes.pids()
+    os.kill(pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    wait_until(lambda: refiner.processes.pids() == [], 10, "the killed process reaped")
+    with caplog.at_level(logging.WARNING, logger="backend.pipeline"):
         assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
-        [process] = refiner.processes._processes
-        os.kill(process.pid, signal.SIGSTOP)  # it stops reading: the request waits in its pipe
-        pending = refiner.start(image, masks, "crf")
-        # FIONREAD on either end of a Linux pipe counts the bytes waiting in it
-        _wait_until(lambda: int.from_bytes(fcntl.ioctl(process.stdin.fileno(), termios.FIONREAD, bytes(4)),
-                                           "little") > 0)
-        os.kill(process.pid, signal.SIGKILL)
-        with caplog.at_level(logging.ERROR, logger="backend.pipeline.refine"):
-            assert np.array_equal(pending(), expected)
-        assert f"CRF process {process.pid} died" in caplog.text
-        assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
-        assert refiner.processes.pids() not in ([], [process.pid])  # a new process serves again
-        assert refiner.processes.idle() == 1
-    finally:
-        refiner.close()
+    assert f"CRF process {pid} died (exit code -9) while idle" in caplog.text
+    assert refiner.processes.pids() not in ([], [pid])  # a new process serves
+    assert refiner.processes.idle() == 1
+
+
+def test_a_crf_process_killed_mid_request_costs_no_masks_and_is_replaced(
+    served_once, caplog: pytest.LogCaptureFixture,
+) -> None:
+    image, masks, expected, refiner = served_once
+    [process] = refiner.processes._processes
+    os.kill(process.pid, signal.SIGSTOP)  # it stops reading: the request waits in its pipe
+    pending = refiner.start(image, masks, "crf")
+    # FIONREAD on either end of a Linux pipe counts the bytes waiting in it
+    wait_until(lambda: int.from_bytes(fcntl.ioctl(process.stdin.fileno(), termios.FIONREAD, bytes(4)), "little") > 0,
+               10, "the request in the stopped process's pipe")
+    os.kill(process.pid, signal.SIGKILL)
+    with caplog.at_level(logging.ERROR, logger="backend.pipeline.refine"):
+        assert np.array_equal(pending(), expected)
+    assert f"CRF process {process.pid} died" in caplog.text
+    assert np.array_equal(refiner.start(image, masks, "crf")(), expected)
+    assert refiner.processes.pids() not in ([], [process.pid])  # a new process serves again
+    assert refiner.processes.idle() == 1
 
 
 def _pamr_as_published(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
