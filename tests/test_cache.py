@@ -251,12 +251,11 @@ def test_redis_other_fingerprint_is_a_miss(redis_server, raw):
 
 
 def test_redis_entries_expire(redis_server, raw):
-    cache = RedisCache(redis_server.url, ttl_seconds=1)
+    cache = RedisCache(redis_server.url, ttl_seconds=3)  # 3 s: a stalled runner still reads it back before it expires
     cache.put(key_for("a"), make_encoding())
-    assert 0 < raw.pttl(key_for("a")) <= 1000
-    assert raw.ttl(key_for("a")) in (0, 1)
+    assert 0 < raw.pttl(key_for("a")) <= 3000
     assert cache.get(key_for("a")) is not None
-    time.sleep(2.1)
+    time.sleep(3.2)
     assert cache.get(key_for("a")) is None
     assert raw.exists(key_for("a")) == 0
 

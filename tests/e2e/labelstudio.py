@@ -510,6 +510,8 @@ class FlakyProxy:
         response = requests.request(method, self.target + path, headers=forwarded, data=body or None,
                                     allow_redirects=False, timeout=HTTP_TIMEOUT)
         if lose_answer:
+            with self._lock:  # the outage lasts ``seconds`` from the lost answer, however long Label Studio took
+                self._down_until = time.monotonic() + seconds
             return self._record(method, path, 502, {}, b"Bad Gateway (answer lost)")
         relayed = {name: value for name, value in response.headers.items() if name.lower() not in self._HOP_BY_HOP}
         return self._record(method, path, response.status_code, relayed, response.content)
