@@ -30,10 +30,10 @@ from backend.images import read_image_file
 from backend.models.process import process_segmenter
 from backend.pipeline.exemplars import NEIGHBOURS, Exemplars
 from backend.pipeline.memory import Memory
-from backend.pipeline.segmenter import SegmentOptions
+from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.pipeline.teaching import teach
 from backend.pipeline.vocabulary import labels_from_names
-from backend.settings import get_settings
+from backend.settings import Settings, get_settings
 
 POOL, HOLDOUT = 8, 8
 PREFIXES = ([], [0], [0, 1])  # the scenes taught before the one whose gain is measured
@@ -50,7 +50,8 @@ def novelty(features: np.ndarray, exemplars: Exemplars | None) -> float:
     return float(1 - nearest.mean())
 
 
-def scene_set(segmenter, settings, root: Path) -> list[dict]:
+def scene_set(segmenter: Segmenter, settings: Settings, root: Path) -> list[dict]:
+    """Each prefix of ``PREFIXES``: every other pool scene's gain and candidate figures, in ``root``'s set."""
     spec = dataset_at("folder", root)
     samples = list(spec.samples(root, POOL + HOLDOUT))
     labels = labels_from_names(spec.label_names)
@@ -92,6 +93,7 @@ def scene_set(segmenter, settings, root: Path) -> list[dict]:
 
 
 def summary_line(result: dict) -> str:
+    """One prefix's result: the gains of the lowest-score, mean and best pick, and each candidate's correlation."""
     rows = result["rows"]
     gains = np.array([row["gain"] for row in rows])
     lowest_score = min(rows, key=lambda row: (row["score"], row["scene"]))["gain"]
