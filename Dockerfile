@@ -1,8 +1,9 @@
 # freesegdiff: Label Studio ML backend (FreeSeg-Diff). GPU: run with the NVIDIA container toolkit.
 #
-# Base: a plain Python image. The PyPI torch wheel that scripts/setup.sh installs (the same
-# install CI runs) carries its own CUDA libraries, so a PyTorch base image would only add a
-# second copy of torch; the host needs the NVIDIA driver only.
+# Base: a plain Python image. The PyPI torch wheel that scripts/setup.sh installs from
+# locks/backend.txt (the same install, and the same versions, CI runs) carries its own CUDA
+# libraries, so a PyTorch base image would only add a second copy of torch; the host needs the
+# NVIDIA driver only. The lock is for CPython 3.11 on Linux x86_64: keep this base at 3.11.
 FROM python:3.11-slim-bookworm
 
 # The image alone never asks the hub (HF_HUB_OFFLINE=1); docker-compose.yml turns downloads on
@@ -24,6 +25,7 @@ RUN useradd --create-home --uid 1000 freeseg \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY locks/backend.txt locks/backend.txt
 COPY scripts/setup.sh scripts/setup.sh
 COPY backend backend
 RUN bash scripts/setup.sh && chown -R freeseg /app

@@ -66,6 +66,8 @@ def test_dockerfile_installs_like_ci_and_runs_unprivileged():
     dockerfile = (ROOT / "Dockerfile").read_text()
     ci = (ROOT / ".ci" / "run").read_text() + (ROOT / "scripts" / "setup-tests.sh").read_text()
     assert "RUN bash scripts/setup.sh" in dockerfile and "bash scripts/setup.sh" in ci
+    assert "COPY locks/backend.txt locks/backend.txt" in dockerfile  # setup.sh installs from the lock
+    assert "--require-hashes" in (ROOT / "scripts" / "setup.sh").read_text()
     assert "\nUSER freeseg" in dockerfile and "HEALTHCHECK" in dockerfile and "/health" in dockerfile
     assert "MODEL_DIR=/data/models" in dockerfile and "VOLUME /data/models" in dockerfile
 
