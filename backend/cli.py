@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 import uvicorn
+from pydantic import ValidationError
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
@@ -26,7 +27,7 @@ from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
-from backend.settings import EngineChoice, Settings, get_settings
+from backend.settings import EngineChoice, Settings, get_settings, settings_problems
 
 if TYPE_CHECKING:
     from backend.labelstudio.images import TaskImage
@@ -588,7 +589,12 @@ def configure_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(get_settings().log_level)
+    try:
+        settings = get_settings()
+    except ValidationError as error:  # a user's environment: what to change, not a traceback
+        print("\n".join(f"freesegdiff: {line}" for line in settings_problems(error)), file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
     try:
         return {"segment": run_segment, "serve": run_serve, "download": run_download, "bench": run_bench_command,
                 "eval": run_eval, "report": run_report, "synthetic-scenes": run_scenes,

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.images import ImageLimits
@@ -133,7 +133,10 @@ class Settings(BaseSettings):
         """A JSON list, or host names separated by commas (blank entries dropped)."""
         if isinstance(value, str):
             if value.strip().startswith("["):
-                return json.loads(value)
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError:
+                    raise ValueError("expected a JSON list of host names, or names separated by commas") from None
             return [host.strip() for host in value.split(",") if host.strip()]
         return value
 
@@ -172,6 +175,29 @@ class Settings(BaseSettings):
     def captioner_source(self) -> str:
         """The captioner's hub id or folder: the explicit setting, else the kind's default."""
         return self.captioner_model or DEFAULT_CAPTIONER_MODELS[self.captioner]
+
+
+def environment_name(field: str) -> str:
+    """The environment variable a user sets for a settings field (its first alias, else FREESEG_<FIELD>)."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias.choices[0] if isinstance(alias, AliasChoices) else f"FREESEG_{field.upper()}"
+
+
+def settings_problems(error: ValidationError) -> list[str]:
+    """One line per bad setting, naming the variable, the value given and what it accepts (no field names)."""
+    problems = []
+    for problem in error.errors(include_url=False):
+        if problem["type"] == "literal_error":
+            accepts = "expected " + problem["ctx"]["expected"].replace("'", "")
+        else:
+            accepts = problem["msg"].removeprefix("Value error, ").replace("Input should be ", "expected ")
+        if not problem["loc"]:  # a rule across settings: its message names the variables
+            problems.append(accepts)
+            continue
+        where = str(problem["loc"][0])  # a field's name, or the alias it was read from (OMP_NUM_THREADS)
+        variable = environment_name(where) if where in Settings.model_fields else where.upper()
+        problems.append(f"{variable}={problem['input']}: {accepts}")
+    return problems
 
 
 @lru_cache(maxsize=1)

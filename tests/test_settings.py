@@ -1,9 +1,13 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from backend.settings import Settings
+from backend.cli import main
+from backend.settings import Settings, settings_problems
 
 
 def test_environment_names_operators_rely_on(monkeypatch):
@@ -32,3 +36,39 @@ def test_invalid_values_are_rejected(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("FREESEG_").lower()):
         Settings()
+
+
+@pytest.mark.parametrize("environment, lines", [
+    ({"FREESEG_DTYPE": "fp8"}, ["FREESEG_DTYPE=fp8: expected auto, float32, bfloat16 or float16"]),
+    ({"FREESEG_FIDELITY": "bogus", "FREESEG_QUEUE_SIZE": "0"},
+     ["FREESEG_FIDELITY=bogus: expected default or release", "FREESEG_QUEUE_SIZE=0: expected greater than or equal to 1"]),
+    ({"OMP_NUM_THREADS": "many"}, ["OMP_NUM_THREADS=many: expected a valid integer, unable to parse string as an integer"]),
+    ({"FREESEG_ALLOWED_URL_HOSTS": "[a.org"},
+     ["FREESEG_ALLOWED_URL_HOSTS=[a.org: expected a JSON list of host names, or names separated by commas"]),
+])
+def test_each_bad_setting_is_one_line_naming_the_variable_and_what_it_accepts(monkeypatch, environment, lines):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    assert settings_problems(error.value) == lines
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["segment", "missing.jpg", "--labels", "cat", "--out", "out"]])
+def test_a_command_with_a_bad_setting_exits_2_without_a_traceback(tiny_environment, capsys, command):
+    tiny_environment.setenv("FREESEG_DTYPE", "fp8")
+    tiny_environment.setenv("FREESEG_FIDELITY", "bogus")
+    assert main(command) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "freesegdiff: FREESEG_FIDELITY=bogus: expected default or release",
+        "freesegdiff: FREESEG_DTYPE=fp8: expected auto, float32, bfloat16 or float16"]
+
+
+@pytest.mark.slow
+def test_the_installed_command_prints_the_problem_not_a_traceback(tmp_path):
+    environment = {**os.environ, "FREESEG_DTYPE": "fp8"}
+    done = subprocess.run([str(Path(sys.executable).with_name("freesegdiff")), "serve"], env=environment,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "FREESEG_DTYPE=fp8: expected auto, float32, bfloat16 or float16" in done.stderr
+    assert "Traceback" not in done.stderr
