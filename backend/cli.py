@@ -480,7 +480,7 @@ def run_learn(args: argparse.Namespace) -> int:
         access = LabelStudioAccess(args.url or settings.label_studio_url, args.api_key or settings.label_studio_api_key)
         teacher = ProjectTeacher(memories, ProjectStore(memories.store.store), TaskImageLoader.from_settings(settings),
                                  _learning_encoder(settings, segmenter), segmenter.fingerprint,
-                                 Backoff.from_settings(settings))
+                                 Backoff.from_settings(settings), settings.max_labels)
         memory = teacher.rebuild(project, access)
     except ValueError as error:  # no URL or key, an unusable label config
         log.error("project %s: %s", project, error)

@@ -10,9 +10,10 @@ same ranges for the ``FREESEG_*`` defaults.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Literal, get_args
+
+from backend.incoming_numbers import whole_number
 
 RefineMethod = Literal["crf", "pamr", "none"]
 REFINE_METHODS: tuple[str, ...] = get_args(RefineMethod)
@@ -44,10 +45,11 @@ def option_changes(raw: Mapping[str, object], where: Callable[[str], str]) -> di
 
 def _whole_number_in(low: int, high: int) -> Callable[[str, str], int]:
     def check(attribute: str, raw: str) -> int:
-        value = raw.strip()
-        if not re.fullmatch(r"[0-9]+", value) or not low <= int(value) <= high:
-            raise OptionError(f'{attribute}="{raw}" must be a whole number from {low} to {high}')
-        return int(value)
+        value = whole_number(raw)
+        if value is None or not low <= value <= high:
+            shown = raw if len(raw) <= 40 else f"{raw[:40]}..."
+            raise OptionError(f'{attribute}="{shown}" must be a whole number from {low} to {high}')
+        return value
 
     return check
 

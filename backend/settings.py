@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.images import ImageLimits
+from backend.input_limits import MAX_LABELS, PromptLimits
 from backend.options import K_RANGE, Fidelity, NounSource, RefineMethod
 from backend.pipeline.memory import MemoryBounds
 
@@ -87,6 +88,10 @@ class Settings(BaseSettings):
     # Input limits
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 50_000_000
+    max_prompt_chars: int = Field(PromptLimits.max_chars, ge=1)  # a typed prompt's size: matched on the inference thread
+    max_prompt_words: int = Field(PromptLimits.max_words, ge=1)
+    max_labels: int = Field(MAX_LABELS, ge=1)  # labels per config: each costs time on every task
+    config_cache_bytes: int = Field(64 * 1024**2, ge=0)  # parsed label configs each process keeps, LRU, by text size
 
     # Server (names as in Label Studio's ML backends)
     label_studio_url: str | None = Field(None, validation_alias=AliasChoices("LABEL_STUDIO_URL", "FREESEG_LABEL_STUDIO_URL"))
@@ -165,6 +170,11 @@ class Settings(BaseSettings):
     def image_limits(self) -> ImageLimits:
         """FREESEG_MAX_IMAGE_BYTES and FREESEG_MAX_IMAGE_PIXELS, as the image decoder takes them."""
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    @property
+    def prompt_limits(self) -> PromptLimits:
+        """FREESEG_MAX_PROMPT_CHARS and FREESEG_MAX_PROMPT_WORDS, as the context's parser takes them."""
+        return PromptLimits(max_chars=self.max_prompt_chars, max_words=self.max_prompt_words)
 
     @property
     def memory_bounds(self) -> MemoryBounds:

@@ -46,10 +46,11 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def project_vocabulary(project: LabelStudioProject, backoff: Backoff) -> ProjectVocabulary:
+def project_vocabulary(project: LabelStudioProject, settings: Settings) -> ProjectVocabulary:
     """The project's label config, read; LabelConfigError when no task of it could be predicted."""
-    config = with_backoff(project.label_config, f"reading the label config of project {project.project}", backoff)
-    return parse_label_config(config)
+    config = with_backoff(project.label_config, f"reading the label config of project {project.project}",
+                          Backoff.from_settings(settings))
+    return parse_label_config(config, settings.max_labels)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ class TaskAnnotator:
 def annotate_project(project: LabelStudioProject, settings: Settings, overwrite: bool,
                      progress: bool = True) -> ProjectRunResult:
     """The whole project in this process, ``max_batch`` tasks at a time, with a progress bar."""
-    vocabulary = project_vocabulary(project, Backoff.from_settings(settings))  # before loading any model
+    vocabulary = project_vocabulary(project, settings)  # before loading any model
     segmenter = process_segmenter(settings)  # and before the run's clock starts
     task_ids = project.task_ids()
     ledger = MemoryLedger(len(task_ids))
@@ -182,7 +183,7 @@ def annotate_project_queued(project: LabelStudioProject, settings: Settings, ove
 
     The label config is checked first, so that a project no worker could serve fails here.
     """
-    project_vocabulary(project, Backoff.from_settings(settings))
+    project_vocabulary(project, settings)
     task_ids = project.task_ids()
     connection = redis_connection(settings)
     queue = job_queue(connection, settings)
@@ -205,7 +206,7 @@ def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, ov
     settings = context.settings
     access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
     labelstudio = LabelStudioProject(access, project, Backoff.from_settings(settings))
-    vocabulary = project_vocabulary(labelstudio, labelstudio.backoff)
+    vocabulary = project_vocabulary(labelstudio, settings)
     segmenter = process_segmenter(settings)
     memories = ProjectMemories.from_settings(settings)
     data = context.ledger.claim_memory(lambda: memories.store.load(str(project), segmenter.fingerprint))

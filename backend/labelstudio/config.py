@@ -16,10 +16,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from label_studio_sdk._legacy.exceptions import LabelStudioXMLSyntaxErrorSentryIgnored
 from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import ControlTag
 from label_studio_sdk.label_interface.object_tags import ObjectTag
 
+from backend.input_limits import MAX_LABELS
 from backend.options import OptionError, OptionValue, option_changes
 from backend.pipeline.vocabulary import Label
 
@@ -50,7 +52,7 @@ class ProjectVocabulary:
     text_prompt_from_name: str | None = None
 
 
-def parse_label_config(xml: str) -> ProjectVocabulary:
+def parse_label_config(xml: str, max_labels: int = MAX_LABELS) -> ProjectVocabulary:
     """Read the first BrushLabels control (else the first PolygonLabels) and its Image.
 
     ``options`` holds the control's ``model_k``, ``model_refine``,
@@ -67,8 +69,8 @@ def parse_label_config(xml: str) -> ProjectVocabulary:
 
     Raises LabelConfigError for invalid XML, DOCTYPE or ENTITY declarations, a
     config without a BrushLabels or PolygonLabels control, a control not pointing
-    at an ``<Image value="$key">``, a control without labels, repeated label values
-    and invalid options.
+    at an ``<Image value="$key">``, a control without labels or with more than
+    ``max_labels``, repeated label values and invalid options.
     """
     root = _parse_xml(xml)
     interface = _label_interface(xml)
@@ -79,7 +81,7 @@ def parse_label_config(xml: str) -> ProjectVocabulary:
         to_name=image.name,
         image_key=image.value_name,
         result_type=control.tag.lower(),
-        labels=_labels(control, root),
+        labels=_labels(control, root, max_labels),
         options=_options(control),
         keypoint_from_name=_first_name(
             interface.controls, lambda c: _is(c, "keypointlabels") and _points_at(c, image.name)
@@ -102,7 +104,10 @@ def _parse_xml(xml: str) -> ET.Element:
 
 
 def _label_interface(xml: str) -> LabelInterface:
-    return LabelInterface(_XML_DECLARATION.sub("", xml, count=1))
+    try:
+        return LabelInterface(_XML_DECLARATION.sub("", xml, count=1))
+    except LabelStudioXMLSyntaxErrorSentryIgnored as exc:  # what the standard library accepts, lxml may not
+        raise LabelConfigError(f"label config is not valid XML: {exc}") from None
 
 
 def _is(tag: ControlTag | ObjectTag, name: str) -> bool:
@@ -154,8 +159,8 @@ def _image_of(control: ControlTag, objects: list[ObjectTag], root: ET.Element) -
     return image
 
 
-def _labels(control: ControlTag, root: ET.Element) -> tuple[Label, ...]:
-    """Every ``<Label>`` under the control, in order, refusing repeated values."""
+def _labels(control: ControlTag, root: ET.Element, max_labels: int) -> tuple[Label, ...]:
+    """Every ``<Label>`` under the control, in order, refusing repeated values and more than ``max_labels``."""
     where = f'<{control.tag} name="{control.name}">'
     element = next(
         el for el in root.iter() if el.tag.lower() == control.tag.lower() and el.get("name") == control.name
@@ -168,6 +173,9 @@ def _labels(control: ControlTag, root: ET.Element) -> tuple[Label, ...]:
         value = child.get("value") or ""  # kept as written: results must carry it exactly
         if not value.strip():
             raise LabelConfigError(f'a <Label> in {where} has no value; give it value="..."')
+        if len(labels) == max_labels:
+            raise LabelConfigError(f"{where} has more than {max_labels} labels; remove some, or raise "
+                                   "FREESEG_MAX_LABELS (every label costs time on every task)")
         if value.lower() in seen:
             raise LabelConfigError(f'{where} repeats the label "{value}"; label values must be unique')
         seen.add(value.lower())

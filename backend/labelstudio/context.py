@@ -7,16 +7,19 @@ labels (see README, "Interactive pre-annotation"). Labels are matched to the con
 name or synonym, case-insensitively; results always carry the config's own label.
 
 The context is free-form JSON in the request, so every part of it is checked here and
-anything unreadable is a ``ContextError`` (a 400 naming the part), never a crash.
+anything unreadable is a ``ContextError`` (a 400 naming the part), never a crash. A typed
+prompt is bounded in characters and words (``PromptLimits``): the words are matched to the
+labels on the only inference thread, so an unbounded prompt would hold every prediction.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from backend.incoming_numbers import finite_number
+from backend.input_limits import PromptLimits
 from backend.labelstudio.config import ProjectVocabulary
 
 
@@ -37,8 +40,9 @@ class Interaction:
     text: str = ""
 
 
-def parse_context(context: Mapping[str, Any] | None, vocabulary: ProjectVocabulary) -> Interaction | None:
-    """The clicks and typed text in ``context``, or None when it holds neither."""
+def parse_context(context: Mapping[str, Any] | None, vocabulary: ProjectVocabulary,
+                  limits: PromptLimits) -> Interaction | None:
+    """The clicks and typed text in ``context``, or None when it holds neither; a prompt over ``limits`` is refused."""
     clicks: list[PercentClick] = []
     texts: list[str] = []
     for region in _regions(context):
@@ -52,7 +56,18 @@ def parse_context(context: Mapping[str, Any] | None, vocabulary: ProjectVocabula
             texts.extend(_texts(value.get("text")))
     if not clicks and not texts:
         return None
-    return Interaction(clicks=tuple(clicks), text=" ".join(texts))
+    return Interaction(clicks=tuple(clicks), text=_bounded_prompt(" ".join(texts), limits))
+
+
+def _bounded_prompt(text: str, limits: PromptLimits) -> str:
+    if len(text) > limits.max_chars:
+        raise ContextError(f"the typed prompt has {len(text)} characters, over the limit of {limits.max_chars} "
+                           "(FREESEG_MAX_PROMPT_CHARS)")
+    words = len(text.split())
+    if words > limits.max_words:
+        raise ContextError(f"the typed prompt has {words} words, over the limit of {limits.max_words} "
+                           "(FREESEG_MAX_PROMPT_WORDS)")
+    return text
 
 
 def _regions(context: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
@@ -71,11 +86,11 @@ def _click(value: Mapping[str, Any], vocabulary: ProjectVocabulary) -> PercentCl
 
 def _percent(value: Mapping[str, Any], axis: str) -> float:
     """A click coordinate: a number from 0 to 100 (percent of the image)."""
-    number = value.get(axis)
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
-            or not 0 <= number <= 100:
-        raise ContextError(f"a KeyPointLabels click needs {axis} from 0 to 100 (percent of the image), got {repr(number)[:40]}")
-    return float(number)
+    raw = value.get(axis)
+    number = finite_number(raw)
+    if number is None or not 0 <= number <= 100:
+        raise ContextError(f"a KeyPointLabels click needs {axis} from 0 to 100 (percent of the image), got {repr(raw)[:40]}")
+    return number
 
 
 def _texts(text: object) -> list[str]:

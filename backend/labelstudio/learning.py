@@ -28,6 +28,7 @@ from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.annotations import annotation_regions
 from backend.labelstudio.backoff import Backoff, with_backoff
 from backend.labelstudio.client import MODEL_VERSION_PREFIX, LabelStudioProject
+from backend.input_limits import MAX_LABELS
 from backend.labelstudio.config import ProjectVocabulary, parse_label_config
 from backend.labelstudio.images import TaskImage, TaskImageLoader
 from backend.labelstudio.projects import ProjectStore
@@ -57,6 +58,7 @@ class ProjectTeacher:
     encode: Encoder
     fingerprint: str
     backoff: Backoff
+    max_labels: int = MAX_LABELS  # FREESEG_MAX_LABELS
 
     def learn(self, project: str, annotation_id: int, access: LabelStudioAccess) -> Memory | None:
         """Teach (or re-teach) the annotation as Label Studio holds it; raises when it is not the project's.
@@ -155,9 +157,9 @@ class ProjectTeacher:
         log.warning("%s was said deleted but Label Studio still holds it: kept", what)
         return False
 
-    @staticmethod
-    def _vocabulary(api: LabelStudioProject) -> ProjectVocabulary:
-        return parse_label_config(with_backoff(api.label_config, f"reading project {api.project}", api.backoff))
+    def _vocabulary(self, api: LabelStudioProject) -> ProjectVocabulary:
+        return parse_label_config(with_backoff(api.label_config, f"reading project {api.project}", api.backoff),
+                                  self.max_labels)
 
     def _lesson(self, api: LabelStudioProject, annotation: dict, task: dict, vocabulary: ProjectVocabulary,
                 access: LabelStudioAccess) -> tuple[Taught, int] | None:

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from backend.incoming_numbers import whole_number
 from backend.labelstudio.access import LabelStudioAccess
 from backend.options import OptionValue
 from backend.store import SharedStore, StoreError
 
 log = logging.getLogger(__name__)
-_ID = re.compile(r"[0-9]+")
 
 
 def project_id(project: object) -> str | None:
@@ -34,7 +33,7 @@ def project_id(project: object) -> str | None:
     if isinstance(value, bool) or value is None:
         return None
     text = str(value).strip().split(".")[0]
-    return text if _ID.fullmatch(text) else None
+    return text if whole_number(text) is not None else None
 
 
 @dataclass(frozen=True)

@@ -98,12 +98,15 @@ def prompt_words(prompt: str, labels: Sequence[Label]) -> list[str]:
 
     "a red car" gives "car" and "dog cat" gives "dog" and "cat" (words of labels, found
     without separators); "sailboat" stays "sailboat", to be matched to its nearest label.
+    Only n-grams as long as the longest label word can name one, so the cost grows with the
+    phrase's length times that word count, not with the cube of the phrase's length.
     """
     label_words = {word for label in labels for word in label.words}
+    longest = max((len(word.split()) for word in label_words), default=0)
     found: list[str] = []
     for phrase in prompt_phrases(prompt):
         words = phrase.split()
-        named = [w for n in range(len(words), 0, -1) for w in _ngrams(words, n) if w in label_words]
+        named = [w for n in range(min(len(words), longest), 0, -1) for w in _ngrams(words, n) if w in label_words]
         found.extend(named or [phrase])
     return list(dict.fromkeys(found))
 

@@ -13,7 +13,6 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import lru_cache
 
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -25,7 +24,7 @@ from backend.cache import create_cache
 from backend.evaluation.feedback import create_feedback_store
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.backoff import Backoff
-from backend.labelstudio.config import LabelConfigError, ProjectVocabulary, parse_label_config
+from backend.labelstudio.config import LabelConfigError, parse_label_config
 from backend.labelstudio.context import ContextError, parse_context
 from backend.labelstudio.learning import ProjectTeacher
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
@@ -39,23 +38,19 @@ from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import MemoryFormatError
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.server.cache_writer import CacheWriter
+from backend.server.config_cache import LabelConfigCache
 from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
 from backend.server.learner import (FORGET_ACTIONS, LEARN_ACTIONS, PROJECT_DELETED_ACTION, TASKS_DELETED_ACTION,
                                     TRAIN_ACTION, Learner, LearningEvent)
 from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
 from backend.server.predictions import Predictor
-from backend.server.protocol import PredictRequest, SetupRequest, TrainRequest, WebhookRequest
+from backend.server.protocol import PredictRequest, SetupRequest, TrainRequest, WebhookRequest, listed_ids
 from backend.server.worker import InferenceWorker, ModelsNotReadyError, ModelState, QueueFullError
 from backend.settings import Settings, get_settings
 from backend.store import StoreError
 
 log = logging.getLogger(__name__)
-
-@lru_cache(maxsize=256)
-def vocabulary_of(label_config: str) -> ProjectVocabulary:
-    """Parsed once per distinct config: every /predict carries the config again."""
-    return parse_label_config(label_config)
 
 
 def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Segmenter] | None = None) -> FastAPI:
@@ -81,12 +76,14 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)
     predictor = Predictor(settings, worker, metrics, version, cache, cache_writer)
     default_options = SegmentOptions.from_settings(settings)
+    vocabulary_of = LabelConfigCache(lambda xml: parse_label_config(xml, settings.max_labels),
+                                     settings.config_cache_bytes)
 
     def teacher() -> ProjectTeacher:
         worker.wait_until_loaded()
         worker.ensure_ready()
         return ProjectTeacher(memories, projects, predictor.images, predictor.encoding, worker.fingerprint,
-                              Backoff.from_settings(settings))
+                              Backoff.from_settings(settings), settings.max_labels)
 
     learner = Learner(teacher, settings.learn_queue_size, metrics)
 
@@ -139,7 +136,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         headers = {"Retry-After": str(settings.retry_after_seconds)}
         return JSONResponse({"error": str(error)}, status_code=503, headers=headers)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that want the status alone
     async def health() -> JSONResponse:
         """The only endpoint open without basic auth: Label Studio's and the container's health checks."""
         count("health")
@@ -190,7 +187,8 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         vocabulary = vocabulary_of(label_config)
         options = dataclasses.replace(default_options, **{**vocabulary.options, **known.options})
         access = _label_studio_access(settings, known.access)
-        interaction = parse_context(request.params.context if request.params else None, vocabulary)
+        interaction = parse_context(request.params.context if request.params else None, vocabulary,
+                                    settings.prompt_limits)
         if worker.state != ModelState.READY:  # just started: wait for the models rather than answer 503
             await asyncio.to_thread(worker.wait_until_loaded)
         project_version, exemplars = await asyncio.to_thread(project_memory, request.project)
@@ -239,10 +237,12 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         worker.ensure_ready()
         try:
             loaded = await asyncio.to_thread(memories.load, key, worker.fingerprint)
-        except (StoreError, MemoryFormatError) as error:
+        except (StoreError, MemoryFormatError) as error:  # the detail names MODEL_DIR's paths: the log only
             kind = "store" if isinstance(error, StoreError) else "memory"
+            log.error("project %s: its memory could not be read: %s", key, error)
             metrics.errors.labels(kind=kind).inc()
-            return JSONResponse({"error": str(error), "kind": kind}, status_code=503)
+            return JSONResponse({"error": f"project {key}: its memory could not be read ({kind}); see the "
+                                 "server's log", "kind": kind}, status_code=503)
         if loaded is None:
             return JSONResponse({"error": f"project {key} has no memory for these models", "kind": "no_memory"},
                                 status_code=404)
@@ -258,7 +258,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.worker, app.state.metrics, app.state.cache_writer = worker, metrics, cache_writer
-    app.state.learner, app.state.memories = learner, memories
+    app.state.learner, app.state.memories, app.state.label_configs = learner, memories, vocabulary_of
     return app
 
 
@@ -280,14 +280,13 @@ def _learning_events(request: WebhookRequest) -> list[LearningEvent]:
     if request.action == PROJECT_DELETED_ACTION:
         return [LearningEvent("drop", project, LabelStudioAccess())]
     if request.action == TASKS_DELETED_ACTION:
-        ids = tuple(int(t["id"]) for t in request.tasks or [] if isinstance(t, dict) and str(t.get("id", "")).isdigit())
+        ids = tuple(listed_ids(request.tasks or []))
         return [LearningEvent("forget-tasks", project, LabelStudioAccess(), task_ids=ids)] if ids else []
     if request.action in LEARN_ACTIONS + FORGET_ACTIONS:
         named = request.annotations if request.action in FORGET_ACTIONS else request.annotation
         named = named if isinstance(named, list) else [named] if named else []
         action = "forget" if request.action in FORGET_ACTIONS else "learn"
-        return [LearningEvent(action, project, LabelStudioAccess(), int(a["id"])) for a in named
-                if isinstance(a, dict) and str(a.get("id", "")).isdigit()]
+        return [LearningEvent(action, project, LabelStudioAccess(), annotation) for annotation in listed_ids(named)]
     return []
 
 

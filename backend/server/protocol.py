@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from backend.incoming_numbers import whole_number
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -48,6 +50,12 @@ class WebhookRequest(_Open):
     annotation: dict[str, Any] | list[dict[str, Any]] | None = None  # a list for ANNOTATIONS_CREATED
     annotations: list[dict[str, Any]] | None = None  # ANNOTATIONS_DELETED: their ids
     tasks: list[dict[str, Any]] | None = None  # TASKS_DELETED: their ids
+
+
+def listed_ids(objects: list[dict[str, Any]]) -> list[int]:
+    """The ids of a webhook's tasks or annotations, those that are whole numbers ("²" or 5,000 digits are not)."""
+    ids = (whole_number(item.get("id")) for item in objects if isinstance(item, dict))
+    return [value for value in ids if value is not None]
 
 
 class TrainRequest(_Open):
