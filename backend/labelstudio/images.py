@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode_presign_fileuri
 
-from backend.fetch import HTTP_SCHEMES, ImageFetchError, TrustedOrigin, UrlPolicy, check_text, fetch_url, url_origin, url_scheme
+from backend.fetch import ImageFetchError, TrustedOrigin, UrlPolicy, check_text, fetch_url, url_scheme
 from backend.images import ImageLimits, decode_image
 from backend.labelstudio.access import LabelStudioAccess, authorization_header
 from backend.redact import without_credentials
 from backend.settings import Settings
+from backend.urls import HTTP_SCHEMES, url_origin
 
 _CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 
