@@ -12,13 +12,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import urllib3.util.connection
+from PIL import Image
 
 from backend.images import ImageLimits
 from backend.fetch import ImageFetchError, UrlPolicy
 from backend.labelstudio.access import LabelStudioAccess, authorization_header
-from backend.labelstudio.images import fetch_image_bytes, task_image_url
+from backend.labelstudio.images import TaskImageLoader, fetch_image_bytes, task_image_url
 from backend.settings import Settings
 from backend.urls import parse_http_url
+from tests.test_images import encode
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
 TOKEN = "abc"
@@ -750,7 +752,7 @@ def test_every_checked_address_is_tried_in_order(ls: RecordingServer, other: Rec
     assert len(other.seen) == 1 and other.seen[0][1]["Host"] == f"two.test:{other.server_address[1]}"
 
 
-# The whole exchange, headers included, ends at the deadline.
+# The whole exchange, headers included, ends at the deadline; a request's downloads share one budget.
 
 
 @pytest.fixture
@@ -806,3 +808,26 @@ def test_a_host_trickling_its_headers_is_cut_off_at_the_deadline(
     assert error.kind == "timeout"
     assert "did not finish within 1 s (FREESEG_FETCH_TIMEOUT)" in str(error)
     assert took < 1.5
+
+
+def test_a_requests_downloads_share_one_budget(ls: RecordingServer, other: RecordingServer) -> None:
+    """Three images that never come cost the budget (1.5 s), not three timeouts (3 s); what is fetched in time is."""
+    other.routes["/slow.png"] = slow_headers
+    other.routes["/img.png"] = lambda handler: send(handler, 200, encode(Image.new("RGB", (4, 3)), "PNG"))
+    loader = TaskImageLoader(LIMITS, PRIVATE_OK, timeout=1.0, budget_seconds=1.5)
+    budget = loader.budget()
+    started = time.monotonic()
+    outcomes: list[str] = []
+    for path in ("/img.png", "/slow.png", "/slow.png", "/slow.png"):
+        task = {"id": 1, "data": {"image": f"{other.url}{path}"}}
+        try:
+            outcomes.append(str(loader.load(task, "image", access_to(ls), budget).pixels.shape))
+        except ImageFetchError as error:
+            assert error.kind == "timeout"
+            outcomes.append(str(error).split(": ", 1)[1])
+    took = time.monotonic() - started
+    assert outcomes[0] == "(3, 4, 3)"
+    assert outcomes[1] == "the download did not finish within 1 s (FREESEG_FETCH_TIMEOUT)"
+    for outcome in outcomes[2:]:
+        assert "(FREESEG_FETCH_BUDGET_SECONDS: 1.5 s for all the images of a request)" in outcome
+    assert took < 1.5 + 0.4
