@@ -30,7 +30,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection
 
-from backend.urls import HttpUrl
+from backend.urls import HttpUrl, canonical_host
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -165,7 +165,7 @@ class RoutedAdapter(HTTPAdapter):
                                         proxies: Any = None, cert: Any = None) -> HTTPConnectionPool:
         pool = super().get_connection_with_tls_context(request, verify, None, cert)
         checked = self.route.url
-        read = (pool.scheme, (pool.host or "").rstrip("."), pool.port)
+        read = (pool.scheme, canonical_host(pool.host or "").rstrip("."), pool.port)
         if read != (checked.scheme, checked.host.rstrip("."), checked.port):
             raise MisreadHost(f"the HTTP client reads the URL's host as {read[1]}:{read[2]}, not the one checked")
         pool.conn_kw["route"] = self.route

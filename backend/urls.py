@@ -63,6 +63,14 @@ def parse_http_url(url: str) -> HttpUrl:
     return HttpUrl(scheme, host, _DEFAULT_PORTS[scheme] if port is None else port)
 
 
+def canonical_host(host: str) -> str:
+    """``host`` lower case, an IPv6 address in its one compressed spelling, so that hosts compare as equal."""
+    try:
+        return str(ipaddress.IPv6Address(host))
+    except ValueError:
+        return host.lower()
+
+
 def url_origin(url: str) -> tuple[str, str, int] | None:
     """Scheme, host and port of an http(s) URL, the default port filled in; None when unreadable or ambiguous."""
     try:
@@ -77,9 +85,10 @@ def _host_and_port(authority: str) -> tuple[str, int | None]:
         if not bracket:
             raise AmbiguousUrl("the URL's IPv6 host has no closing bracket")
         try:
-            host = str(ipaddress.IPv6Address(literal))
+            ipaddress.IPv6Address(literal)
         except ValueError:
             raise AmbiguousUrl("the URL's host is not a valid IPv6 address") from None
+        host = canonical_host(literal)
     else:
         name = authority.partition(":")[0]
         host, rest = _name(name), authority[len(name):]

@@ -723,6 +723,12 @@ def test_the_token_goes_to_label_studio_spelled_in_upper_case(ls: RecordingServe
     assert ls.seen[0][1]["Authorization"] == f"Token {TOKEN}"
 
 
+def test_an_ipv6_host_in_another_spelling_is_the_same_host(ls: RecordingServer, connections: list) -> None:
+    error = fetch_error("http://[0:0:0::1]:8000/img.png", access_to(ls), policy=PRIVATE_OK)
+    assert error.kind == "connection"  # the client read the host as the check did; the fixture refused to connect
+    assert connections == [("::1", 8000)]
+
+
 def test_a_name_is_resolved_once_and_the_connection_goes_to_the_address_checked(
     ls: RecordingServer, other: RecordingServer, monkeypatch: pytest.MonkeyPatch, connections: list
 ) -> None:
