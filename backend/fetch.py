@@ -10,12 +10,14 @@ there, and never contain the credential.
 Every hop other than the trusted origin must pass a ``UrlPolicy`` before it is
 requested, so that a task cannot make the backend fetch internal addresses (SSRF): its
 host must be in the allowed list, when there is one, and all the addresses it resolves to
-must be public unless private ones are allowed.
+must be public unless private ones are allowed. Each hop's URL is read once
+(``backend.urls``, which refuses URLs that parsers read differently), its host resolved
+once, and the connection goes to those addresses only (``backend.pinned``).
 
-A download has one deadline for all its hops and its whole body, so a server that drips
-its body a byte at a time cannot hold a thread past the timeout (headers are read by
-http.client: there each read waits at most the time left). No credentials from the
-environment (``~/.netrc``) and no cookies are sent.
+A download has one deadline for all its hops, their headers and the whole body: at the
+deadline its sockets are shut down, so a server that drips headers or body a byte at a
+time cannot hold a thread past the timeout. No credentials from the environment
+(``~/.netrc``), no proxy and no cookies are used.
 """
 
 from __future__ import annotations
@@ -24,19 +26,19 @@ import base64
 import ipaddress
 import re
 import socket
-import time
 from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import requests
 import urllib3.exceptions
 
 from backend.images import ImageLimits
+from backend.pinned import Deadline, IPAddress, MisreadHost, Route, RoutedAdapter
 from backend.redact import without_credentials
+from backend.urls import HTTP_SCHEMES, AmbiguousUrl, HttpUrl, parse_http_url, url_origin
 
-HTTP_SCHEMES = ("http", "https")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+FETCH_TIMEOUT_SETTING = "FREESEG_FETCH_TIMEOUT"
 _MAX_REDIRECTS = 5
 _NON_GLOBAL_KINDS = (
     ("loopback", "a loopback"),
@@ -50,6 +52,7 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known prefix embeds a
 _CHUNK_BYTES = 64 * 1024
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _QUERY = re.compile(r"\?[^\s'\"<>)]*")
+_REFUSED_BY_HOST = "the image host refused access (a presigned URL may have expired)"
 _HEADERS = {
     "User-Agent": "freesegdiff-label-studio-backend",
     # Images are compressed already; refusing transfer compression keeps the size checks honest.
@@ -62,7 +65,8 @@ class ImageFetchError(Exception):
 
     ``kind`` is short and machine-readable, for metrics: ``missing_data``,
     ``unsupported_url``, ``http_<status>``, ``timeout``, ``too_large``,
-    ``connection``, ``too_many_redirects`` or ``forbidden_url``.
+    ``connection``, ``too_many_redirects``, ``forbidden_url`` or ``ambiguous_url``
+    (a URL that parsers read differently: a backslash or ``@`` in its authority, ...).
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -99,20 +103,19 @@ class TrustedOrigin:
 
 def fetch_url(
     url: str, limits: ImageLimits, timeout: float, policy: UrlPolicy, trusted: TrustedOrigin | None = None,
-    *, shown_as: str | None = None,
+    *, shown_as: str | None = None, timeout_setting: str = FETCH_TIMEOUT_SETTING,
 ) -> bytes:
     """The bytes behind an http(s) or ``data:`` URL, at most ``limits.max_bytes`` of them.
 
-    ``timeout`` bounds the whole download, all hops and the whole body (kind ``timeout``);
-    a hop's connection and each read of its headers wait at most the time left. ``policy``
-    is checked before every hop but the trusted origin's (kind ``forbidden_url``). Messages
-    name ``shown_as`` (the URL a task holds) when it differs from the URL asked. Raises
-    ImageFetchError.
+    ``timeout`` bounds the whole download, all hops, their headers and the whole body (kind
+    ``timeout``, whose message names ``timeout_setting``). ``policy`` is checked before every
+    hop but the trusted origin's (kind ``forbidden_url``). Messages name ``shown_as`` (the URL
+    a task holds) when it differs from the URL asked. Raises ImageFetchError.
     """
     check_text(url)
     if url.lower().startswith("data:"):
         return _data_uri_bytes(url, limits)
-    return _download(shown_as or url, url, trusted, limits, timeout, policy)
+    return _download(shown_as or url, url, trusted, limits, _Limit(timeout, timeout_setting), policy)
 
 
 def check_text(url: str) -> None:
@@ -123,23 +126,41 @@ def check_text(url: str) -> None:
         raise ImageFetchError("unsupported_url", f"image URL {without_credentials(url)!a} is not valid UTF-8 text") from None
 
 
+@dataclass(frozen=True)
+class _Limit:
+    """A download's time limit and the setting that gave it, which a timeout's message names."""
+
+    seconds: float
+    setting: str
+
+    def error(self) -> ImageFetchError:
+        seconds = round(self.seconds, 2)
+        return ImageFetchError("timeout", f"the download did not finish within {seconds:g} s ({self.setting})")
+
+
 def _download(
-    original: str, url: str, trusted: TrustedOrigin | None, limits: ImageLimits, timeout: float, policy: UrlPolicy
+    original: str, url: str, trusted: TrustedOrigin | None, limits: ImageLimits, limit: _Limit, policy: UrlPolicy
 ) -> bytes:
     """GET ``url``, following at most ``_MAX_REDIRECTS`` redirects, deciding the token and policy per hop."""
     hop = url
-    deadline = _Deadline.after(timeout)
-    with plain_session() as session:
+    with Deadline(limit.seconds) as deadline:
         for _ in range(_MAX_REDIRECTS + 1):
             try:
-                _check_policy(hop, trusted, policy)
-                with _get(session, hop, trusted, deadline) as response:
+                route = _route(hop, trusted, policy, deadline, limit)
+                with _session(route) as session, _get(session, hop, route, trusted, limit) as response:
                     if not response.is_redirect:
-                        _check_status(response, hop, trusted)
-                        return _read_body(response, limits, deadline)
+                        _check_status(response, trusted if _is_trusted(route.url, trusted) else None)
+                        body = _read_body(response, limits)
+                        if deadline.expired:  # the deadline shut the socket, which ends a body of no set length
+                            raise limit.error()
+                        return body
                     hop = _next_hop(hop, response)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, ImageFetchError) as exc:
-                raise _failure(exc, original, url, hop, trusted, timeout) from None
+            except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+                # A read that the deadline cut short fails as whatever the shut socket looked like.
+                error = limit.error() if deadline.expired else exc
+                raise _failure(error, original, url, hop, trusted, limit) from None
+            except ImageFetchError as exc:
+                raise _failure(exc, original, url, hop, trusted, limit) from None
     raise ImageFetchError(
         "too_many_redirects", f"cannot fetch image {without_credentials(original)}: more than {_MAX_REDIRECTS} redirects"
     )
@@ -151,34 +172,45 @@ def _failure(
     first: str,
     hop: str,
     trusted: TrustedOrigin | None,
-    timeout: float,
+    limit: _Limit,
 ) -> ImageFetchError:
     """One line: the task's URL, the hop that failed if it was a redirect, and why."""
-    error = exc if isinstance(exc, ImageFetchError) else _request_error(exc, trusted, timeout)
+    error = exc if isinstance(exc, ImageFetchError) else _request_error(exc, trusted, limit)
     via = "" if hop == first else f" (redirected to {without_credentials(hop)})"
     return ImageFetchError(error.kind, f"cannot fetch image {without_credentials(original)}{via}: {error}")
 
 
-def _check_policy(url: str, trusted: TrustedOrigin | None, policy: UrlPolicy) -> None:
-    """Refuse ``url`` unless it is the trusted origin's or passes ``policy``; resolves its host to check it."""
-    if _is_trusted(url, trusted):
-        return
-    origin = url_origin(url)
-    if origin is None or not origin[1]:
-        raise ImageFetchError("unsupported_url", "invalid URL")
-    _, host, port = origin
-    host = host.rstrip(".")
-    if policy.allowed_hosts and not any(_host_matches(host, entry) for entry in policy.allowed_hosts):
+def _route(url: str, trusted: TrustedOrigin | None, policy: UrlPolicy, deadline: Deadline, limit: _Limit) -> Route:
+    """Read ``url`` once, check it against the trusted origin or ``policy``, and resolve its host once.
+
+    The connection goes to exactly the addresses checked here; the trusted origin is
+    resolved the same way, unchecked.
+    """
+    target = _parse(url)
+    host = target.host.rstrip(".")
+    is_trusted = _is_trusted(target, trusted)
+    allowed = not policy.allowed_hosts or any(_host_matches(host, entry) for entry in policy.allowed_hosts)
+    if not is_trusted and not allowed:
         raise ImageFetchError("forbidden_url", f"host {host} is not in FREESEG_ALLOWED_URL_HOSTS")
-    if policy.allow_private:
-        return
-    for address in _addresses(host, port):
-        refusal = _non_global(address)
-        if refusal:
-            raise ImageFetchError(
-                "forbidden_url",
-                f"host {host} resolves to {refusal}: set FREESEG_ALLOW_PRIVATE_URLS=true to allow it",
-            )
+    addresses = _addresses(host, target.port)
+    if not is_trusted and not policy.allow_private:
+        for address in addresses:
+            refusal = _non_global(address)
+            if refusal:
+                raise ImageFetchError(
+                    "forbidden_url",
+                    f"host {host} resolves to {refusal}: set FREESEG_ALLOW_PRIVATE_URLS=true to allow it",
+                )
+    if deadline.expired:  # resolving took the time left
+        raise limit.error()
+    return Route(target, addresses, deadline)
+
+
+def _parse(url: str) -> HttpUrl:
+    try:
+        return parse_http_url(url)
+    except AmbiguousUrl as refusal:
+        raise ImageFetchError("ambiguous_url", f"{refusal}, which HTTP clients read differently") from None
 
 
 def _host_matches(host: str, entry: str) -> bool:
@@ -188,23 +220,23 @@ def _host_matches(host: str, entry: str) -> bool:
     return bool(entry) and host == entry.strip("[]")
 
 
-def _addresses(host: str, port: int | None) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """Every address ``host`` resolves to (an IP literal is its own)."""
+def _addresses(host: str, port: int) -> tuple[IPAddress, ...]:
+    """Every address ``host`` resolves to (an IP literal is its own), in the resolver's order."""
     try:
-        return [ipaddress.ip_address(host)]
+        return (ipaddress.ip_address(host),)
     except ValueError:
         pass
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise ImageFetchError("connection", f"cannot resolve host {host}: {exc}") from None
-    addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
+    addresses = tuple(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos))
     if not addresses:
         raise ImageFetchError("connection", f"cannot resolve host {host}: no addresses")
     return addresses
 
 
-def _non_global(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+def _non_global(address: IPAddress) -> str | None:
     """Why ``address`` is not public ("10.0.0.1, a private address"), or None when it is."""
     if isinstance(address, ipaddress.IPv6Address):
         # An IPv4 address inside IPv6 (mapped, 6to4, NAT64) is judged as IPv4.
@@ -220,17 +252,18 @@ def _non_global(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str |
     return None if address.is_global else f"{address}, a non-global address"
 
 
-def plain_session() -> requests.Session:
-    """A session that adds no credentials of its own.
+def _session(route: Route) -> requests.Session:
+    """A session that adds no credentials of its own and connects along ``route`` only.
 
     Without an explicit ``auth``, requests adds the ``~/.netrc`` password of the
-    URL's host to any request; a no-op ``auth`` turns that off while proxies
-    and CA bundles still come from the environment. Cookies are refused: one
-    that the trusted origin sets would follow a redirect to another port of its host.
+    URL's host to any request; a no-op ``auth`` turns that off while CA bundles still
+    come from the environment. Cookies are refused: one that the trusted origin sets
+    would follow a redirect to another port of its host.
     """
     session = requests.Session()
     session.auth = _no_credentials
     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=()))
+    session.mount(f"{route.url.scheme}://", RoutedAdapter(route))
     return session
 
 
@@ -238,56 +271,23 @@ def _no_credentials(request: requests.PreparedRequest) -> requests.PreparedReque
     return request
 
 
-@dataclass(frozen=True)
-class _Deadline:
-    """When a whole download must be over, whatever the server sends and however slowly."""
-
-    seconds: float
-    end: float
-
-    @classmethod
-    def after(cls, seconds: float) -> _Deadline:
-        return cls(seconds, time.monotonic() + seconds)
-
-    def remaining(self) -> float:
-        """Seconds left; raises ImageFetchError (``timeout``) when none are."""
-        left = self.end - time.monotonic()
-        if left <= 0:
-            raise _timeout(self.seconds)
-        return left
-
-
-def _timeout(seconds: float) -> ImageFetchError:
-    return ImageFetchError("timeout", f"the download did not finish within {seconds:g} s (FREESEG_FETCH_TIMEOUT)")
-
-
-def _get(session: requests.Session, url: str, trusted: TrustedOrigin | None, deadline: _Deadline) -> requests.Response:
+def _get(
+    session: requests.Session, url: str, route: Route, trusted: TrustedOrigin | None, limit: _Limit
+) -> requests.Response:
     headers = dict(_HEADERS)
-    if trusted is not None and trusted.authorization and _is_trusted(url, trusted):
+    if trusted is not None and trusted.authorization and _is_trusted(route.url, trusted):
         headers["Authorization"] = trusted.authorization
-    return session.get(url, headers=headers, stream=True, allow_redirects=False, timeout=deadline.remaining())
+    left = route.deadline.remaining()
+    if not left:
+        raise limit.error()
+    return session.get(url, headers=headers, stream=True, allow_redirects=False, timeout=left)
 
 
-def _is_trusted(url: str, trusted: TrustedOrigin | None) -> bool:
-    """Whether ``url`` has the trusted origin's scheme, host and port: only such URLs get its credential."""
-    origin = url_origin(url)
-    return trusted is not None and origin is not None and origin == url_origin(trusted.url)
+def _is_trusted(url: HttpUrl, trusted: TrustedOrigin | None) -> bool:
+    """Whether ``url`` has the trusted origin's scheme, host and port, as parsed: only it gets its credential."""
+    return trusted is not None and url.origin == url_origin(trusted.url)
 
 
-def _refused_hint(url: str, trusted: TrustedOrigin | None) -> str:
-    if trusted is not None and _is_trusted(url, trusted):
-        return trusted.refused_hint
-    return "the image host refused access (a presigned URL may have expired)"
-
-
-def url_origin(url: str) -> tuple[str, str, int | None] | None:
-    """Scheme, host and port, with the scheme's default port filled in; None when unreadable."""
-    try:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
-    except ValueError:
-        return None
 
 
 def _next_hop(url: str, response: requests.Response) -> str:
@@ -306,51 +306,46 @@ def url_scheme(url: str) -> str:
     return match.group(1).lower() if match else ""
 
 
-def _check_status(response: requests.Response, url: str, trusted: TrustedOrigin | None) -> None:
+def _check_status(response: requests.Response, trusted_hop: TrustedOrigin | None) -> None:
+    """Refuse a status other than 2xx; a 401 or 403 says what to check (``trusted_hop``: the hop's, if trusted)."""
     status = response.status_code
     if 200 <= status < 300:
         return
     message = f"HTTP {status} {response.reason or ''}".rstrip()
     if status in (401, 403):
-        message += f"; {_refused_hint(url, trusted)}"
+        hint = trusted_hop.refused_hint if trusted_hop is not None else _REFUSED_BY_HOST
+        message += f"; {hint}"
     raise ImageFetchError(f"http_{status}", message)
 
 
-def _read_body(response: requests.Response, limits: ImageLimits, deadline: _Deadline) -> bytes:
-    """Stream the body, refusing it as soon as it is known to exceed the limit or the deadline."""
+def _read_body(response: requests.Response, limits: ImageLimits) -> bytes:
+    """Stream the body, refusing it as soon as it is known to exceed the limit.
+
+    ``read1`` returns what one read gives rather than waiting for a full chunk; the
+    deadline ends a slow read by shutting the socket down, which may look like the end
+    of a body without a declared length, hence the check after the last read.
+    """
     declared = response.headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > limits.max_bytes:
         raise ImageFetchError(
             "too_large", f"the server declares {declared} bytes, over the limit of {limits.max_bytes} bytes"
         )
     body = bytearray()
-    while chunk := _read_some(response, deadline):
+    while chunk := response.raw.read1(_CHUNK_BYTES, decode_content=True):
         body += chunk
         if len(body) > limits.max_bytes:
             raise ImageFetchError("too_large", f"the body exceeds the limit of {limits.max_bytes} bytes")
     return bytes(body)
 
 
-def _read_some(response: requests.Response, deadline: _Deadline) -> bytes:
-    """The next part of the body that has arrived (b"" at its end), waiting at most until the deadline.
-
-    ``read1`` returns what one read gives rather than waiting for a full chunk,
-    and the socket's timeout shrinks to the time left, so a slow sender meets
-    the deadline within one read.
-    """
-    left = deadline.remaining()
-    connection = response.raw.connection
-    if connection is not None and connection.sock is not None:
-        connection.sock.settimeout(left)
-    return response.raw.read1(_CHUNK_BYTES, decode_content=True)
-
-
 def _request_error(
-    exc: requests.RequestException | urllib3.exceptions.HTTPError, trusted: TrustedOrigin | None, timeout: float
+    exc: requests.RequestException | urllib3.exceptions.HTTPError, trusted: TrustedOrigin | None, limit: _Limit
 ) -> ImageFetchError:
     """Classify a requests or urllib3 failure; its text is scrubbed, as it may quote the query string."""
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)):
-        return _timeout(timeout)
+        return limit.error()
+    if isinstance(exc, MisreadHost):
+        return ImageFetchError("ambiguous_url", str(exc))
     if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
         return ImageFetchError("unsupported_url", "invalid URL")
     reason = _QUERY.sub("", " ".join(str(exc).split()))

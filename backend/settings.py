@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(10.0, ge=0)
     max_request_bytes: int = 10 * 1024 * 1024
     fetch_timeout: float = Field(20.0, gt=0)
+    fetch_budget_seconds: float = Field(60.0, gt=0)  # all image downloads of one /predict; under Label Studio's 100 s
     allowed_url_hosts: Annotated[tuple[str, ...], NoDecode] = ()  # JSON list or a,.b.org; a tuple keeps Settings hashable
     allow_private_urls: bool = False
     retry_after_seconds: int = Field(5, ge=1)

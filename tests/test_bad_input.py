@@ -213,6 +213,30 @@ def test_downloads_stop_at_their_deadline(client, web):
     assert 'freeseg_errors_total{kind="image_timeout"} ' in client.get("/metrics").text
 
 
+def test_a_requests_downloads_stop_at_its_budget(tiny_settings, tiny_segmenter, web, caplog):
+    """Four images that never come cost FREESEG_FETCH_BUDGET_SECONDS, not four FREESEG_FETCH_TIMEOUTs in series;
+    the image fetched in time is predicted."""
+    caplog.set_level("WARNING", logger="backend.server.predictions")
+    budget = 1.5
+    settings = tiny_settings.model_copy(update={"fetch_timeout": FETCH_TIMEOUT, "fetch_budget_seconds": budget})
+    urls = [f"{web.url}/photo.png"] + [f"{web.url}/never.png"] * 4
+    with running(settings, tiny_segmenter) as client:
+        started = time.time()  # the log records' clock
+        response = predict(client, [{"id": index, "data": {"image": url}} for index, url in enumerate(urls)])
+
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert_correct_prediction(results[0], (64, 96))
+    assert all(result["result"] == [] for result in results[1:])
+    errors = task_errors(caplog)
+    assert sorted(errors) == [1, 2, 3, 4]
+    assert "did not finish within 1 s (FREESEG_FETCH_TIMEOUT)" in errors[1]
+    for index in (3, 4):
+        assert "(FREESEG_FETCH_BUDGET_SECONDS: 1.5 s for all the images of a request)" in errors[index]
+    last_failure = max(record.created for record in caplog.records if record.getMessage().startswith("task 4:"))
+    assert last_failure - started < budget + 0.5  # four timeouts in series took over 4 s
+
+
 @pytest.mark.parametrize(
     ("config", "error"),
     [

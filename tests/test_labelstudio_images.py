@@ -12,12 +12,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import urllib3.util.connection
+from PIL import Image
 
 from backend.images import ImageLimits
 from backend.fetch import ImageFetchError, UrlPolicy
 from backend.labelstudio.access import LabelStudioAccess, authorization_header
-from backend.labelstudio.images import fetch_image_bytes, task_image_url
+from backend.labelstudio.images import TaskImageLoader, fetch_image_bytes, task_image_url
 from backend.settings import Settings
+from backend.urls import parse_http_url
+from tests.test_images import encode
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
 TOKEN = "abc"
@@ -549,7 +552,7 @@ def test_public_host_passes_the_default_policy(
     dns["images.example.com"] = [PUBLIC_IP]
     error = fetch_error("http://images.example.com/img.png", access_to(ls))
     assert error.kind == "connection"  # allowed, then stopped by the fixture rather than the policy
-    assert connections == [("images.example.com", 80)]
+    assert connections == [(PUBLIC_IP, 80)]  # the address checked, not the name resolved again
 
 
 @pytest.mark.parametrize(
@@ -631,3 +634,197 @@ def test_settings_default_to_the_secure_policy(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("FREESEG_ALLOW_PRIVATE_URLS", raising=False)
     settings = Settings()
     assert UrlPolicy(settings.allowed_url_hosts, settings.allow_private_urls) == UrlPolicy()
+
+
+# One reading of a URL: what the check reads is what the client connects to, and the token follows it.
+
+
+def test_a_backslash_cannot_send_label_studios_token_elsewhere(ls: RecordingServer, other: RecordingServer) -> None:
+    """urllib.parse reads the host after the '@' (Label Studio), requests the one before the backslash."""
+    ls.routes["/img.png"] = image
+    other.routes["/img.png"] = image
+    url = f"http://127.0.0.1:{other.server_address[1]}\\@127.0.0.1:{ls.server_address[1]}/img.png"
+    for policy in (DEFAULT_POLICY, PRIVATE_OK):
+        error = fetch_error(url, access_to(ls), policy=policy)
+        assert error.kind == "ambiguous_url"
+        assert "a backslash ends the URL's host" in str(error)
+    assert other.seen == [] and ls.seen == []
+
+
+def test_a_backslash_cannot_pass_the_policy_for_a_loopback_host(ls: RecordingServer, other: RecordingServer) -> None:
+    """The check would see a public address after the '@'; the client would connect to loopback."""
+    other.routes["/img.png"] = image
+    error = fetch_error(f"http://127.0.0.1:{other.server_address[1]}\\@{PUBLIC_IP}/img.png", access_to(ls))
+    assert error.kind == "ambiguous_url"
+    assert other.seen == [] and ls.seen == []
+
+
+AMBIGUOUS = {
+    # form: (URL with {ls} and {other} for the two ports, why it is refused)
+    "backslash-userinfo": ("http://127.0.0.1:{other}\\@127.0.0.1:{ls}/img.png", "a backslash ends the URL's host"),
+    "backslash-as-path": ("http://127.0.0.1:{other}\\img.png", "a backslash ends the URL's host"),
+    "backslashes-as-slashes": ("http:\\\\127.0.0.1:{other}/img.png", "does not start with scheme://host"),
+    "one-slash": ("http:/127.0.0.1:{other}/img.png", "does not start with scheme://host"),
+    "userinfo": ("http://user:pass@127.0.0.1:{ls}/img.png", "user info"),
+    "empty-userinfo": ("http://@127.0.0.1:{ls}/img.png", "user info"),
+    "host-as-userinfo": ("http://127.0.0.1:{ls}@127.0.0.1:{other}/img.png", "user info"),
+    "encoded-slash": ("http://127.0.0.1%2F@127.0.0.1:{ls}/img.png", "user info"),
+    "encoded-host": ("http://127.0.0.1%2F:{other}/img.png", "percent sign"),
+    "encoded-backslash": ("http://127.0.0.1%5C:{other}/img.png", "percent sign"),
+    "encoded-at": ("http://127.0.0.1%40127.0.0.1:{other}/img.png", "percent sign"),
+    "encoded-colon": ("http://127.0.0.1%3A{other}/img.png", "percent sign"),
+    "tab-in-host": ("http://127.0.0.1\t:{other}/img.png", "control character"),
+    "newline-in-path": ("http://127.0.0.1:{other}/i\nmg.png", "control character"),
+    "nul": ("http://127.0.0.1:{ls}\x00.evil/img.png", "control character"),
+    "space-in-host": ("http://127.0.0.1 :{other}/img.png", "percent sign or whitespace"),
+    "unicode-space-in-host": ("http://127.0.0.1\u3000:{other}/img.png", "percent sign or whitespace"),
+    "two-ports": ("http://127.0.0.1:{other}:{ls}/img.png", "port"),
+    "signed-port": ("http://127.0.0.1:+{other}/img.png", "port"),
+    "arabic-digits-port": ("http://127.0.0.1:\u0668\u0660/img.png", "port"),
+    "empty-port": ("http://127.0.0.1:/img.png", "port"),
+    "empty-host": ("http:///img.png", "no host"),
+    "unclosed-ipv6": ("http://[::1/img.png", "closing bracket"),
+    "ipv6-zone": ("http://[fe80::1%25lo]:{other}/img.png", "percent sign"),
+    "junk-after-ipv6": ("http://[::1]x:{other}/img.png", "port"),
+    "bad-host-character": ("http://127.0.0.1;.evil:{other}/img.png", "characters a host name cannot"),
+}
+
+
+@pytest.mark.parametrize(("form", "why"), AMBIGUOUS.values(), ids=AMBIGUOUS.keys())
+def test_urls_that_parsers_read_differently_are_refused_before_any_request(
+    ls: RecordingServer, other: RecordingServer, form: str, why: str
+) -> None:
+    ls.routes["/img.png"] = other.routes["/img.png"] = image
+    url = form.format(ls=ls.server_address[1], other=other.server_address[1])
+    error = fetch_error(url, access_to(ls), policy=PRIVATE_OK)
+    assert error.kind == "ambiguous_url"
+    assert why in str(error)
+    assert other.seen == [] and ls.seen == []
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [("LOCALHOST", "localhost"), ("localhost.", "localhost."), ("[::1]", "::1"), ("[0:0::1]", "::1")],
+)
+def test_hosts_are_compared_as_parsed(host: str, expected: str) -> None:
+    """Case and IPv6 spelling do not make another origin; a trailing dot does (another name to a resolver)."""
+    assert parse_http_url(f"http://{host}:8080/x").host == expected
+    assert parse_http_url(f"HTTP://{host}/x").origin == ("http", expected, 80)
+
+
+def test_an_international_host_name_is_read_as_requests_sends_it() -> None:
+    assert parse_http_url("https://Bücher.example/x.png").origin == ("https", "xn--bcher-kva.example", 443)
+
+
+def test_the_token_goes_to_label_studio_spelled_in_upper_case(ls: RecordingServer) -> None:
+    ls.routes["/img.png"] = image
+    access = LabelStudioAccess(url=f"http://LOCALHOST:{ls.server_address[1]}/", api_key=TOKEN)
+    assert fetch_image_bytes(f"http://localhost:{ls.server_address[1]}/img.png", 1, access, LIMITS) == IMAGE
+    assert ls.seen[0][1]["Authorization"] == f"Token {TOKEN}"
+
+
+def test_an_ipv6_host_in_another_spelling_is_the_same_host(ls: RecordingServer, connections: list) -> None:
+    error = fetch_error("http://[0:0:0::1]:8000/img.png", access_to(ls), policy=PRIVATE_OK)
+    assert error.kind == "connection"  # the client read the host as the check did; the fixture refused to connect
+    assert connections == [("::1", 8000)]
+
+
+def test_a_name_is_resolved_once_and_the_connection_goes_to_the_address_checked(
+    ls: RecordingServer, other: RecordingServer, monkeypatch: pytest.MonkeyPatch, connections: list
+) -> None:
+    """DNS rebinding: a public address for the check, loopback afterwards; the second answer is never used."""
+    answers = iter([PUBLIC_IP, "127.0.0.1", "127.0.0.1"])
+    asked: list[str] = []
+
+    def getaddrinfo(host: str, port: object, *args: object, **kwargs: object) -> list:
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    error = fetch_error(f"http://rebind.test:{other.server_address[1]}/img.png", access_to(ls))
+    assert error.kind == "connection"  # the fixture refuses every connection
+    assert asked == ["rebind.test"]
+    assert connections == [(PUBLIC_IP, other.server_address[1])]
+    assert other.seen == []
+
+
+def test_every_checked_address_is_tried_in_order(ls: RecordingServer, other: RecordingServer,
+                                                  dns: dict[str, list[str]]) -> None:
+    """A name with an address that refuses connections (here ::1, or a closed port) falls back to the next."""
+    other.routes["/img.png"] = image
+    dns["two.test"] = ["127.0.0.3", "127.0.0.1"]  # nothing listens on 127.0.0.3 at that port
+    url = f"http://two.test:{other.server_address[1]}/img.png"
+    assert fetch_image_bytes(url, 1, access_to(ls), LIMITS, policy=PRIVATE_OK) == IMAGE
+    assert len(other.seen) == 1 and other.seen[0][1]["Host"] == f"two.test:{other.server_address[1]}"
+
+
+# The whole exchange, headers included, ends at the deadline; a request's downloads share one budget.
+
+
+@pytest.fixture
+def header_trickler() -> Iterator[int]:
+    """The port of a raw server that answers a status line, then one header byte every 0.1 s (4 s in all at most)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            request = b""
+            try:
+                while b"\r\n\r\n" not in request and len(request) < 65536 and (piece := conn.recv(4096)):
+                    request += piece
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(40):
+                    if stop.wait(0.1):
+                        break
+                    conn.sendall(b"x")
+            except OSError:  # the client hung up
+                pass
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    listener.close()
+    thread.join(10)
+
+
+def test_a_host_trickling_its_headers_is_cut_off_at_the_deadline(
+    ls: RecordingServer, header_trickler: int
+) -> None:
+    started = time.monotonic()
+    url = f"http://127.0.0.1:{header_trickler}/img.png?{SECRET_QUERY}"
+    error = fetch_error(url, access_to(ls), timeout=1.0, policy=PRIVATE_OK)
+    took = time.monotonic() - started
+    assert error.kind == "timeout"
+    assert "did not finish within 1 s (FREESEG_FETCH_TIMEOUT)" in str(error)
+    assert took < 1.5
+
+
+def test_a_requests_downloads_share_one_budget(ls: RecordingServer, other: RecordingServer) -> None:
+    """Three images that never come cost the budget (1.5 s), not three timeouts (3 s); what is fetched in time is."""
+    other.routes["/slow.png"] = slow_headers
+    other.routes["/img.png"] = lambda handler: send(handler, 200, encode(Image.new("RGB", (4, 3)), "PNG"))
+    loader = TaskImageLoader(LIMITS, PRIVATE_OK, timeout=1.0, budget_seconds=1.5)
+    budget = loader.budget()
+    started = time.monotonic()
+    outcomes: list[str] = []
+    for path in ("/img.png", "/slow.png", "/slow.png", "/slow.png"):
+        task = {"id": 1, "data": {"image": f"{other.url}{path}"}}
+        try:
+            outcomes.append(str(loader.load(task, "image", access_to(ls), budget).pixels.shape))
+        except ImageFetchError as error:
+            assert error.kind == "timeout"
+            outcomes.append(str(error).split(": ", 1)[1])
+    took = time.monotonic() - started
+    assert outcomes[0] == "(3, 4, 3)"
+    assert outcomes[1] == "the download did not finish within 1 s (FREESEG_FETCH_TIMEOUT)"
+    for outcome in outcomes[2:]:
+        assert "(FREESEG_FETCH_BUDGET_SECONDS: 1.5 s for all the images of a request)" in outcome
+    assert took < 1.5 + 0.4

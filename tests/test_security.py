@@ -125,6 +125,27 @@ def test_the_token_goes_only_to_label_studio(
         assert "Authorization" not in headers and "Cookie" not in headers
 
 
+def test_a_url_read_differently_by_the_check_and_the_client_reaches_no_one(
+    tiny_settings, tiny_segmenter, label_studio, other, caplog
+):
+    """urllib.parse reads the host after the '@', requests the one before the backslash: such a URL once sent
+    Label Studio's token to the other server, and passed the policy with a public address after the '@'."""
+    caplog.set_level(logging.WARNING, logger="backend.server.predictions")
+    other_port, ls_port = other.server_address[1], label_studio.server_address[1]
+    settings = tiny_settings.model_copy(update={"label_studio_url": label_studio.url, "label_studio_api_key": TOKEN})
+    with running(settings, tiny_segmenter) as client:
+        leak = predict(client, [f"http://127.0.0.1:{other_port}\\@127.0.0.1:{ls_port}/img.png", "/data/upload/cat.png"])
+    with running(settings.model_copy(update={"allow_private_urls": False}), tiny_segmenter) as client:
+        bypass = predict(client, [f"http://127.0.0.1:{other_port}\\@93.184.216.34/img.png", "/data/upload/cat.png"])
+
+    assert leak[0]["result"] == [] and bypass[0]["result"] == []
+    assert leak[1]["result"] and bypass[1]["result"]
+    assert other.seen == []
+    assert [path for path, _ in label_studio.seen] == ["/data/upload/cat.png"] * 2
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task 0:")]
+    assert len(refusals) == 2 and all("a backslash ends the URL's host" in refusal for refusal in refusals)
+
+
 @pytest.mark.parametrize(
     ("update", "url", "error"),
     [

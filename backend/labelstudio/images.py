@@ -10,16 +10,20 @@ The server, the project jobs and the learning path all load images through
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode_presign_fileuri
 
-from backend.fetch import HTTP_SCHEMES, ImageFetchError, TrustedOrigin, UrlPolicy, check_text, fetch_url, url_origin, url_scheme
+from backend.fetch import (
+    FETCH_TIMEOUT_SETTING, ImageFetchError, TrustedOrigin, UrlPolicy, check_text, fetch_url, url_scheme,
+)
 from backend.images import ImageLimits, decode_image
 from backend.labelstudio.access import LabelStudioAccess, authorization_header
 from backend.redact import without_credentials
 from backend.settings import Settings
+from backend.urls import HTTP_SCHEMES, url_origin
 
 _CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 
@@ -31,22 +35,54 @@ class TaskImage:
 
 
 @dataclass(frozen=True)
+class DownloadBudget:
+    """The time all image downloads of one request may take together (FREESEG_FETCH_BUDGET_SECONDS).
+
+    Without it a request's N images could take N times FREESEG_FETCH_TIMEOUT in series,
+    long after Label Studio stopped waiting for the answer.
+    """
+
+    seconds: float
+    end: float
+
+    @classmethod
+    def starting_now(cls, seconds: float) -> DownloadBudget:
+        return cls(seconds, time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+
+@dataclass(frozen=True)
 class TaskImageLoader:
-    """Loads the image of a task with the settings' limits (FREESEG_MAX_IMAGE_*), URL policy and timeout."""
+    """Loads the image of a task with the settings' limits (FREESEG_MAX_IMAGE_*), URL policy and timeouts."""
 
     limits: ImageLimits
     policy: UrlPolicy
     timeout: float
+    budget_seconds: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TaskImageLoader:
         return cls(settings.image_limits, UrlPolicy(settings.allowed_url_hosts, settings.allow_private_urls),
-                   settings.fetch_timeout)
+                   settings.fetch_timeout, settings.fetch_budget_seconds)
 
-    def load(self, task: dict, image_key: str, access: LabelStudioAccess) -> TaskImage:
-        """The task's image under ``data[image_key]``; raises ImageFetchError or ImageError."""
+    def budget(self) -> DownloadBudget:
+        """A budget for the downloads of one request, starting now."""
+        return DownloadBudget.starting_now(self.budget_seconds)
+
+    def load(
+        self, task: dict, image_key: str, access: LabelStudioAccess, budget: DownloadBudget | None = None
+    ) -> TaskImage:
+        """The task's image under ``data[image_key]``, downloaded within what is left of ``budget`` (a request's);
+        raises ImageFetchError or ImageError."""
         url = task_image_url(task, image_key)
-        data = fetch_image_bytes(url, task.get("id"), access, self.limits, self.timeout, policy=self.policy)
+        timeout, setting = self.timeout, FETCH_TIMEOUT_SETTING
+        if budget is not None and budget.remaining() < timeout:
+            timeout = budget.remaining()
+            setting = f"FREESEG_FETCH_BUDGET_SECONDS: {budget.seconds:g} s for all the images of a request"
+        data = fetch_image_bytes(url, task.get("id"), access, self.limits, timeout, policy=self.policy,
+                                 timeout_setting=setting)
         return TaskImage(data, decode_image(data, self.limits))
 
 
@@ -67,6 +103,7 @@ def fetch_image_bytes(
     timeout: float = 10.0,
     *,
     policy: UrlPolicy = UrlPolicy(),
+    timeout_setting: str = FETCH_TIMEOUT_SETTING,
 ) -> bytes:
     """The bytes behind a task's image URL, at most ``limits.max_bytes`` of them (see ``fetch_url``).
 
@@ -75,7 +112,8 @@ def fetch_image_bytes(
     check_text(url)
     if url.lower().startswith("data:"):
         return fetch_url(url, limits, timeout, policy)
-    return fetch_url(_resolve(url, task_id, access), limits, timeout, policy, _trusted(access), shown_as=url)
+    return fetch_url(_resolve(url, task_id, access), limits, timeout, policy, _trusted(access), shown_as=url,
+                     timeout_setting=timeout_setting)
 
 
 def _trusted(access: LabelStudioAccess) -> TrustedOrigin | None:

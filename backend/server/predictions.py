@@ -26,7 +26,7 @@ from backend.fetch import ImageFetchError
 from backend.images import ImageError
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.config import ProjectVocabulary
-from backend.labelstudio.images import TaskImage, TaskImageLoader
+from backend.labelstudio.images import DownloadBudget, TaskImage, TaskImageLoader
 from backend.labelstudio.results import prediction, project_prediction
 from backend.cache import FeatureCache, cache_key, through_cache
 from backend.labelstudio.context import Interaction
@@ -69,7 +69,8 @@ class Predictor:
         """One prediction per task; ``exemplars`` from the project's memory, whose ``model_version`` they carry."""
         version = model_version or self.model_version
         self.worker.ensure_accepting()  # before any download: a busy answer should be cheap
-        loaded = await run_in_threadpool(lambda: [self._load_image(task, vocabulary, access) for task in tasks])
+        budget = self.images.budget()  # shared by the request's downloads: N images are not N timeouts
+        loaded = await run_in_threadpool(lambda: [self._load_image(task, vocabulary, access, budget) for task in tasks])
         present = [item for item in loaded if item is not None]
         segmentations = iter(await self._segment(present, vocabulary, options, interaction, exemplars)
                              if present else [])
@@ -81,9 +82,10 @@ class Predictor:
         self.metrics.observe_stage("results", time.perf_counter() - start)
         return predictions
 
-    def _load_image(self, task: Task, vocabulary: ProjectVocabulary, access: LabelStudioAccess) -> _Loaded | None:
+    def _load_image(self, task: Task, vocabulary: ProjectVocabulary, access: LabelStudioAccess,
+                    budget: DownloadBudget) -> _Loaded | None:
         try:
-            image = self.images.load(task.model_dump(), vocabulary.image_key, access)
+            image = self.images.load(task.model_dump(), vocabulary.image_key, access, budget)
             return _Loaded(image.pixels, cache_key(image.data, self.worker.fingerprint))
         except (ImageFetchError, ImageError) as error:
             kind = f"image_{error.kind}" if isinstance(error, ImageFetchError) else "image_decode"
