@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
                              load_wait_seconds=settings.load_wait_seconds)
     cache = create_cache(settings, metrics.cache_metrics())
     feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"), metrics,
-                                Backoff.from_settings(settings))
+                                Backoff.from_settings(settings), settings.max_image_pixels)
     cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)
     predictor = Predictor(settings, worker, metrics, version, cache, cache_writer)
     default_options = SegmentOptions.from_settings(settings)
