@@ -1,4 +1,4 @@
-"""Learning that outlives a stalled store and a flood of forged webhooks.
+"""Learning that outlives a stalled store, a flood of forged webhooks and an oversized annotation.
 
 The store is a real redis-server, stopped with SIGSTOP (it accepts connections and never answers);
 the server is the app served over loopback HTTP by uvicorn; Label Studio is the loopback stand-in
@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import requests
 import uvicorn
 from fastapi import FastAPI
@@ -23,7 +24,9 @@ from backend.pipeline.segmenter import Segmenter
 from backend.server.app import create_app
 from backend.settings import Settings
 from tests.redis_server import free_port
-from tests.test_learning_server import CONFIG, Backend, _annotation, fake, settings  # noqa: F401 (fixtures)
+from tests.test_annotations import _claiming_rle, brush
+from tests.test_labelstudio_images import serve
+from tests.test_learning_server import CONFIG, Backend, _annotation, backend, fake, settings  # noqa: F401 (fixtures)
 
 
 @contextmanager
@@ -86,25 +89,28 @@ def test_a_stalled_store_delays_neither_webhook_nor_setup_and_the_event_is_learn
 
 
 def test_one_projects_flood_does_not_crowd_out_another_projects_event(settings, tiny_segmenter, fake):
+    bounded = settings.model_copy(update={"learn_queue_size": 25, "learn_project_queue_size": 10,
+                                          "learn_events_per_request": 10})
     released = threading.Event()
     answer = fake.answer
 
-    def held(path: str) -> tuple[int, object]:  # Label Studio answers once the flood has arrived
-        released.wait(60)
+    def held(path: str) -> tuple[int, object]:  # Label Studio answers for the flood once it has all arrived
+        if path.startswith("/api/annotations/50"):
+            released.wait(60)
         return answer(path)
 
     fake.answer = held
-    with TestClient(create_app(settings, load_segmenter=lambda: tiny_segmenter)) as client:
+    with TestClient(create_app(bounded, load_segmenter=lambda: tiny_segmenter)) as client:
         backend = Backend(client)
         # The issue's forged request: 1,000 annotations at once. Refused whole, naming the setting.
         forged = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 2},
                                                "annotations": [{"id": 5000 + i} for i in range(1000)]})
         assert forged.status_code == 413, forged.text
         assert forged.json()["kind"] == "too_many_events" and "FREESEG_LEARN_EVENTS_PER_REQUEST" in forged.text
-        # Requests within the limit, from project 2 only: more than the queue holds (256).
-        for start in range(0, 300, 100):
+        # Requests within the limit, from project 2 only: more than the whole queue holds.
+        for start in range(0, 30, 10):
             flood = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 2},
-                                                  "annotations": [{"id": 5000 + start + i} for i in range(100)]})
+                                                  "annotations": [{"id": 5000 + start + i} for i in range(10)]})
             assert flood.status_code == 200
         real = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1},
                                              **_annotation(100, 10, [])})
@@ -114,4 +120,27 @@ def test_one_projects_flood_does_not_crowd_out_another_projects_event(settings, 
         assert list(backend.memory(1).annotations) == ["100"]
         events = backend.learning_events()
         assert 'action="learn",outcome="done"} 1.0' in events
-        assert 'action="forget",outcome="dropped"} 200.0' in events  # project 2's share, not project 1's event
+        assert 'action="forget",outcome="dropped"} 20.0' in events  # project 2's share, not project 1's event
+
+
+def test_an_annotation_claiming_a_huge_brush_is_dropped_and_the_server_keeps_learning(backend, fake):
+    huge = brush("rust", np.ones((2, 2), bool))
+    huge.update(original_height=16384, original_width=16384)
+    huge["value"]["rle"] = _claiming_rle(16384, 16384, 270_000)
+    fake.annotations[300] = {"task": 11, "result": [huge]}
+    backend.webhook("ANNOTATION_CREATED", 1, **_annotation(300, 11, []))
+    assert backend.memory(1) is None
+    assert 'action="learn",outcome="annotation_too_large"} 1.0' in backend.learning_events()
+    backend.webhook("START_TRAINING", 1)  # the rebuild skips it and teaches the project's other annotations
+    assert list(backend.memory(1).annotations) == ["100"]
+    assert backend.client.get("/health").json()["status"] == "UP"
+
+
+def test_with_label_studio_url_pinned_a_setup_naming_another_host_teaches_nothing_from_it(backend, fake):
+    for other in serve():  # someone else's "Label Studio", named by a forged /setup
+        answer = backend.client.post("/setup", json={"project": "1.1700000000", "schema": CONFIG,
+                                                     "hostname": other.url, "access_token": "forged"})
+        assert answer.status_code == 200  # Label Studio's own /setup may name it by another address
+        backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
+        assert list(backend.memory(1).annotations) == ["100"]  # read from LABEL_STUDIO_URL
+        assert other.seen == []
