@@ -234,8 +234,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
                                  "kind": "too_many_events"}, status_code=413)
         if request.action in ANNOTATION_ACTIONS:  # compared after answering: Label Studio waits for us
             background.add_task(_record_feedback, feedback, request.model_dump(),
-                                lambda: _label_studio_access(settings, projects.load(request.project).access),
-                                metrics)
+                                lambda: project_access(request.project), metrics)
         for event in events:
             learner.submit(event)
         return {"status": "ok", "action": request.action}
