@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     memory_cache_bytes: int = Field(512 * 1024**2, ge=0)  # exemplars each process keeps for predictions, LRU
     memory_ttl_seconds: int = Field(0, ge=0)  # a memory unused (no prediction, no learning) this long expires; 0: never
     learn_queue_size: int = Field(256, ge=1, le=100_000)  # webhooks waiting to be learned; beyond, dropped and counted
+    learn_project_queue_size: int = Field(100, ge=1, le=100_000)  # of them, one project's; beyond, dropped and counted
+    learn_events_per_request: int = Field(100, ge=1, le=10_000)  # annotations or tasks one webhook names; beyond, 413
+    setup_store_seconds: float = Field(1.5, gt=0, le=2.5)  # /setup's wait for the store, under Label Studio's 3 s
 
     # Input limits
     max_image_bytes: int = 50 * 1024 * 1024

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from backend.labelstudio.annotations import decode_brush
+from backend.labelstudio.annotations import MAX_BRUSH_PIXELS, decode_brush
 
 from backend.store import RedisCalls
 
@@ -121,9 +121,13 @@ def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
 # --- comparing a prediction with its annotation -------------------------------------------------
 
 
-def compare(prediction_results: list[dict], annotation_results: list[dict]) -> list[LabelFeedback]:
-    """One ``LabelFeedback`` per label in the prediction or the annotation, by from_name then label."""
-    predicted, annotated = _label_masks(prediction_results), _label_masks(annotation_results)
+def compare(prediction_results: list[dict], annotation_results: list[dict],
+            max_pixels: int = MAX_BRUSH_PIXELS) -> list[LabelFeedback]:
+    """One ``LabelFeedback`` per label in the prediction or the annotation, by from_name then label.
+
+    A brush region over ``max_pixels`` (FREESEG_MAX_IMAGE_PIXELS) raises ``BrushSizeError``.
+    """
+    predicted, annotated = _label_masks(prediction_results, max_pixels), _label_masks(annotation_results, max_pixels)
     return [_label_feedback(key, predicted.get(key), annotated.get(key))
             for key in sorted(predicted.keys() | annotated.keys())]
 
@@ -150,7 +154,7 @@ def _label_feedback(key: _Key, predicted: np.ndarray | None, annotated: np.ndarr
     return LabelFeedback(label, score, KEPT if score >= KEPT_IOU else EDITED)
 
 
-def _label_masks(results: list[dict]) -> dict[_Key, np.ndarray]:
+def _label_masks(results: list[dict], max_pixels: int) -> dict[_Key, np.ndarray]:
     """The OR of all brush regions per (from_name, label); undecodable regions are left out."""
     masks: dict[_Key, np.ndarray] = {}
     for result in results:
@@ -158,7 +162,7 @@ def _label_masks(results: list[dict]) -> dict[_Key, np.ndarray]:
             continue
         value = result.get("value")
         labels = (value.get("brushlabels") if isinstance(value, dict) else None) or []
-        mask = decode_brush(result) if labels else None
+        mask = decode_brush(result, max_pixels) if labels else None
         if mask is None:  # no label to credit, or an RLE that does not decode
             continue
         for label in labels:

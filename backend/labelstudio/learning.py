@@ -25,7 +25,7 @@ from label_studio_sdk.core.api_error import ApiError
 
 from backend.evaluation.feedback import KEPT, compare
 from backend.labelstudio.access import LabelStudioAccess
-from backend.labelstudio.annotations import annotation_regions
+from backend.labelstudio.annotations import BrushSizeError, annotation_regions
 from backend.labelstudio.backoff import Backoff, with_backoff
 from backend.labelstudio.client import MODEL_VERSION_PREFIX, LabelStudioProject
 from backend.input_limits import MAX_LABELS
@@ -134,7 +134,12 @@ class ProjectTeacher:
             if annotations:
                 task = with_backoff(lambda: api.task(task_id), f"reading task {task_id}", self.backoff)
                 for annotation in annotations:
-                    if (lesson := self._lesson(api, annotation, task, vocabulary, access)) is not None:
+                    try:
+                        lesson = self._lesson(api, annotation, task, vocabulary, access)
+                    except BrushSizeError as error:  # one oversized annotation must not stop the whole rebuild
+                        log.warning("project %s: annotation %s skipped: %s", project, annotation.get("id"), error)
+                        continue
+                    if lesson is not None:
                         rebuilt.channels = rebuilt.channels or lesson[1]
                         rebuilt.learn(str(annotation["id"]), lesson[0],
                                       Source(str(task_id), annotation.get("updated_at")))
@@ -193,5 +198,5 @@ class ProjectTeacher:
                                   f"reading the predictions of task {task.get('id')}", self.backoff)
         if prediction is None:
             return False
-        regions = compare(prediction.get("result") or [], annotation.get("result") or [])
+        regions = compare(prediction.get("result") or [], annotation.get("result") or [], self.images.limits.max_pixels)
         return bool(regions) and all(region.outcome == KEPT for region in regions)

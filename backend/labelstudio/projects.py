@@ -78,15 +78,22 @@ class ProjectStore:
 
     def load(self, project: object) -> ProjectSetup:
         """What /setup said of the project; an empty setup when it said nothing or the store is unreachable."""
+        try:
+            return self.read(project)
+        except StoreError as error:  # predictions go on with the request's own config
+            log.warning("project %s: its setup could not be read, using the request alone: %s",
+                        project_id(project), error)
+            return ProjectSetup()
+
+    def read(self, project: object) -> ProjectSetup:
+        """What /setup said of the project (empty when nothing or unreadable); raises StoreError when the
+        store is unreachable, for callers that wait for it rather than go on without (learning)."""
         key = project_id(project)
         if key is None:
             return ProjectSetup()
+        data = self.store.get(f"projects:{key}")
         try:
-            data = self.store.get(f"projects:{key}")
             return ProjectSetup.from_json(data) if data else ProjectSetup()
-        except StoreError as error:  # predictions go on with the request's own config
-            log.warning("project %s: its setup could not be read, using the request alone: %s", key, error)
-            return ProjectSetup()
         except (ValueError, TypeError, AttributeError) as error:
             log.warning("project %s: its stored setup is unreadable, using the request alone: %s", key, error)
             return ProjectSetup()

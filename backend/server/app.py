@@ -41,7 +41,8 @@ from backend.server.cache_writer import CacheWriter
 from backend.server.config_cache import LabelConfigCache
 from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
 from backend.server.learner import (FORGET_ACTIONS, LEARN_ACTIONS, PROJECT_DELETED_ACTION, TASKS_DELETED_ACTION,
-                                    TRAIN_ACTION, Learner, LearningEvent)
+                                    TRAIN_ACTION, Learner, QueueBounds)
+from backend.server.learning_queue import LearningEvent, PendingEvents
 from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
 from backend.server.predictions import Predictor
@@ -72,7 +73,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
                              load_wait_seconds=settings.load_wait_seconds)
     cache = create_cache(settings, metrics.cache_metrics())
     feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"), metrics,
-                                Backoff.from_settings(settings))
+                                Backoff.from_settings(settings), settings.max_image_pixels)
     cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)
     predictor = Predictor(settings, worker, metrics, version, cache, cache_writer)
     default_options = SegmentOptions.from_settings(settings)
@@ -85,7 +86,15 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         return ProjectTeacher(memories, projects, predictor.images, predictor.encoding, worker.fingerprint,
                               Backoff.from_settings(settings), settings.max_labels)
 
-    learner = Learner(teacher, settings.learn_queue_size, metrics)
+    def project_access(project: object) -> LabelStudioAccess:
+        """Label Studio's address and key for the project's annotations: the settings', else /setup's.
+
+        Raises StoreError while the store is away: the learner waits for it rather than go without."""
+        return _label_studio_access(settings, projects.read(project).access)
+
+    learner = Learner(teacher, project_access, PendingEvents(shared),
+                      QueueBounds(settings.learn_queue_size, settings.learn_project_queue_size),
+                      Backoff.from_settings(settings), metrics)
 
     def project_memory(project: object) -> tuple[str, Exemplars | None]:
         """The project's model_version (the memory's revision as a suffix) and exemplars; none before the models."""
@@ -99,9 +108,18 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
             metrics.errors.labels(kind="memory").inc()
             return version, None
 
-    def project_access(project: object) -> LabelStudioAccess:
-        """Label Studio's address and key for the project's annotations: the settings', else /setup's."""
-        return _label_studio_access(settings, projects.load(project).access)
+    def keep_setup(project: object, setup: ProjectSetup) -> str:
+        """Keep what /setup said for every process (logged when the store fails); the project's model_version."""
+        if project_id(project) is None:
+            log.warning("/setup without a project id (%r): nothing kept", project)
+        else:
+            try:
+                projects.save(project, setup)
+            except StoreError as error:  # Label Studio still gets its answer; predictions use their own config
+                log.error("project %s: its setup could not be kept, so only this request has it: %s",
+                          project_id(project), error)
+                metrics.errors.labels(kind=error.kind).inc()
+        return project_memory(project)[0]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -165,16 +183,14 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
             vocabulary_of(request.schema_)  # refuse an unusable config now, not at every prediction
         options = option_changes(request.extra_params or {}, where=lambda name: f"extra_params.{name}")
         setup = ProjectSetup(request.schema_, options, LabelStudioAccess(request.hostname, request.access_token))
-        if project_id(request.project) is None:
-            log.warning("/setup without a project id (%r): nothing kept", request.project)
-        else:
-            try:
-                await asyncio.to_thread(projects.save, request.project, setup)  # every process reads it back
-            except StoreError as error:  # Label Studio still gets its answer; predictions use their own config
-                log.error("project %s: its setup could not be kept, so only this request has it: %s",
-                          project_id(request.project), error)
-                metrics.errors.labels(kind=error.kind).inc()
-        project_version, _ = await asyncio.to_thread(project_memory, request.project)
+        try:  # Label Studio gives /setup 3 s: a stalled store must not hold the answer
+            project_version = await asyncio.wait_for(asyncio.to_thread(keep_setup, request.project, setup),
+                                                     settings.setup_store_seconds)
+        except TimeoutError:
+            log.error("project %s: the store did not answer /setup within %.1f s (FREESEG_SETUP_STORE_SECONDS): "
+                      "its setup may not be kept", project_id(request.project), settings.setup_store_seconds)
+            metrics.errors.labels(kind="store").inc()
+            project_version = version
         return {"model_version": project_version}
 
     @app.post("/predict", dependencies=authenticated)
@@ -205,14 +221,20 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
 
     @app.post("/webhook", dependencies=authenticated)
     async def webhook(request: WebhookRequest, background: BackgroundTasks) -> dict:
+        """Answers at once, touching no store: Label Studio gives it one second and never sends it again."""
         count("webhook")
         events = _learning_events(request)
-        if request.action in ANNOTATION_ACTIONS or events:
-            access = await asyncio.to_thread(project_access, request.project)  # read once for both uses
-            if request.action in ANNOTATION_ACTIONS:  # compared after answering: Label Studio waits for us
-                background.add_task(_record_feedback, feedback, request.model_dump(), access, metrics)
-            for event in events:
-                learner.submit(dataclasses.replace(event, access=access))
+        named = sum(event.size for event in events)
+        if named > settings.learn_events_per_request:  # refused whole: a part would be learned, the rest never
+            metrics.errors.labels(kind="too_many_events").inc()
+            return JSONResponse({"error": f"the webhook names {named} annotations or tasks, over the limit of "
+                                          f"{settings.learn_events_per_request} (FREESEG_LEARN_EVENTS_PER_REQUEST)",
+                                 "kind": "too_many_events"}, status_code=413)
+        if request.action in ANNOTATION_ACTIONS:  # compared after answering: Label Studio waits for us
+            background.add_task(_record_feedback, feedback, request.model_dump(),
+                                lambda: project_access(request.project), metrics)
+        for event in events:
+            learner.submit(event)
         return {"status": "ok", "action": request.action}
 
     @app.post("/train", dependencies=authenticated)
@@ -222,7 +244,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         key = project_id(request.project)
         if key is None:
             raise HTTPException(400, "the training request names no project")
-        learner.submit(LearningEvent("rebuild", key, await asyncio.to_thread(project_access, key)))
+        learner.submit(LearningEvent("rebuild", key))
         return {"status": "ok", "job_id": f"rebuild-{key}"}
 
     @app.get("/memory/{project}", dependencies=authenticated)
@@ -262,31 +284,32 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     return app
 
 
-def _record_feedback(recorder: FeedbackRecorder, payload: dict, access: LabelStudioAccess, metrics: Metrics) -> None:
+def _record_feedback(recorder: FeedbackRecorder, payload: dict, access: Callable[[], LabelStudioAccess],
+                     metrics: Metrics) -> None:
     try:
-        recorder.record(payload, access)
+        recorder.record(payload, access())
     except Exception:  # feedback is a by-product: a failure is logged and counted, never raised
         log.exception("recording annotation feedback failed")
         metrics.errors.labels(kind="feedback").inc()
 
 
 def _learning_events(request: WebhookRequest) -> list[LearningEvent]:
-    """What a webhook asks to learn (access filled in by the caller); its payload only names annotations."""
+    """What a webhook asks to learn; its payload only names annotations."""
     project = project_id(request.project)
     if project is None:
         return []
     if request.action == TRAIN_ACTION:
-        return [LearningEvent("rebuild", project, LabelStudioAccess())]
+        return [LearningEvent("rebuild", project)]
     if request.action == PROJECT_DELETED_ACTION:
-        return [LearningEvent("drop", project, LabelStudioAccess())]
+        return [LearningEvent("drop", project)]
     if request.action == TASKS_DELETED_ACTION:
         ids = tuple(listed_ids(request.tasks or []))
-        return [LearningEvent("forget-tasks", project, LabelStudioAccess(), task_ids=ids)] if ids else []
+        return [LearningEvent("forget-tasks", project, task_ids=ids)] if ids else []
     if request.action in LEARN_ACTIONS + FORGET_ACTIONS:
         named = request.annotations if request.action in FORGET_ACTIONS else request.annotation
         named = named if isinstance(named, list) else [named] if named else []
         action = "forget" if request.action in FORGET_ACTIONS else "learn"
-        return [LearningEvent(action, project, LabelStudioAccess(), annotation) for annotation in listed_ids(named)]
+        return [LearningEvent(action, project, annotation) for annotation in listed_ids(named)]
     return []
 
 

@@ -25,8 +25,10 @@ ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 
 
 class FeedbackRecorder:
-    def __init__(self, store: FeedbackStore, metrics: Metrics, backoff: Backoff):
-        self.store, self.metrics, self.backoff = store, metrics, backoff
+    """Records feedback in ``store``; brush regions over ``max_pixels`` (FREESEG_MAX_IMAGE_PIXELS) are refused."""
+
+    def __init__(self, store: FeedbackStore, metrics: Metrics, backoff: Backoff, max_pixels: int):
+        self.store, self.metrics, self.backoff, self.max_pixels = store, metrics, backoff, max_pixels
 
     def record(self, payload: Mapping[str, Any], access: LabelStudioAccess) -> FeedbackRecord | None:
         """Compare the annotation in a webhook ``payload`` with our prediction; None when there is none."""
@@ -44,7 +46,7 @@ class FeedbackRecorder:
             return None
         if prediction is None:
             return None
-        labels = compare(prediction.get("result") or [], annotation.get("result") or [])
+        labels = compare(prediction.get("result") or [], annotation.get("result") or [], self.max_pixels)
         record = FeedbackRecord(project=project, task=int(task_id), timestamp=time.time(),
                                 model_version=str(prediction.get("model_version", "")), labels=tuple(labels))
         self.store.add(record)
