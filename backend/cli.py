@@ -138,8 +138,10 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     # With WORKERS > 1 uvicorn kills a child that misses a 5 s ping; importing torch and loading the
     # models can hold the interpreter that long on a busy machine, so the children get a minute.
+    # On SIGTERM, a request still running after FREESEG_SHUTDOWN_GRACE_SECONDS is cancelled, its queued work with it.
     uvicorn.run("backend.server.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=settings.workers, log_level=settings.log_level.lower(), timeout_worker_healthcheck=60)
+                workers=settings.workers, log_level=settings.log_level.lower(), timeout_worker_healthcheck=60,
+                timeout_graceful_shutdown=settings.shutdown_grace_seconds)
     return 0
 
 

@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     retry_after_seconds: int = Field(5, ge=1)
     load_wait_seconds: float = Field(90.0, ge=0)  # under Label Studio's ML_TIMEOUT_PREDICT (100 s)
+    predict_deadline_seconds: float = Field(100.0, gt=0)  # Label Studio's ML_TIMEOUT_PREDICT: later answers are lost
+    shutdown_grace_seconds: int = Field(5, ge=1)  # on SIGTERM, requests still running after this are cancelled
 
     # Feature cache: Redis when REDIS_URL is set, else in-process memory
     redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "FREESEG_REDIS_URL"), repr=False)

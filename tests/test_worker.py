@@ -130,3 +130,20 @@ def test_not_ready_and_full_are_refused_at_once():
     gate.set()
     worker.stop()
     loading.stop()
+
+
+def test_stop_cancels_the_queued_jobs_and_lets_the_running_one_finish():
+    worker = ready_worker(RecordingSegmenter())
+    gate, started = threading.Event(), threading.Event()
+    running = worker.submit(lambda s: (started.set(), gate.wait(5), "finished")[-1])
+    assert started.wait(5)
+    queued = worker.submit(lambda s: "ran")
+    stopping = threading.Thread(target=worker.stop)
+    stopping.start()
+    deadline = time.monotonic() + 5
+    while not queued.cancelled():  # at shutdown, before the running job is done
+        assert time.monotonic() < deadline, "the queued job was not cancelled"
+        time.sleep(0.01)
+    gate.set()
+    stopping.join(10)
+    assert running.result(5) == "finished" and worker.depth == 0

@@ -47,6 +47,7 @@ from backend.server.limits import RequestSizeLimit
 from backend.server.metrics import Metrics
 from backend.server.predictions import Predictor
 from backend.server.protocol import PredictRequest, SetupRequest, TrainRequest, WebhookRequest, listed_ids
+from backend.server.request_bound import RequestBound, RequestStopped
 from backend.server.worker import InferenceWorker, ModelsNotReadyError, ModelState, QueueFullError
 from backend.settings import Settings, get_settings
 from backend.store import StoreError
@@ -154,6 +155,12 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         headers = {"Retry-After": str(settings.retry_after_seconds)}
         return JSONResponse({"error": str(error)}, status_code=503, headers=headers)
 
+    @app.exception_handler(RequestStopped)
+    async def stopped(request: Request, error: RequestStopped) -> JSONResponse:
+        metrics.errors.labels(kind=error.kind).inc()
+        log.warning("/predict stopped: %s", error)
+        return JSONResponse({"error": str(error), "kind": error.kind}, status_code=error.status)
+
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that want the status alone
     async def health() -> JSONResponse:
         """The only endpoint open without basic auth: Label Studio's and the container's health checks."""
@@ -194,8 +201,12 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         return {"model_version": project_version}
 
     @app.post("/predict", dependencies=authenticated)
-    async def predict(request: PredictRequest) -> dict:
+    async def predict(request: PredictRequest, http: Request) -> dict:
         count("predict")
+        async with RequestBound.of(http.receive, settings.predict_deadline_seconds) as bound:
+            return await predict_within(request, bound)
+
+    async def predict_within(request: PredictRequest, bound: RequestBound) -> dict:
         known = await asyncio.to_thread(projects.load, request.project)
         label_config = request.label_config or known.schema
         if not label_config:
@@ -209,9 +220,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
             await asyncio.to_thread(worker.wait_until_loaded)
         project_version, exemplars = await asyncio.to_thread(project_memory, request.project)
         try:
-            results = await predictor.predict(request.tasks, vocabulary, options, access, interaction, exemplars,
-                                              project_version)
-        except (QueueFullError, ModelsNotReadyError):
+            results = await predictor.predict(request.tasks, vocabulary, options, access, bound, interaction,
+                                              exemplars, project_version)
+        except (QueueFullError, ModelsNotReadyError, RequestStopped):
             raise
         except Exception as error:  # an inference failure answers this request; the server goes on
             log.exception("inference failed for %d tasks", len(request.tasks))

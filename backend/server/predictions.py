@@ -8,11 +8,14 @@ their refinement; waiting for it (the CRF runs in a pool of processes) and build
 results (RLE encoding) happen back in the thread pool, so the inference thread goes on
 with the next request meanwhile. A task whose image fails gets an empty prediction; its
 error is logged and counted, and the other tasks go on.
+
+The tasks go through all that ``FREESEG_MAX_BATCH`` at a time, one batch after another, so that
+a request's work can stop between them (``RequestBound``): a request of many tasks holds the
+worker for one batch at a time, never for all of its tasks at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -36,6 +39,7 @@ from backend.pipeline.segmenter import Click, Proposal, Segmentation, Segmenter,
 from backend.server.cache_writer import CacheWriter
 from backend.server.metrics import Metrics
 from backend.server.protocol import Task
+from backend.server.request_bound import RequestBound
 from backend.server.worker import InferenceWorker
 from backend.settings import Settings
 
@@ -60,27 +64,49 @@ class Predictor:
         self.model_version = model_version
         self.cache, self.cache_writer = cache, cache_writer
         self.images = TaskImageLoader.from_settings(settings)
+        self.batch_size = settings.max_batch  # tasks per step: the worker's batch, and what a stop may let finish
 
     async def predict(
         self, tasks: Sequence[Task], vocabulary: ProjectVocabulary, options: SegmentOptions,
-        access: LabelStudioAccess, interaction: Interaction | None = None, exemplars: Exemplars | None = None,
-        model_version: str | None = None,
+        access: LabelStudioAccess, bound: RequestBound, interaction: Interaction | None = None,
+        exemplars: Exemplars | None = None, model_version: str | None = None,
     ) -> list[dict]:
-        """One prediction per task; ``exemplars`` from the project's memory, whose ``model_version`` they carry."""
+        """One prediction per task; ``exemplars`` from the project's memory, whose ``model_version`` they carry.
+
+        Raises what ``bound`` raises when the client goes or the deadline passes: no later batch is started.
+        """
         version = model_version or self.model_version
         self.worker.ensure_accepting()  # before any download: a busy answer should be cheap
         budget = self.images.budget()  # shared by the request's downloads: N images are not N timeouts
-        loaded = await run_in_threadpool(lambda: [self._load_image(task, vocabulary, access, budget) for task in tasks])
-        present = [item for item in loaded if item is not None]
-        segmentations = iter(await self._segment(present, vocabulary, options, interaction, exemplars)
+        predictions: list[dict] = []
+        building = 0.0
+        for first in range(0, len(tasks), self.batch_size):
+            loaded = await run_in_threadpool(self._load_images, tasks[first : first + self.batch_size], vocabulary,
+                                             access, bound, budget)
+            present = [item for item in loaded if item is not None]
+            segmentations = (await self._segment(present, vocabulary, options, bound, interaction, exemplars)
                              if present else [])
-        start = time.perf_counter()
-        predictions = await run_in_threadpool(
-            lambda: [self._prediction(next(segmentations), vocabulary, version) if item is not None
-                     else prediction([], 0.0, version) for item in loaded]
-        )
-        self.metrics.observe_stage("results", time.perf_counter() - start)
+            start = time.perf_counter()
+            predictions += await run_in_threadpool(self._predictions, loaded, segmentations, vocabulary, version)
+            building += time.perf_counter() - start
+        self.metrics.observe_stage("results", building)
         return predictions
+
+    def _predictions(self, loaded: list[_Loaded | None], segmentations: list[Segmentation],
+                     vocabulary: ProjectVocabulary, version: str) -> list[dict]:
+        """In the tasks' order: an empty prediction for each task whose image failed."""
+        found = iter(segmentations)
+        return [self._prediction(next(found), vocabulary, version) if item is not None
+                else prediction([], 0.0, version) for item in loaded]
+
+    def _load_images(self, tasks: Sequence[Task], vocabulary: ProjectVocabulary, access: LabelStudioAccess,
+                     bound: RequestBound, budget: DownloadBudget) -> list[_Loaded | None]:
+        """In series, each download only while the request is still wanted and within its budget."""
+        loaded = []
+        for task in tasks:
+            bound.check()
+            loaded.append(self._load_image(task, vocabulary, access, budget))
+        return loaded
 
     def _load_image(self, task: Task, vocabulary: ProjectVocabulary, access: LabelStudioAccess,
                     budget: DownloadBudget) -> _Loaded | None:
@@ -95,7 +121,7 @@ class Predictor:
             return None
 
     async def _segment(
-        self, items: list[_Loaded], vocabulary: ProjectVocabulary, options: SegmentOptions,
+        self, items: list[_Loaded], vocabulary: ProjectVocabulary, options: SegmentOptions, bound: RequestBound,
         interaction: Interaction | None, exemplars: Exemplars | None = None,
     ) -> list[Segmentation]:
         """Segment every image on the inference worker, encoding only those not in the cache."""
@@ -106,7 +132,7 @@ class Predictor:
         missing = [i for i, encoding in enumerate(cached) if encoding is None]
         fresh: dict[int, Encoding] = {}
         if missing:
-            encoded = await asyncio.wrap_future(self.worker.submit_encode([items[i].image for i in missing]))
+            encoded = await bound.wait(self.worker.submit_encode([items[i].image for i in missing]))
             fresh = dict(zip(missing, encoded))
             for index, encoding in fresh.items():
                 self.cache_writer.put(items[index].key, encoding)
@@ -118,7 +144,7 @@ class Predictor:
                         for e, item in zip(encodings, items)]
             return segmenter.propose_batch(encodings, [item.image for item in items], labels, options, exemplars)
 
-        proposals = await asyncio.wrap_future(self.worker.submit(propose))
+        proposals = await bound.wait(self.worker.submit(propose))
         segmentations = await run_in_threadpool(lambda: [p.finish() for p in proposals])  # no model needed
         log.info("segmented %d images, %d from the feature cache%s", len(items), len(items) - len(fresh),
                  " (interactive)" if interaction else "")

@@ -81,8 +81,20 @@ class InferenceWorker:
         self._thread.start()
 
     def stop(self) -> None:
+        """At shutdown: the jobs not yet started are cancelled, so only the running one delays the exit."""
+        self._cancel_queued()
         self._jobs.put(None)
         self._thread.join(timeout=30)
+
+    def _cancel_queued(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.future.cancel()
+                self._change_depth(-1)
 
     @property
     def depth(self) -> int:
