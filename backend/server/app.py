@@ -88,10 +88,11 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
                               Backoff.from_settings(settings), settings.max_labels)
 
     def project_access(project: object) -> LabelStudioAccess:
-        """Label Studio's address and key for the project's annotations: the settings', else /setup's.
-
-        Raises StoreError while the store is away: the learner waits for it rather than go without."""
-        return _label_studio_access(settings, projects.read(project).access)
+        """Label Studio's address and key for the project's annotations: the settings' (no store call), else
+        /setup's. Raises StoreError while the store is away: the learner waits for it rather than go without."""
+        if settings.label_studio_url:
+            return _label_studio_access(settings, LabelStudioAccess())
+        return projects.read(project).access
 
     learner = Learner(teacher, project_access, PendingEvents(shared),
                       QueueBounds(settings.learn_queue_size, settings.learn_project_queue_size),
