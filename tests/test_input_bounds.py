@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from backend.labelstudio.config import LabelConfigError, parse_label_config
 from backend.pipeline.candidates import prompt_phrases, prompt_words
 from backend.pipeline.vocabulary import Label
-from backend.server.app import create_app
 from backend.server.config_cache import LabelConfigCache
 from backend.settings import Settings
+from tests.app_client import ready_client
 
 
 def config(labels: Sequence[str] = ("Sky", "Tree", "building"), attributes: str = "", padding: str = "") -> str:
@@ -42,11 +42,7 @@ AT_THE_BOUND = " ".join(["skyscraper"] + ["buildings"] * 99)  # 1,000 characters
 @pytest.fixture
 def client(tiny_settings: Settings, tiny_segmenter, tmp_path) -> Iterator[TestClient]:
     settings = tiny_settings.model_copy(update={"model_dir": tmp_path})
-    with TestClient(create_app(settings, load_segmenter=lambda: tiny_segmenter)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").json()["model_state"] != "ready":
-            assert time.monotonic() < deadline, "models did not become ready"
-            time.sleep(0.05)
+    with ready_client(settings, lambda: tiny_segmenter) as client:
         yield client
 
 

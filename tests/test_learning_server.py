@@ -19,6 +19,7 @@ from backend.pipeline.memory import UNLABELED
 from backend.server.app import create_app
 from backend.store import FileStore, RedisStore
 from tests.fake_labelstudio import TOKEN, UPDATED_AT, FakeLabelStudio, data_uri, polygon
+from tests.app_client import wait_until_ready
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -64,10 +65,7 @@ class Backend:
     def __init__(self, client: TestClient) -> None:
         self.client = client
         self.state = client.app.state
-        deadline = time.monotonic() + 60
-        while client.get("/health").json()["model_state"] != "ready":
-            assert time.monotonic() < deadline, "models did not become ready"
-            time.sleep(0.05)
+        wait_until_ready(client)
 
     def webhook(self, action: str, project: int, **payload) -> None:
         answer = self.client.post("/webhook", json={"action": action, "project": {"id": project}, **payload})

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 
 from backend.pipeline.clustering import cluster_feature_grid
 from backend.pipeline.labelling import cluster_masks
-from backend.server.app import create_app
 from tests.redis_server import free_port
+from tests.app_client import ready_client
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -52,11 +52,7 @@ def cached_client(redis_server, tiny_settings, tiny_segmenter):
     with redis.Redis(port=redis_server.port) as raw:
         raw.flushdb()
     settings = tiny_settings.model_copy(update={"redis_url": redis_server.url, "cache_retry_after_seconds": 0.2})
-    with TestClient(create_app(settings, load_segmenter=lambda: tiny_segmenter)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").json()["model_state"] != "ready":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with ready_client(settings, lambda: tiny_segmenter) as client:
         yield client
 
 
@@ -118,9 +114,7 @@ def test_redis_killed_mid_run_predictions_go_on_and_the_cache_comes_back(start_r
     caplog.set_level(logging.INFO, logger="backend.cache")
     server = start_redis()
     settings = tiny_settings.model_copy(update={"redis_url": server.url, "cache_retry_after_seconds": 0.2})
-    with TestClient(create_app(settings, load_segmenter=lambda: tiny_segmenter)) as client:
-        while client.get("/health").json()["model_state"] != "ready":
-            time.sleep(0.05)
+    with ready_client(settings, lambda: tiny_segmenter) as client:
         assert predict(client, f"{image_server}/china.jpg")["result"]
         client.app.state.cache_writer.flush()
         server.stop()

@@ -24,12 +24,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from backend.server.app import create_app
 from backend.settings import Settings
 from tests.redis_server import free_port
+from tests.app_client import ready_client
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -195,11 +194,7 @@ def test_the_deadline_cancels_the_remaining_tasks_and_frees_the_worker(tiny_segm
 
     settings = Settings(models="tiny", device="cpu", model_dir=tmp_path, allow_private_urls=True, max_batch=1,
                         predict_deadline_seconds=10)
-    with TestClient(create_app(settings, load_segmenter=slowed)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").json()["model_state"] != "ready":
-            assert time.monotonic() < deadline, "models did not become ready"
-            time.sleep(0.05)
+    with ready_client(settings, slowed) as client:
         response = client.post("/predict", json={"tasks": _tasks(pictures, range(3)), "label_config": CONFIG})
         released.set()
         assert response.status_code == 504

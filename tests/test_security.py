@@ -8,7 +8,6 @@ import ast
 import importlib
 import inspect
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,11 +20,11 @@ from starlette.routing import Route
 
 import backend
 from backend.pipeline.segmenter import Segmenter
-from backend.server.app import create_app
 from backend.settings import Settings
 from tests.redis_server import free_port
 from tests.test_images import encode
 from tests.test_labelstudio_images import RecordingServer, send, serve
+from tests.app_client import ready_client
 
 TOKEN = "ls-token-0123456789abcdef"
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -36,12 +35,8 @@ OPEN_ROUTES = {"/health"}  # Label Studio's and the container's health check; "/
 
 @contextmanager
 def running(settings: Settings, segmenter: Segmenter) -> Iterator[TestClient]:
-    """A client of the app with these settings, once its models are ready."""
-    with TestClient(create_app(settings, load_segmenter=lambda: segmenter)) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").json()["model_state"] != "ready":
-            assert time.monotonic() < deadline, "models did not become ready"
-            time.sleep(0.05)
+    """A client of the app with these settings and this segmenter, once its models are ready."""
+    with ready_client(settings, lambda: segmenter) as client:
         yield client
 
 

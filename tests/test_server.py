@@ -10,6 +10,7 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from backend.server.app import create_app
 from backend.settings import Settings
+from tests.app_client import wait_until_ready
 
 BRUSH_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -25,17 +26,10 @@ def _client(settings: Settings, load) -> TestClient:
     return TestClient(create_app(settings, load_segmenter=load))
 
 
-def _wait_ready(client: TestClient, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while client.get("/health").json()["model_state"] != "ready":
-        assert time.monotonic() < deadline, "models did not become ready"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def client(tiny_settings, tiny_segmenter):
     with _client(tiny_settings, lambda: tiny_segmenter) as client:
-        _wait_ready(client)
+        wait_until_ready(client)
         yield client
 
 
@@ -126,7 +120,7 @@ def test_health_answers_at_once_while_models_load(tiny_settings, tiny_segmenter)
         busy = _predict(client, [{"id": 1, "data": {"image": "http://127.0.0.1:9/x.jpg"}}])  # after the 0.2 s wait
         assert busy.status_code == 503 and busy.headers["Retry-After"]
         release.set()
-        _wait_ready(client)
+        wait_until_ready(client)
 
 
 def test_a_prediction_sent_while_models_load_waits_for_them(tiny_settings, tiny_segmenter, image_server):
@@ -187,7 +181,7 @@ def test_failed_model_load_shows_on_health(tiny_settings):
 def test_full_queue_answers_503_with_retry_after(tiny_segmenter, tmp_path, image_server):
     settings = Settings(models="tiny", device="cpu", model_dir=tmp_path, queue_size=1, allow_private_urls=True)
     with _client(settings, lambda: tiny_segmenter) as client:
-        _wait_ready(client)
+        wait_until_ready(client)
         worker = client.app.state.worker
         gate, started = threading.Event(), threading.Event()
         running = worker.submit(lambda segmenter: (started.set(), gate.wait(30)))  # occupies the worker
