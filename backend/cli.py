@@ -232,8 +232,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
 def _eval_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="mIoU on a standard dataset (VOC, COCO-Object, COCO-27) in a local folder")
     parser.add_argument("--dataset", choices=["voc", "coco-object", "coco27", "folder"], required=True,
-                        help="folder: a labelled folder (classes.txt, images/, labels/; see README, Quality)")
-    parser.add_argument("--root", type=Path, required=True, help="the dataset's folder (see README, Quality)")
+                        help="folder: a labelled folder (classes.txt, images/, labels/; "
+                             "see docs/learning.md, \"The learning replay\")")
+    parser.add_argument("--root", type=Path, required=True,
+                        help="the dataset's folder (see docs/quality.md, \"Evaluation\")")
     parser.add_argument("--learn", action="store_true",
                         help="replay: predict, correct with the ground truth, learn; mIoU with and without learning")
     parser.add_argument("--order", choices=ORDERS, default="dataset",

@@ -1,4 +1,4 @@
-"""One typed settings object, read from the environment (the README's settings table).
+"""One typed settings object, read from the environment (docs/settings.md, "Settings").
 
 Names follow two conventions: ``FREESEG_*`` for this backend's own settings, and the
 variable names that users of Label Studio's ML backends already know (``MODEL_DIR``,
@@ -34,11 +34,11 @@ DEFAULT_CAPTIONER_MODELS: dict[str, str] = {
 
 
 class Settings(BaseSettings):
-    """Every setting of the backend, with the defaults documented in the README."""
+    """Every setting of the backend, with the defaults documented in docs/settings.md."""
 
     model_config = SettingsConfigDict(env_prefix="FREESEG_", populate_by_name=True, frozen=True)
 
-    # Which rules the stages follow: ours, or the authors' released code's (README, "where we depart")
+    # Which rules the stages follow: ours, or the authors' released code's (docs/method.md)
     fidelity: Fidelity = "default"
 
     # Models

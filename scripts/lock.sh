@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Refreshes the two lock files from their inputs; run it when a dependency's new release is taken on
-# purpose, commit the locks on their own, and run the suite on them (README, "Development").
+# purpose, commit the locks on their own, and run the suite on them (docs/development.md, "Dependencies and locks").
 #   locks/backend.txt      <- pyproject.toml's dependencies and its `test` extra (.venv, Dockerfile, CI)
 #   locks/labelstudio.txt  <- locks/labelstudio.in (.venv-labelstudio, the e2e tests' Label Studio)
 # Both are resolved for CPython 3.11 on Linux x86_64 (manylinux_2_28: the Dockerfile's base and the

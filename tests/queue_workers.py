@@ -33,7 +33,7 @@ def queue_env(model_dir: Path, redis_url: str, queue_name: str, **extra: str) ->
         "FREESEG_QUEUE_LEASE_SECONDS": "3",
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",  # several workers on this machine's cores (README, "Workers on many machines")
+        "OMP_NUM_THREADS": "1",  # several workers on this machine's cores (docs/jobs.md, "Workers on many machines")
         **extra,
     })
     return env

@@ -55,7 +55,7 @@ def test_cluster_agreement_matches_clusters_one_to_one():
 
 @pytest.mark.slow
 def test_bfloat16_cluster_maps_agree_with_float32_ones(tiny_settings, tmp_path):
-    """The dtype check of the README, on the tiny profile: it runs both dtypes side by side."""
+    """The dtype check of docs/benchmarks.md, on the tiny profile: it runs both dtypes side by side."""
     config = BenchConfig(profile="tiny", device="cpu", images=3, batch=1, dtype="bfloat16", compare_dtype="float32",
                          json_path=tmp_path / "dtypes.json")
     figures = run_bench(config, tiny_settings)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUESTS, WARMUP = 150, 50
 # A leak of what one request holds would show well above this: the 640x427 image decoded for every call
 # (0.8 MB) adds 80 MiB per 100 requests. The allocator settling after warm-up added 5 to 10 MiB over the
-# 100 requests measured here in the runs of 2026-11-24 (README, "Reliability").
+# 100 requests measured here in the runs of 2026-11-24 (docs/reliability.md, "The harness, measured").
 MAX_GROWTH_AFTER_WARMUP_MIB = 25
 
 

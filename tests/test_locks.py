@@ -17,7 +17,7 @@ from packaging.utils import canonicalize_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCKS = REPO_ROOT / "locks"
-REFRESH = "run scripts/lock.sh and commit locks/ (README, 'Development')"
+REFRESH = "run scripts/lock.sh and commit locks/ (docs/development.md, 'Dependencies and locks')"
 LOCK_APPLIES = sys.platform == "linux" and platform.machine() == "x86_64" and sys.version_info[:2] == (3, 11)
 
 

@@ -135,7 +135,7 @@ def test_redis_killed_mid_run_predictions_go_on_and_the_cache_comes_back(start_r
 def _serve(port: int, redis_url: str, model_dir) -> subprocess.Popen:
     env = {**os.environ, "FREESEG_MODELS": "tiny", "FREESEG_DEVICE": "cpu", "MODEL_DIR": str(model_dir),
            "HF_HUB_OFFLINE": "1", "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING", "FREESEG_ALLOW_PRIVATE_URLS": "true",
-           "OMP_NUM_THREADS": "1"}  # two servers on this machine's cores (README, "Workers on many machines")
+           "OMP_NUM_THREADS": "1"}  # two servers on this machine's cores (docs/jobs.md, "Workers on many machines")
     command = [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -3,7 +3,7 @@
 Label Studio sends the regions the annotator just made: a KeyPointLabels click (``x``,
 ``y`` in percent of the image, and its label), or the text of a TextArea. A click asks
 for the region under the point with the click's label; typed words steer the candidate
-labels (see README, "Interactive pre-annotation"). Labels are matched to the config's by
+labels (see docs/label-studio.md, "Interactive pre-annotation"). Labels are matched to the config's by
 name or synonym, case-insensitively; results always carry the config's own label.
 
 The context is free-form JSON in the request, so every part of it is checked here and

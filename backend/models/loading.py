@@ -69,7 +69,8 @@ def _unavailable(what: str, source: str, setting: str, cause: Exception) -> Mode
     return ModelUnavailableError(
         f"{what} '{source}' (set by {setting}) is neither a local folder nor in the Hugging Face "
         f"cache. Fetch it once where the hub is reachable with `freesegdiff download` (or the "
-        f"README's `hf download` lines; then copy the cache or the folder here), or set {setting} to a folder that holds it, or set "
+        f"`hf download` lines of docs/models.md; then copy the cache or the folder here), or set {setting} to a "
+        f"folder that holds it, or set "
         f"FREESEG_ALLOW_DOWNLOADS=true to download it at start. ({type(cause).__name__}: {cause})"
     )
 

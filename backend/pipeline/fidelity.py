@@ -1,6 +1,6 @@
 """FREESEG_FIDELITY: each stage's rule, ours (``default``) or the authors' released code's (``release``).
 
-The two differ in five places (the README's "where we depart" table says why ours differ);
+The two differ in five places (docs/method.md says why ours differ);
 everything else, features, K-means, the assignment of labels to clusters and the CRF, is the
 same either way. The rules are chosen once, when the process builds its pipeline, and each
 stage is handed its own:
