@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import spacy
 import torch
-from fastapi.testclient import TestClient
 from spacy.tokens import Doc
 
 from backend.cli import main
@@ -31,11 +30,11 @@ from backend.pipeline.candidates import (
 from backend.pipeline.labelling import BARE_NAMES_CROPPED, PROMPTS_PADDED, cluster_label_scores
 from backend.pipeline.refine import above_half, above_half_of_peak, refine_masks
 from backend.pipeline.vocabulary import Label
-from backend.server.app import create_app
 from backend.settings import Settings
+from tests.app_client import ready_client
 from tests.fakes import WordVectorEmbedder
 from tests.test_eval_cli import _voc
-from tests.test_server import BRUSH_CONFIG, _wait_ready
+from tests.test_server import BRUSH_CONFIG
 
 PERSON, DOG = [1, -1, 0, 0], [0, 0, 1, -1]  # "A photo of person", "A photo of dog": uncorrelated
 NEAR_PERSON = [1, -1, 0.3, -0.3]  # correlation distance to PERSON 0.0422, to DOG 0.7127
@@ -214,8 +213,7 @@ def test_release_settings_give_every_stage_its_release_rule(tiny_release, tiny_s
 
 
 def test_predict_runs_under_release_fidelity(release_settings, tiny_release, image_server):
-    with TestClient(create_app(release_settings, load_segmenter=lambda: tiny_release)) as client:
-        _wait_ready(client)
+    with ready_client(release_settings, lambda: tiny_release) as client:
         tasks = [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]
         response = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH_CONFIG, "project": "1.1"})
     assert response.status_code == 200
