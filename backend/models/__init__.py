@@ -11,6 +11,7 @@ import torch
 from huggingface_hub import HfApi, constants
 
 from backend.models import download, random_full
+from backend.models.captioners import captioner_source
 from backend.models.loading import (
     CaptionerParts,
     ClipParts,
@@ -133,17 +134,17 @@ def load_model_parts(settings: Settings) -> ModelParts:
     if settings.models == "tiny":
         folder = tiny_model_folder(settings.model_dir)
         sd_source, clip_name, clip_weights = str(folder / "stable-diffusion"), str(folder / "clip"), ""
-        captioner_source = str(folder / settings.captioner)
+        captioner_location = str(folder / settings.captioner)
         checkpoint = None
     else:
         if downloads_wanted(settings):
             ensure_downloaded(settings)
         sd_source, clip_name, clip_weights = settings.sd_model, settings.clip_model, settings.clip_pretrained
-        captioner_source, checkpoint = settings.captioner_source, settings.clip_checkpoint
+        captioner_location, checkpoint = captioner_source(settings), settings.clip_checkpoint
     return ModelParts(
         stable_diffusion=load_stable_diffusion(sd_source, device=device, dtype=dtype),
         clip=load_clip(clip_name, clip_weights, checkpoint, device=device, dtype=dtype),
-        captioner=load_captioner(settings.captioner, captioner_source, device=captioner_device, dtype=captioner_dtype),
+        captioner=load_captioner(settings.captioner, captioner_location, device=captioner_device, dtype=captioner_dtype),
         nlp=nlp, placement=placement,
     )
 

@@ -16,7 +16,8 @@ import open_clip
 from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.utils import enable_progress_bars
 
-from backend.models.selection import CAPTIONER, OPEN_CLIP, STABLE_DIFFUSION, Component, select_files
+from backend.models.captioners import CAPTIONERS, captioner_source
+from backend.models.selection import OPEN_CLIP, STABLE_DIFFUSION, Component, select_files
 from backend.settings import Settings
 
 Echo = Callable[[str], None]
@@ -58,8 +59,10 @@ def repo_requests(settings: Settings, half: bool, captioner_half: bool) -> list[
         repo = clip_repo(settings.clip_model, settings.clip_pretrained)
         if repo:
             requests.append(RepoRequest(repo, OPEN_CLIP, False, "FREESEG_CLIP_PRETRAINED"))
-    if not is_local(settings.captioner_source):
-        requests.append(RepoRequest(settings.captioner_source, CAPTIONER, captioner_half, "FREESEG_CAPTIONER_MODEL"))
+    captioner = captioner_source(settings)
+    if not is_local(captioner):
+        components = CAPTIONERS[settings.captioner].components
+        requests.append(RepoRequest(captioner, components, captioner_half, "FREESEG_CAPTIONER_MODEL"))
     return requests
 
 

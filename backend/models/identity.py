@@ -15,6 +15,7 @@ import torch
 
 from backend import __version__
 from backend.models import resolve_device
+from backend.models.captioners import captioner_source
 from backend.pipeline.encoding import FORMAT_VERSION
 from backend.pipeline.features import FeatureSettings
 from backend.settings import Settings
@@ -39,7 +40,7 @@ def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
         described["fidelity"] = settings.fidelity
     if settings.models == "pretrained":
         described.update(sd=settings.sd_model, clip=[settings.clip_model, settings.clip_pretrained],
-                         captioner_model=settings.captioner_source)
+                         captioner_model=captioner_source(settings))
         if settings.clip_checkpoint:
             described["clip_checkpoint"] = str(settings.clip_checkpoint)
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]

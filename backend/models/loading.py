@@ -20,23 +20,13 @@ import open_clip
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from huggingface_hub import snapshot_download
-from transformers import (
-    AutoProcessor,
-    Blip2ForConditionalGeneration,
-    BlipForConditionalGeneration,
-    CLIPTextModel,
-    CLIPTokenizer,
-    PreTrainedModel,
-    ProcessorMixin,
-)
+from transformers import AutoProcessor, CLIPTextModel, CLIPTokenizer, PreTrainedModel, ProcessorMixin
 
-from backend.models.selection import CAPTIONER, OPEN_CLIP, STABLE_DIFFUSION, Component, Weights, select_weights
+from backend.models.captioners import CAPTIONERS
+from backend.models.selection import OPEN_CLIP, STABLE_DIFFUSION, Component, Weights, select_weights
 
 if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
     from spacy.language import Language
-
-CAPTIONER_CLASSES = {"blip": BlipForConditionalGeneration, "blip2": Blip2ForConditionalGeneration}
-
 
 class ModelUnavailableError(RuntimeError):
     """A model's weights are not on this machine; the message says which setting and how to fix."""
@@ -176,15 +166,16 @@ def load_clip(
 
 
 def load_captioner(kind: str, source: str, *, device: torch.device, dtype: torch.dtype) -> CaptionerParts:
-    """BLIP or BLIP-2 (``kind``) with its processor, from a folder or hub id."""
+    """The captioner of this kind (``backend.models.captioners``) with its processor, from a folder or hub id."""
     what, setting = f"Captioner ({kind})", "FREESEG_CAPTIONER_MODEL"
+    spec = CAPTIONERS[kind]
     folder = resolve_folder(source, what=what, setting=setting)
-    (component,) = CAPTIONER
+    (component,) = spec.components
     weights = local_weights(folder, component, dtype, what=what, source=source, setting=setting)
     try:
         processor = AutoProcessor.from_pretrained(folder)
-        model = CAPTIONER_CLASSES[kind].from_pretrained(folder, torch_dtype=dtype, variant=weights.variant,
-                                                        use_safetensors=weights.use_safetensors)
+        model = spec.model_class.from_pretrained(folder, torch_dtype=dtype, variant=weights.variant,
+                                                 use_safetensors=weights.use_safetensors)
     except (OSError, ValueError) as error:
         raise _unavailable(what, source, setting, error) from error
     model.to(device).eval().requires_grad_(False)

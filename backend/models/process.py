@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from backend.models import load_model_parts, resolve_device
+from backend.models.captioners import CAPTIONERS
 from backend.models.engines import feature_extractor
 from backend.models.identity import feature_settings, models_fingerprint
 from backend.pipeline.caption import Captioner
@@ -37,8 +38,8 @@ def process_segmenter(settings: Settings) -> Segmenter:
     clip = ClipEmbedder(parts.clip, device, dtype)
     rules = stage_rules(settings.fidelity, clip, stable_diffusion_text, settings.nouns)
     return Segmenter(
-        captioner=Captioner(parts.captioner, placement.captioner_device, placement.captioner_dtype,
-                            rules.caption_length),
+        captioner=Captioner(parts.captioner, CAPTIONERS[settings.captioner].generation, placement.captioner_device,
+                            placement.captioner_dtype, rules.caption_length),
         features=feature_extractor(network, settings.engine, settings.model_dir / "engines", fingerprint),
         clip=clip,
         nlp=parts.nlp,

@@ -11,21 +11,11 @@ from __future__ import annotations
 import open_clip
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import (
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    BlipConfig,
-    BlipForConditionalGeneration,
-    BlipImageProcessor,
-    BlipProcessor,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from backend.models.captioners import CAPTIONERS
 from backend.models.loading import CaptionerParts, ClipParts, StableDiffusionParts
-from backend.models.tokenizers import build_caption_tokenizer, caption_token_ids, write_clip_tokenizer
-from backend.models.tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from backend.models.tokenizers import write_clip_tokenizer
 
 SEED = 20240102
 
@@ -71,37 +61,14 @@ def build_clip(device: torch.device, dtype: torch.dtype) -> ClipParts:
     return ClipParts(
         model=_prepare(model, device, dtype),
         tokenizer=open_clip.get_tokenizer("ViT-B-32"),
-        mean=OPENAI_CLIP_MEAN,
-        std=OPENAI_CLIP_STD,
+        mean=open_clip.OPENAI_DATASET_MEAN,
+        std=open_clip.OPENAI_DATASET_STD,
     )
 
 
 def build_captioner(kind: str, device: torch.device, dtype: torch.dtype) -> CaptionerParts:
-    """BLIP base (224 M) or BLIP-2 OPT-2.7b (3.74 B), randomly initialised."""
+    """The captioner of this kind at full size (BLIP base 224 M, BLIP-2 OPT-2.7b 3.74 B), randomly initialised."""
     torch.manual_seed(SEED)
-    if kind == "blip":
-        tokenizer = build_caption_tokenizer(vocab_size=30524)
-        ids = caption_token_ids(tokenizer, with_sep=True)
-        with torch.device(device):
-            model = BlipForConditionalGeneration(BlipConfig(text_config={"vocab_size": 30524, **ids}))
-        model.generation_config.update(**ids, decoder_start_token_id=tokenizer.bos_token_id)
-        image_size = 384
-    else:
-        tokenizer = build_caption_tokenizer(vocab_size=50272)
-        ids = caption_token_ids(tokenizer, with_sep=False)
-        opt_2_7b = {
-            "model_type": "opt", "vocab_size": 50272, "hidden_size": 2560, "word_embed_proj_dim": 2560,
-            "ffn_dim": 10240, "num_hidden_layers": 32, "num_attention_heads": 32, **ids,
-        }
-        config = Blip2Config(text_config=opt_2_7b, num_query_tokens=32,
-                             image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))
-        with torch.device(device):
-            model = Blip2ForConditionalGeneration(config)
-        model.generation_config.update(**ids)
-        image_size = 224
-    processor = BlipProcessor(
-        BlipImageProcessor(size={"height": image_size, "width": image_size},
-                           image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD),
-        tokenizer,
-    )
+    with torch.device(device):
+        model, processor = CAPTIONERS[kind].build_random()
     return CaptionerParts(kind=kind, model=_prepare(model, device, dtype), processor=processor)

@@ -19,25 +19,14 @@ import open_clip
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import (
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    Blip2Processor,
-    BlipConfig,
-    BlipForConditionalGeneration,
-    BlipImageProcessor,
-    BlipProcessor,
-    CLIPTextConfig,
-    CLIPTextModel,
-)
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from backend.models.tokenizers import build_caption_tokenizer, caption_token_ids, write_clip_tokenizer
+from backend.models.captioners import CAPTIONERS
+from backend.models.tokenizers import write_clip_tokenizer
 
 TINY_FORMAT = "tiny-v1"  # bump when the architectures below change
 SEED = 20240101
 CLIP_TOKEN_IDS = {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def tiny_model_folder(model_dir: Path) -> Path:
@@ -64,12 +53,12 @@ def _build_atomically(folder: Path) -> None:
 
 
 def build_tiny_models(folder: Path) -> None:
-    """Write every tiny model under ``folder``: stable-diffusion/, clip/, blip/, blip2/."""
+    """Write every tiny model under ``folder``: stable-diffusion/, clip/, and each captioner's kind (blip/, ...)."""
     torch.manual_seed(SEED)
     _save_stable_diffusion(folder / "stable-diffusion")
     _save_clip(folder / "clip")
-    _save_blip(folder / "blip")
-    _save_blip2(folder / "blip2")
+    for captioner in CAPTIONERS.values():
+        captioner.save_tiny(folder / captioner.kind)
 
 
 def _save_stable_diffusion(folder: Path) -> None:
@@ -122,80 +111,7 @@ def _save_clip(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "model_cfg": model_cfg,
-        "preprocess_cfg": {"mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD},
+        "preprocess_cfg": {"mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD},
     }
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
-
-
-def _tiny_vision_config() -> dict:
-    return {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 64,
-        "patch_size": 16,
-    }
-
-
-def _caption_image_processor() -> BlipImageProcessor:
-    return BlipImageProcessor(
-        size={"height": 64, "width": 64}, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD
-    )
-
-
-def _save_blip(folder: Path) -> None:
-    """BLIP's captioning class, with the special token ids set inside the small vocabulary."""
-    tokenizer = build_caption_tokenizer()
-    ids = caption_token_ids(tokenizer, with_sep=True)
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "encoder_hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        **ids,
-    }
-    config = BlipConfig(text_config=text_config, vision_config=_tiny_vision_config(), projection_dim=32)
-    model = BlipForConditionalGeneration(config)
-    model.generation_config.update(**ids, decoder_start_token_id=tokenizer.bos_token_id)
-    model.save_pretrained(folder)
-    BlipProcessor(_caption_image_processor(), tokenizer).save_pretrained(folder)
-
-
-def _save_blip2(folder: Path) -> None:
-    """BLIP-2 with a tiny OPT language model and Q-Former."""
-    tokenizer = build_caption_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["[IMG]"]})
-    image_token_id = tokenizer.convert_tokens_to_ids("[IMG]")
-    ids = caption_token_ids(tokenizer, with_sep=False)
-    config = Blip2Config(
-        vision_config=_tiny_vision_config(),
-        qformer_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "encoder_hidden_size": 32,
-            "vocab_size": len(tokenizer),
-        },
-        text_config={
-            "model_type": "opt",
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "word_embed_proj_dim": 32,
-            "ffn_dim": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            **ids,
-        },
-        num_query_tokens=4,
-        image_token_index=image_token_id,
-    )
-    model = Blip2ForConditionalGeneration(config)
-    model.generation_config.update(**ids)
-    model.save_pretrained(folder)
-    processor = Blip2Processor(_caption_image_processor(), tokenizer, num_query_tokens=4)
-    processor.save_pretrained(folder)

@@ -15,17 +15,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from backend.models.loading import CaptionerParts
+if TYPE_CHECKING:  # a type only: the registry in backend.models imports this module's CaptionGeneration
+    from backend.models.loading import CaptionerParts
 
-BLIP_PROMPT = "a picture of"
 NUM_BEAMS = 3
 MAX_NEW_TOKENS = 30
-BLIP_MIN_LENGTH = 10  # counts the prompt, as in the released code
+
+
+@dataclass(frozen=True)
+class CaptionGeneration:
+    """How a captioner is asked: from a text ``prompt`` (BLIP's "[BOS] prompt [SEP]", cut from the caption) with
+    ``min_length`` counting the prompt, as in the released code; or, with no prompt, from the image alone (BLIP-2)."""
+
+    prompt: str | None = None
+    min_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,10 @@ RELEASE = CaptionLength(prompt_counts=True)  # LAVIS blip_caption: max_length=30
 class Captioner:
     """Images in, one caption string per image out."""
 
-    def __init__(self, parts: CaptionerParts, device: torch.device, dtype: torch.dtype, length: CaptionLength = OURS):
+    def __init__(self, parts: CaptionerParts, generation: CaptionGeneration, device: torch.device,
+                 dtype: torch.dtype, length: CaptionLength = OURS):
         self.kind = parts.kind
+        self.generation = generation
         self.model = parts.model
         self.tokenizer = parts.processor.tokenizer
         self.image_processor = parts.processor.image_processor
@@ -65,20 +76,20 @@ class Captioner:
     def _captions(self, images: Sequence[np.ndarray]) -> list[str]:
         pixels = self.image_processor([Image.fromarray(image) for image in images], return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, self.dtype)
-        if self.kind == "blip":
-            prompt = self._blip_prompt(len(images))
+        if self.generation.prompt is not None:
+            prompt = self._prompt_ids(self.generation.prompt, len(images))
             output = self.model.generate(
                 pixel_values=pixels, input_ids=prompt, num_beams=NUM_BEAMS,
-                min_length=BLIP_MIN_LENGTH, max_length=self.length.blip_max_length(prompt.shape[1]),
+                min_length=self.generation.min_length, max_length=self.length.blip_max_length(prompt.shape[1]),
             )
             output = output[:, prompt.shape[1] - 1 :]  # generate() drops the prompt's final [SEP]
         else:
             output = self.model.generate(pixel_values=pixels, num_beams=NUM_BEAMS, max_new_tokens=MAX_NEW_TOKENS)
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
-    def _blip_prompt(self, batch: int) -> torch.Tensor:
+    def _prompt_ids(self, text: str, batch: int) -> torch.Tensor:
         """[BOS] prompt [SEP], the shape BLIP's generate() expects from its BERT tokenizer."""
         config = self.model.config.text_config
-        words = self.tokenizer(BLIP_PROMPT, add_special_tokens=False).input_ids
+        words = self.tokenizer(text, add_special_tokens=False).input_ids
         row = [config.bos_token_id, *words, config.sep_token_id]
         return torch.tensor([row] * batch, device=self.device)
