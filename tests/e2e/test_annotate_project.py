@@ -98,6 +98,19 @@ def enqueue_project(server: LabelStudioServer, project: int, redis_url: str, mod
     return env, re.search(r"run (\w+) queued", enqueued.stdout).group(1)
 
 
+def run_queued(server: LabelStudioServer, project: int, redis_url: str, model_dir: Path, queue_prefix: str,
+               log: Path) -> tuple[dict[str, str], str]:
+    """``enqueue_project``, then one ``freesegdiff worker --burst`` (its output in ``log``) until the queue is
+    empty; the workers' environment and the run's id."""
+    env, run_id = enqueue_project(server, project, redis_url, model_dir, queue_prefix)
+    worker = start_worker(log, env)
+    try:
+        assert worker.wait(timeout=240) == 0, log_text(log)
+    finally:
+        stop(worker)
+    return env, run_id
+
+
 def jobs_output(env: dict[str, str], run_id: str) -> str:
     jobs = subprocess.run([sys.executable, "-m", "backend.cli", "jobs", "--run", run_id], cwd=REPO_ROOT, env=env,
                           check=False, capture_output=True, text=True, timeout=60)
@@ -200,13 +213,8 @@ def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_serv
     revision = re.search(r"memory of 4 annotations, .*revision (\d+)", capsys.readouterr().out).group(1)
     taught = f"{version}-m{revision}"
 
-    env, run_id = enqueue_project(label_studio, project, redis_server.url, tiny_settings.model_dir, "test-memory")
     log = tmp_path / "worker.log"
-    worker = start_worker(log, env)
-    try:
-        assert worker.wait(timeout=240) == 0, log_text(log)
-    finally:
-        stop(worker)
+    env, run_id = run_queued(label_studio, project, redis_server.url, tiny_settings.model_dir, "test-memory", log)
     queued = [latest(label_studio, task) for task in tasks]
     assert [prediction["model_version"] for prediction in queued] == [taught] * 8, log_text(log)
     jobs = jobs_output(env, run_id)
@@ -240,13 +248,8 @@ def test_both_runs_predict_with_the_connections_extra_params_as_predict_does(lab
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "server" / "models"))
     get_settings.cache_clear()
     assert annotate(capsys, "--project", str(in_process))[:2] == (0, (2, 2, 0, 0))
-    env, _ = enqueue_project(label_studio, queued, redis_server.url, tiny_settings.model_dir, "test-extra-params")
     log = tmp_path / "worker.log"
-    worker = start_worker(log, env)
-    try:
-        assert worker.wait(timeout=240) == 0, log_text(log)
-    finally:
-        stop(worker)
+    run_queued(label_studio, queued, redis_server.url, tiny_settings.model_dir, "test-extra-params", log)
     for tasks in (local_tasks, queued_tasks):
         made = [latest(label_studio, task) for task in tasks]
         assert [p["model_version"] for p in made] == [p["model_version"] for p in expected]
