@@ -416,21 +416,21 @@ def _annotate_project_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_annotate_project(args: argparse.Namespace) -> int:
-    from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
-    from backend.labelstudio.client import LabelStudioProject
+    from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, describe
     from backend.jobs.progress import summary
     from backend.jobs.project import annotate_project, annotate_project_queued
-    from backend.labelstudio.access import LabelStudioAccess
+    from backend.labelstudio.project_context import open_project
+    from backend.labelstudio.projects import ProjectStore
+    from backend.memories import shared_store
 
-    settings = get_settings()
-    access = LabelStudioAccess(args.url or settings.label_studio_url, args.api_key or settings.label_studio_api_key)
+    settings = _with_access_flags(args, get_settings())
     try:
-        project = LabelStudioProject(access, args.project, Backoff.from_settings(settings))
+        project, connection = open_project(settings, args.project, ProjectStore(shared_store(settings)))
         if args.queue:
             result = annotate_project_queued(project, settings, args.overwrite, wait=not args.no_wait)
         else:
-            result = annotate_project(project, settings, args.overwrite)
-    except ValueError as error:  # no URL or key, an unusable label config, no REDIS_URL
+            result = annotate_project(project, connection, settings, args.overwrite)
+    except ValueError as error:  # no URL or key, an unusable label config or extra_params, no REDIS_URL
         log.error("project %s: %s", args.project, error)
         return 2
     except LABEL_STUDIO_ERRORS as error:
@@ -447,6 +447,12 @@ def run_annotate_project(args: argparse.Namespace) -> int:
     return 1 if nothing_done else 0
 
 
+def _with_access_flags(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The settings with ``--url`` and ``--api-key``, where given, in place of LABEL_STUDIO_URL and its key."""
+    return settings.model_copy(update={"label_studio_url": args.url or settings.label_studio_url,
+                                       "label_studio_api_key": args.api_key or settings.label_studio_api_key})
+
+
 def _learn_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("learn", help="rebuild a project's memory from all its annotations (as Start Training)")
     parser.add_argument("--project", required=True, type=int, help="Label Studio project id")
@@ -460,16 +466,16 @@ def _learn_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_learn(args: argparse.Namespace) -> int:
-    from backend.labelstudio.access import LabelStudioAccess
     from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
     from backend.labelstudio.images import TaskImageLoader
     from backend.labelstudio.learning import ProjectTeacher
+    from backend.labelstudio.project_context import label_studio_access
     from backend.labelstudio.projects import ProjectStore
     from backend.memories import ProjectMemories
     from backend.models.identity import settings_fingerprint
     from backend.store import StoreError
 
-    settings = get_settings()
+    settings = _with_access_flags(args, get_settings())
     project = str(args.project)
     memories = ProjectMemories.from_settings(settings)
     try:
@@ -481,11 +487,11 @@ def run_learn(args: argparse.Namespace) -> int:
                   else f"project {project}: no memory for these models")
             return 0
         segmenter = process_segmenter(settings)
-        access = LabelStudioAccess(args.url or settings.label_studio_url, args.api_key or settings.label_studio_api_key)
-        teacher = ProjectTeacher(memories, ProjectStore(memories.store.store), TaskImageLoader.from_settings(settings),
+        projects = ProjectStore(memories.store.store)
+        teacher = ProjectTeacher(memories, projects, TaskImageLoader.from_settings(settings),
                                  _learning_encoder(settings, segmenter), segmenter.fingerprint,
                                  Backoff.from_settings(settings), settings.max_labels)
-        memory = teacher.rebuild(project, access)
+        memory = teacher.rebuild(project, label_studio_access(settings, lambda: projects.read(project)))
     except ValueError as error:  # no URL or key, an unusable label config
         log.error("project %s: %s", project, error)
         return 2

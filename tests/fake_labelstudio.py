@@ -2,7 +2,7 @@
 
 It answers what label-studio-sdk asks: ``/api/annotations/<id>/``, ``/api/tasks/<id>/``,
 ``/api/tasks/<id>/annotations/``, ``/api/tasks/?project=``, ``/api/projects/<id>/``,
-``/api/predictions/<id>/`` and ``/api/predictions/?task=``, from dicts the test edits
+``/api/predictions/<id>/``, ``/api/predictions/?task=`` and ``/api/ml?project=``, from dicts the test edits
 (deleting an annotation, a task or a project makes it answer 404), and only to ``TOKEN``.
 A task's ``predictions`` are those of ``predictions`` whose ``task`` is its id.
 """
@@ -44,6 +44,7 @@ class FakeLabelStudio:
         self.tasks: dict[int, dict] = {}  # id -> {"project": id, "data": {...}}
         self.annotations: dict[int, dict] = {}  # id -> {"task": id, "result": [...]}
         self.predictions: dict[int, dict] = {}  # id -> {"task": id, "result": [...], "model_version": ...}
+        self.ml_backends: dict[int, dict] = {}  # id -> {"project": id, "extra_params": {...}, "model_version": ...}
         self.requests: list[str] = []
         fake = self
 
@@ -93,6 +94,9 @@ class FakeLabelStudio:
             ids = [{"id": i} for i, t in self.tasks.items() if t["project"] == project]
             page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
             return 200, {"tasks": ids[(page - 1) * size : page * size], "total": len(ids)}
+        if split.path.rstrip("/") == "/api/ml":
+            project = int(query["project"][0])
+            return 200, [{"id": i, **b} for i, b in self.ml_backends.items() if b["project"] == project]
         if match := re.fullmatch(r"/api/projects/(\d+)/?", split.path):
             config = self.projects.get(int(match[1]))
             return (200, {"id": int(match[1]), "label_config": config}) if config else (404, {"detail": "Not found."})

@@ -15,7 +15,6 @@ run's ledger). So a run writes one ``model_version``, which carries the memory's
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -32,15 +31,15 @@ from backend.jobs.locks import NoLocks, RedisLocks, Refresh, WriteLocks
 from backend.jobs.progress import RunBar
 from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
 from backend.labelstudio.config import ProjectVocabulary, parse_label_config
-from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.images import TaskImageLoader
+from backend.labelstudio.project_context import ProjectContext, open_project, project_context
+from backend.labelstudio.projects import ProjectSetup, ProjectStore
 from backend.labelstudio.results import project_prediction
-from backend.memories import ProjectMemories, memory_version
+from backend.memories import ProjectMemories, memory_for_predictions
 from backend.models.identity import model_version
 from backend.models.process import process_segmenter
-from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,20 +57,17 @@ class ProjectRun:
     """What a project run predicts and writes: the same in this process and in every chunk."""
 
     project: LabelStudioProject
-    vocabulary: ProjectVocabulary
-    version: str  # the model_version its predictions carry
-    overwrite: bool  # replace a task's prediction of ``version`` rather than skip the task
-    exemplars: Exemplars | None = None  # the project's memory, whose revision ``version`` carries
+    context: ProjectContext  # its model_version is the one the run's predictions carry
+    overwrite: bool  # replace a task's prediction of that version rather than skip the task
 
 
-def project_run(project: LabelStudioProject, vocabulary: ProjectVocabulary, version: str, overwrite: bool,
-                memory: Memory | None) -> ProjectRun:
-    """A run predicting with the project's ``memory``, if it has one; ``version`` (the models' model_version)
-    then carries the memory's revision."""
-    if memory is None:
-        return ProjectRun(project, vocabulary, version, overwrite)
-    return ProjectRun(project, vocabulary, memory_version(version, memory.revision), overwrite,
-                      Exemplars.from_memory(memory))
+def project_run(project: LabelStudioProject, vocabulary: ProjectVocabulary, connection: ProjectSetup,
+                settings: Settings, memory: Memory | None, overwrite: bool) -> ProjectRun:
+    """A run predicting with the project's context: its config's ``vocabulary``, ``connection``'s extra_params
+    and the project's ``memory``, if it has one."""
+    context = project_context(settings, vocabulary, connection,
+                              memory_for_predictions(model_version(settings), memory))
+    return ProjectRun(project, context, overwrite)
 
 
 @dataclass(frozen=True)
@@ -88,11 +84,10 @@ class TaskAnnotator:
 
     def __init__(self, run: ProjectRun, segmenter: Segmenter, settings: Settings, ledger: Ledger,
                  locks: WriteLocks) -> None:
-        self.project, self.vocabulary, self.version = run.project, run.vocabulary, run.version
-        self.overwrite, self.exemplars = run.overwrite, run.exemplars
+        self.project, self.vocabulary, self.version = run.project, run.context.vocabulary, run.context.model_version
+        self.overwrite, self.exemplars, self.options = run.overwrite, run.context.exemplars, run.context.options
         self.segmenter, self.ledger, self.locks = segmenter, ledger, locks
         self.backoff = Backoff.from_settings(settings)
-        self.options = dataclasses.replace(SegmentOptions.from_settings(settings), **self.vocabulary.options)
         self.images = TaskImageLoader.from_settings(settings)
         self.batch = settings.max_batch
 
@@ -161,20 +156,21 @@ class TaskAnnotator:
             log.debug("task %s: %s", task_id, outcome.value)
 
 
-def annotate_project(project: LabelStudioProject, settings: Settings, overwrite: bool,
+def annotate_project(project: LabelStudioProject, connection: ProjectSetup, settings: Settings, overwrite: bool,
                      progress: bool = True) -> ProjectRunResult:
-    """The whole project in this process, ``max_batch`` tasks at a time, with a progress bar."""
+    """The whole project in this process, ``max_batch`` tasks at a time, with a progress bar; ``connection``
+    (``open_project``'s) gives its extra_params."""
     vocabulary = project_vocabulary(project, settings)  # before loading any model
     segmenter = process_segmenter(settings)  # and before the run's clock starts
     task_ids = project.task_ids()
     ledger = MemoryLedger(len(task_ids))
     memory = ProjectMemories.from_settings(settings).load(str(project.project), segmenter.fingerprint)
-    run = project_run(project, vocabulary, model_version(settings), overwrite, memory)
+    run = project_run(project, vocabulary, connection, settings, memory, overwrite)
     annotator = TaskAnnotator(run, segmenter, settings, ledger, NoLocks())
     with RunBar(len(task_ids), "annotate", progress) as bar:
         annotator.annotate(task_ids, after_batch=lambda: bar.show(ledger.progress()))
         bar.show(ledger.progress())  # tasks skipped or failed after the last batch
-    return ProjectRunResult(ledger.progress(), run.version)
+    return ProjectRunResult(ledger.progress(), run.context.model_version)
 
 
 def annotate_project_queued(project: LabelStudioProject, settings: Settings, overwrite: bool,
@@ -198,21 +194,21 @@ def annotate_project_queued(project: LabelStudioProject, settings: Settings, ove
 
 def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, overwrite: bool) -> int:
     """RQ job (by dotted path, JSON arguments): one chunk of a queued run; Label Studio's address and key
-    come from the worker's own settings, never through Redis. Every chunk predicts with the project's
-    memory as the run's first chunk read it. Returns how many tasks it was given."""
+    and the connection's extra_params are the worker's own (``open_project``), never the job's arguments.
+    Every chunk predicts with the project's memory as the run's first chunk read it. Returns how many tasks
+    it was given."""
     context = chunk_context(run_id)
     if all(context.ledger.settled(str(task_id)) for task_id in task_ids):
         return len(task_ids)  # run again after its tasks were settled: nothing to predict, no memory to read
     settings = context.settings
-    access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
-    labelstudio = LabelStudioProject(access, project, Backoff.from_settings(settings))
+    memories = ProjectMemories.from_settings(settings)
+    labelstudio, connection = open_project(settings, project, ProjectStore(memories.store.store))
     vocabulary = project_vocabulary(labelstudio, settings)
     segmenter = process_segmenter(settings)
-    memories = ProjectMemories.from_settings(settings)
     data = context.ledger.claim_memory(lambda: memories.store.load(str(project), segmenter.fingerprint))
-    run = project_run(labelstudio, vocabulary, model_version(settings), overwrite, memories.parse(data))
-    context.begin(run.version)
-    scope = hashlib.sha256(f"{access.url}\x00{run.version}".encode()).hexdigest()[:16]
+    run = project_run(labelstudio, vocabulary, connection, settings, memories.parse(data), overwrite)
+    context.begin(run.context.model_version)
+    scope = hashlib.sha256(f"{labelstudio.access.url}\x00{run.context.model_version}".encode()).hexdigest()[:16]
     annotator = TaskAnnotator(run, segmenter, settings, context.ledger,
                               RedisLocks(context.connection, scope, settings.queue_lease_seconds))
     annotator.annotate(task_ids)

@@ -94,3 +94,10 @@ class LabelStudioProject(LabelStudioClient):
 
     def delete_prediction(self, prediction_id: int) -> None:
         self.client.predictions.delete(id=prediction_id)
+
+    def our_ml_backends(self) -> list[dict]:
+        """The project's connections to this backend (the ``model_version`` /setup answered is ours): each one's
+        ``id`` and ``extra_params``."""
+        return [{"id": backend.id, "extra_params": backend.extra_params}
+                for backend in self.client.ml.list(project=self.project)
+                if str(backend.model_version or "").startswith(MODEL_VERSION_PREFIX)]

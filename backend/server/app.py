@@ -8,7 +8,6 @@ and ``/setup`` never wait on the models: Label Studio gives them one and three s
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +26,7 @@ from backend.labelstudio.backoff import Backoff
 from backend.labelstudio.config import LabelConfigError, parse_label_config
 from backend.labelstudio.context import ContextError, parse_context
 from backend.labelstudio.learning import ProjectTeacher
+from backend.labelstudio.project_context import label_studio_access, project_context
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
 from backend.memories import ProjectMemories, SharedMemoryStore, shared_store
 from backend.memory_summary import MemorySummary
@@ -36,7 +36,7 @@ from backend.models.identity import model_version
 from backend.models.process import process_segmenter
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import MemoryFormatError
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.server.cache_writer import CacheWriter
 from backend.server.config_cache import LabelConfigCache
 from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
@@ -76,8 +76,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"), metrics,
                                 Backoff.from_settings(settings), settings.max_image_pixels)
     cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)
-    predictor = Predictor(settings, worker, metrics, version, cache, cache_writer)
-    default_options = SegmentOptions.from_settings(settings)
+    predictor = Predictor(settings, worker, metrics, cache, cache_writer)
     vocabulary_of = LabelConfigCache(lambda xml: parse_label_config(xml, settings.max_labels),
                                      settings.config_cache_bytes)
 
@@ -88,11 +87,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
                               Backoff.from_settings(settings), settings.max_labels)
 
     def project_access(project: object) -> LabelStudioAccess:
-        """Label Studio's address and key for the project's annotations: the settings' (no store call), else
-        /setup's. Raises StoreError while the store is away: the learner waits for it rather than go without."""
-        if settings.label_studio_url:
-            return _label_studio_access(settings, LabelStudioAccess())
-        return projects.read(project).access
+        """Label Studio's address and key for the project's annotations. Raises StoreError while the store is
+        away (and LABEL_STUDIO_URL unset): the learner waits for it rather than go without."""
+        return label_studio_access(settings, lambda: projects.read(project))
 
     learner = Learner(teacher, project_access, PendingEvents(shared),
                       QueueBounds(settings.learn_queue_size, settings.learn_project_queue_size),
@@ -213,23 +210,21 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         if not label_config:
             raise LabelConfigError("the request has no label_config and /setup was not called for this project")
         vocabulary = vocabulary_of(label_config)
-        options = dataclasses.replace(default_options, **{**vocabulary.options, **known.options})
-        access = _label_studio_access(settings, known.access)
         interaction = parse_context(request.params.context if request.params else None, vocabulary,
                                     settings.prompt_limits)
         if worker.state != ModelState.READY:  # just started: wait for the models rather than answer 503
             await asyncio.to_thread(worker.wait_until_loaded)
-        project_version, exemplars = await asyncio.to_thread(project_memory, request.project)
+        context = project_context(settings, vocabulary, known,
+                                  await asyncio.to_thread(project_memory, request.project))
         try:
-            results = await predictor.predict(request.tasks, vocabulary, options, access, bound, interaction,
-                                              exemplars, project_version)
+            results = await predictor.predict(request.tasks, context, bound, interaction)
         except (QueueFullError, ModelsNotReadyError, RequestStopped):
             raise
         except Exception as error:  # an inference failure answers this request; the server goes on
             log.exception("inference failed for %d tasks", len(request.tasks))
             metrics.errors.labels(kind="inference").inc()
             raise HTTPException(500, f"inference failed: {type(error).__name__}: {error}") from error
-        return {"results": results, "model_version": project_version}
+        return {"results": results, "model_version": context.model_version}
 
     @app.post("/webhook", dependencies=authenticated)
     async def webhook(request: WebhookRequest, background: BackgroundTasks) -> dict:
@@ -323,13 +318,6 @@ def _learning_events(request: WebhookRequest) -> list[LearningEvent]:
         action = "forget" if request.action in FORGET_ACTIONS else "learn"
         return [LearningEvent(action, project, annotation) for annotation in listed_ids(named)]
     return []
-
-
-def _label_studio_access(settings: Settings, from_setup: LabelStudioAccess) -> LabelStudioAccess:
-    """LABEL_STUDIO_URL with its key when set; else the host and token /setup gave, as a pair."""
-    if settings.label_studio_url:
-        return LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
-    return from_setup
 
 
 def _basic_auth(settings: Settings) -> Callable[[HTTPBasicCredentials | None], None]:

@@ -33,6 +33,7 @@ from backend.labelstudio.images import DownloadBudget, TaskImage, TaskImageLoade
 from backend.labelstudio.results import prediction, project_prediction
 from backend.cache import FeatureCache, cache_key, through_cache
 from backend.labelstudio.context import Interaction
+from backend.labelstudio.project_context import ProjectContext
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.segmenter import Click, Proposal, Segmentation, Segmenter, SegmentOptions
@@ -58,24 +59,20 @@ class _Loaded:
 
 
 class Predictor:
-    def __init__(self, settings: Settings, worker: InferenceWorker, metrics: Metrics, model_version: str,
-                 cache: FeatureCache, cache_writer: CacheWriter):
+    def __init__(self, settings: Settings, worker: InferenceWorker, metrics: Metrics, cache: FeatureCache,
+                 cache_writer: CacheWriter):
         self.worker, self.metrics = worker, metrics
-        self.model_version = model_version
         self.cache, self.cache_writer = cache, cache_writer
         self.images = TaskImageLoader.from_settings(settings)
         self.batch_size = settings.max_batch  # tasks per step: the worker's batch, and what a stop may let finish
 
-    async def predict(
-        self, tasks: Sequence[Task], vocabulary: ProjectVocabulary, options: SegmentOptions,
-        access: LabelStudioAccess, bound: RequestBound, interaction: Interaction | None = None,
-        exemplars: Exemplars | None = None, model_version: str | None = None,
-    ) -> list[dict]:
-        """One prediction per task; ``exemplars`` from the project's memory, whose ``model_version`` they carry.
+    async def predict(self, tasks: Sequence[Task], context: ProjectContext, bound: RequestBound,
+                      interaction: Interaction | None = None) -> list[dict]:
+        """One prediction per task, made and labelled as the project's ``context`` says.
 
         Raises what ``bound`` raises when the client goes or the deadline passes: no later batch is started.
         """
-        version = model_version or self.model_version
+        vocabulary, options, access = context.vocabulary, context.options, context.access
         self.worker.ensure_accepting()  # before any download: a busy answer should be cheap
         budget = self.images.budget()  # shared by the request's downloads: N images are not N timeouts
         predictions: list[dict] = []
@@ -84,10 +81,11 @@ class Predictor:
             loaded = await run_in_threadpool(self._load_images, tasks[first : first + self.batch_size], vocabulary,
                                              access, bound, budget)
             present = [item for item in loaded if item is not None]
-            segmentations = (await self._segment(present, vocabulary, options, bound, interaction, exemplars)
+            segmentations = (await self._segment(present, vocabulary, options, bound, interaction, context.exemplars)
                              if present else [])
             start = time.perf_counter()
-            predictions += await run_in_threadpool(self._predictions, loaded, segmentations, vocabulary, version)
+            predictions += await run_in_threadpool(self._predictions, loaded, segmentations, vocabulary,
+                                                   context.model_version)
             building += time.perf_counter() - start
         self.metrics.observe_stage("results", building)
         return predictions

@@ -327,9 +327,11 @@ def get_task(server: LabelStudioServer, task: int) -> dict[str, Any]:
 
 
 def connect_ml_backend(
-    server: LabelStudioServer, project: int, url: str, title: str = "freesegdiff", *, is_interactive: bool = True
+    server: LabelStudioServer, project: int, url: str, title: str = "freesegdiff", *, is_interactive: bool = True,
+    extra_params: Mapping[str, Any] | None = None,
 ) -> int:
-    """Connects the ML backend at ``url`` to the project (``POST /api/ml``); returns the backend's id.
+    """Connects the ML backend at ``url`` to the project (``POST /api/ml``), with the connection's
+    ``extra_params`` (sent to the backend's ``/setup``); returns the backend's id.
 
     Label Studio calls the backend's ``/health`` and ``/setup`` while connecting (1 s and 3 s timeouts);
     a backend that does not answer them in time is refused here. Note that 1.23.2 sets the project's
@@ -338,7 +340,8 @@ def connect_ml_backend(
     response = server.api(
         "POST",
         "/api/ml",
-        json={"project": project, "url": url, "title": title, "is_interactive": is_interactive},
+        json={"project": project, "url": url, "title": title, "is_interactive": is_interactive,
+              "extra_params": dict(extra_params or {})},
         timeout=HTTP_TIMEOUT,
     )
     backend = response.json()

@@ -5,8 +5,9 @@ a Label Studio outage (a proxy answering 502 for a few seconds, one answer lost 
 stored the prediction). On a real redis-server with two real ``freesegdiff worker --burst`` processes:
 a queued run in which one worker is killed (SIGKILL) in the middle of a chunk. Every task must end
 with exactly one prediction of our model version, and other versions' predictions are left alone.
-Last, a queued run of a project whose annotations taught its memory predicts what the same run in
-this process predicts, with the memory's revision in its model version.
+A queued run of a project whose annotations taught its memory predicts what the same run in
+this process predicts, with the memory's revision in its model version. Last, both kinds of run predict
+with the connection's ``extra_params`` exactly as the backend's ``/predict`` does.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ import sklearn
 from labelstudio import (
     FlakyProxy,
     LabelStudioServer,
+    connect_ml_backend,
     create_prediction,
     create_project,
     import_image_file,
     list_predictions,
     predictions_by_version,
+    retrieve_predictions,
 )
+from test_label_studio import run_backend
 from test_learning import latest, miou, scenes_in_projects, submit_truth
 
 from backend.cli import main
@@ -92,6 +96,19 @@ def enqueue_project(server: LabelStudioServer, project: int, redis_url: str, mod
                               text=True, timeout=120)
     assert enqueued.returncode == 0, enqueued.stderr
     return env, re.search(r"run (\w+) queued", enqueued.stdout).group(1)
+
+
+def run_queued(server: LabelStudioServer, project: int, redis_url: str, model_dir: Path, queue_prefix: str,
+               log: Path) -> tuple[dict[str, str], str]:
+    """``enqueue_project``, then one ``freesegdiff worker --burst`` (its output in ``log``) until the queue is
+    empty; the workers' environment and the run's id."""
+    env, run_id = enqueue_project(server, project, redis_url, model_dir, queue_prefix)
+    worker = start_worker(log, env)
+    try:
+        assert worker.wait(timeout=240) == 0, log_text(log)
+    finally:
+        stop(worker)
+    return env, run_id
 
 
 def jobs_output(env: dict[str, str], run_id: str) -> str:
@@ -196,13 +213,8 @@ def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_serv
     revision = re.search(r"memory of 4 annotations, .*revision (\d+)", capsys.readouterr().out).group(1)
     taught = f"{version}-m{revision}"
 
-    env, run_id = enqueue_project(label_studio, project, redis_server.url, tiny_settings.model_dir, "test-memory")
     log = tmp_path / "worker.log"
-    worker = start_worker(log, env)
-    try:
-        assert worker.wait(timeout=240) == 0, log_text(log)
-    finally:
-        stop(worker)
+    env, run_id = run_queued(label_studio, project, redis_server.url, tiny_settings.model_dir, "test-memory", log)
     queued = [latest(label_studio, task) for task in tasks]
     assert [prediction["model_version"] for prediction in queued] == [taught] * 8, log_text(log)
     jobs = jobs_output(env, run_id)
@@ -217,3 +229,28 @@ def test_a_queued_run_predicts_with_the_projects_memory(label_studio, redis_serv
     assert all(set(predictions_by_version(label_studio, task)) == {version, taught} for task in tasks)
     print(f"\nmIoU (%) of the 4 later tasks: {without:.2f} without the memory, {with_memory:.2f} with it ({taught})")
     assert with_memory >= without + 10
+
+
+@pytest.mark.e2e
+def test_both_runs_predict_with_the_connections_extra_params_as_predict_does(label_studio, redis_server, cli_env,
+                                                                           capsys, monkeypatch, tiny_settings,
+                                                                           tmp_path):
+    """``{"k": 2}`` on each project's connection. The run in this process shares the server's MODEL_DIR (what
+    /setup kept); the queued run's processes share nothing with the server: they read Label Studio's record."""
+    (by_predict, predicted), (in_process, local_tasks), (queued, queued_tasks) = (
+        project_with_photos(label_studio, 2) for _ in range(3))
+    with run_backend(tmp_path / "server", label_studio) as backend_url:
+        for project in (by_predict, in_process, queued):
+            connect_ml_backend(label_studio, project, backend_url, extra_params={"k": 2})
+        retrieve_predictions(label_studio, by_predict)
+    expected = [latest(label_studio, task) for task in predicted]
+
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "server" / "models"))
+    get_settings.cache_clear()
+    assert annotate(capsys, "--project", str(in_process))[:2] == (0, (2, 2, 0, 0))
+    log = tmp_path / "worker.log"
+    run_queued(label_studio, queued, redis_server.url, tiny_settings.model_dir, "test-extra-params", log)
+    for tasks in (local_tasks, queued_tasks):
+        made = [latest(label_studio, task) for task in tasks]
+        assert [p["model_version"] for p in made] == [p["model_version"] for p in expected]
+        assert [p["result"] for p in made] == [p["result"] for p in expected], log_text(log)
