@@ -1,4 +1,4 @@
-"""The ``freesegdiff`` command: argument parsing only; the work is in the modules it calls."""
+"""The ``freesegdiff`` command: parses each subcommand and assembles what it runs; the work is in the modules it calls."""
 
 from __future__ import annotations
 

@@ -159,7 +159,8 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         log.warning("/predict stopped: %s", error)
         return JSONResponse({"error": str(error), "kind": error.kind}, status_code=error.status)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that want the status alone
+    @app.head("/health", include_in_schema=False)  # probes that want the status alone
+    @app.get("/health")
     async def health() -> JSONResponse:
         """The only endpoint open without basic auth: Label Studio's and the container's health checks."""
         count("health")
