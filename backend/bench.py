@@ -36,7 +36,8 @@ from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import labels_from_names
-from backend.settings import RefineMethod, Settings
+from backend.options import RefineMethod
+from backend.settings import Settings
 
 # Pascal VOC's 20 object classes: a realistic label set.
 VOC_LABELS = ("aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,dining table,dog,horse,motorbike,person,"

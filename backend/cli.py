@@ -284,11 +284,12 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_replay(args: argparse.Namespace) -> int:
     from backend.evaluation.learning import format_replay, replay_dataset
     from backend.evaluation.run import write_json
+    from backend.memories import memory_bounds
 
     settings = get_settings()
     try:
         result = replay_dataset(process_segmenter(settings), args.dataset, args.root, args.limit,
-                                _options(args, settings), settings.memory_bounds, args.order, args.holdout)
+                                _options(args, settings), memory_bounds(settings), args.order, args.holdout)
     except ValueError as error:  # a held-out set that leaves nothing to teach
         log.error("--holdout %d: %s", args.holdout, error)
         return 2

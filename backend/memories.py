@@ -101,6 +101,11 @@ class SharedMemoryStore:
         return [name.removeprefix(f"{project}.") for name in self.store.names("memory", f"{project}.")]
 
 
+def memory_bounds(settings: Settings) -> MemoryBounds:
+    """FREESEG_MEMORY_LABEL_BYTES and FREESEG_MEMORY_PROJECT_BYTES, as a project's memory takes them."""
+    return MemoryBounds(label_bytes=settings.memory_label_bytes, project_bytes=settings.memory_project_bytes)
+
+
 class ProjectMemories:
     """Reading, changing and caching projects' memories of one store, within ``bounds``.
 
@@ -116,7 +121,7 @@ class ProjectMemories:
     @classmethod
     def from_settings(cls, settings: Settings) -> ProjectMemories:
         """The memories of the settings' shared store (REDIS_URL, else files under MODEL_DIR)."""
-        return cls(SharedMemoryStore(shared_store(settings)), settings.memory_bounds, settings.memory_cache_bytes)
+        return cls(SharedMemoryStore(shared_store(settings)), memory_bounds(settings), settings.memory_cache_bytes)
 
     @property
     def cached_bytes(self) -> int:

@@ -18,7 +18,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from backend.images import ImageLimits
 from backend.input_limits import MAX_LABELS, PromptLimits
 from backend.options import K_RANGE, Fidelity, NounSource, RefineMethod
-from backend.pipeline.memory import MemoryBounds
 
 Profile = Literal["pretrained", "tiny", "random-full"]
 CaptionerKind = Literal["blip2", "blip"]  # the kinds of backend.models.captioners (tests/test_captioners.py)
@@ -176,11 +175,6 @@ class Settings(BaseSettings):
     def prompt_limits(self) -> PromptLimits:
         """FREESEG_MAX_PROMPT_CHARS and FREESEG_MAX_PROMPT_WORDS, as the context's parser takes them."""
         return PromptLimits(max_chars=self.max_prompt_chars, max_words=self.max_prompt_words)
-
-    @property
-    def memory_bounds(self) -> MemoryBounds:
-        """FREESEG_MEMORY_LABEL_BYTES and FREESEG_MEMORY_PROJECT_BYTES, as the memory takes them."""
-        return MemoryBounds(label_bytes=self.memory_label_bytes, project_bytes=self.memory_project_bytes)
 
 
 def environment_name(field: str) -> str:

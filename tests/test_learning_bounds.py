@@ -15,7 +15,7 @@ from backend.labelstudio.backoff import Backoff
 from backend.labelstudio.images import TaskImageLoader
 from backend.labelstudio.learning import ProjectTeacher
 from backend.labelstudio.projects import ProjectStore
-from backend.memories import ProjectMemories, SharedMemoryStore
+from backend.memories import ProjectMemories, SharedMemoryStore, memory_bounds
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars, exemplar_probabilities
 from backend.pipeline.memory import LabelExamples, Memory, MemoryBounds
@@ -46,7 +46,7 @@ def test_a_rebuild_of_200_annotations_applies_the_bounds_as_it_goes(tmp_path):
         return Encoding(features=pool[len(calls) % len(pool)], image_embedding=np.zeros(4, np.float32), caption="",
                         width=image.pixels.shape[1], height=image.pixels.shape[0], fingerprint="fp")
 
-    memories = ProjectMemories(SharedMemoryStore(FileStore(tmp_path)), settings.memory_bounds,
+    memories = ProjectMemories(SharedMemoryStore(FileStore(tmp_path)), memory_bounds(settings),
                                settings.memory_cache_bytes)
     teacher = ProjectTeacher(memories, ProjectStore(FileStore(tmp_path)), TaskImageLoader.from_settings(settings),
                              encode, "fp", Backoff.from_settings(settings))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from backend.pipeline.crf import CrfProcessDied, CrfProcesses, crf_refine
 from backend.pipeline.upsampling import guided_upsample, nearest_upsample
-from backend.settings import RefineMethod
+from backend.options import RefineMethod
 
 __all__ = ["PendingMasks", "RefineMethod", "Refiner", "SoftThreshold", "above_half", "above_half_of_peak",
            "refine_masks"]

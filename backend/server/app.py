@@ -28,7 +28,7 @@ from backend.labelstudio.context import ContextError, parse_context
 from backend.labelstudio.learning import ProjectTeacher
 from backend.labelstudio.project_context import label_studio_access, project_context
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
-from backend.memories import ProjectMemories, SharedMemoryStore, shared_store
+from backend.memories import ProjectMemories, SharedMemoryStore, memory_bounds, shared_store
 from backend.memory_summary import MemorySummary
 from backend.models import downloads_wanted, ensure_downloaded
 from backend.options import OptionError, option_changes
@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     version = model_version(settings)
     shared = shared_store(settings)
     projects = ProjectStore(shared)
-    memories = ProjectMemories(SharedMemoryStore(shared), settings.memory_bounds, settings.memory_cache_bytes)
+    memories = ProjectMemories(SharedMemoryStore(shared), memory_bounds(settings), settings.memory_cache_bytes)
 
     def load() -> Segmenter:
         return (load_segmenter or (lambda: process_segmenter(settings)))().observed_by(metrics.observe_stage)

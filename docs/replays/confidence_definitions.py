@@ -29,6 +29,7 @@ import backend.pipeline.confidence as confidence
 import backend.pipeline.exemplars as exemplars
 from backend.evaluation.datasets import dataset_at
 from backend.evaluation.learning import replay
+from backend.memories import memory_bounds
 from backend.models.process import process_segmenter
 from backend.pipeline.segmenter import SegmentOptions
 from backend.settings import get_settings
@@ -89,7 +90,7 @@ def main(root: Path, runs: list[str]) -> None:
         name, order = run.split(":")
         use(name)
         start = time.time()
-        result = replay(segmenter, spec, samples, SegmentOptions.from_settings(settings), settings.memory_bounds,
+        result = replay(segmenter, spec, samples, SegmentOptions.from_settings(settings), memory_bounds(settings),
                         order, HOLDOUT).to_dict()
         result |= {"definition": name, "seconds": time.time() - start}
         (root / f"r-{name}-{order}.json").write_text(json.dumps(result, indent=1))

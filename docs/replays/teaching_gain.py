@@ -27,6 +27,7 @@ from scipy.stats import spearmanr
 from backend.evaluation.datasets import dataset_at
 from backend.evaluation.learning import _miou, ground_truth_regions
 from backend.images import read_image_file
+from backend.memories import memory_bounds
 from backend.models.process import process_segmenter
 from backend.pipeline.exemplars import NEIGHBOURS, Exemplars
 from backend.pipeline.memory import Memory
@@ -64,7 +65,7 @@ def scene_set(segmenter: Segmenter, settings: Settings, root: Path) -> list[dict
     def exemplars_of(taught: list[int]) -> Exemplars | None:
         if not taught:
             return None
-        memory = Memory(segmenter.fingerprint, encodings[0].features.shape[0], settings.memory_bounds)
+        memory = Memory(segmenter.fingerprint, encodings[0].features.shape[0], memory_bounds(settings))
         for index in taught:
             regions, ignored = ground_truth_regions(truths[index], spec.label_names)
             teach(memory, samples[index].image_id, encodings[index], regions, ignored)
