@@ -147,9 +147,10 @@ def _download(
         for _ in range(_MAX_REDIRECTS + 1):
             try:
                 route = _route(hop, trusted, policy, deadline, limit)
-                with _session(route) as session, _get(session, hop, route, trusted, limit) as response:
+                trusted_hop = trusted if _is_trusted(route.url, trusted) else None  # only it gets the credential
+                with _session(route) as session, _get(session, hop, route, trusted_hop, limit) as response:
                     if not response.is_redirect:
-                        _check_status(response, trusted if _is_trusted(route.url, trusted) else None)
+                        _check_status(response, trusted_hop)
                         body = _read_body(response, limits)
                         if deadline.expired:  # the deadline shut the socket, which ends a body of no set length
                             raise limit.error()
@@ -272,11 +273,12 @@ def _no_credentials(request: requests.PreparedRequest) -> requests.PreparedReque
 
 
 def _get(
-    session: requests.Session, url: str, route: Route, trusted: TrustedOrigin | None, limit: _Limit
+    session: requests.Session, url: str, route: Route, trusted_hop: TrustedOrigin | None, limit: _Limit
 ) -> requests.Response:
+    """GET along ``route``; ``trusted_hop`` is the trusted origin when this hop is it, else None."""
     headers = dict(_HEADERS)
-    if trusted is not None and trusted.authorization and _is_trusted(route.url, trusted):
-        headers["Authorization"] = trusted.authorization
+    if trusted_hop is not None and trusted_hop.authorization:
+        headers["Authorization"] = trusted_hop.authorization
     left = route.deadline.remaining()
     if not left:
         raise limit.error()
@@ -286,8 +288,6 @@ def _get(
 def _is_trusted(url: HttpUrl, trusted: TrustedOrigin | None) -> bool:
     """Whether ``url`` has the trusted origin's scheme, host and port, as parsed: only it gets its credential."""
     return trusted is not None and url.origin == url_origin(trusted.url)
-
-
 
 
 def _next_hop(url: str, response: requests.Response) -> str:
