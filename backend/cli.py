@@ -17,12 +17,12 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from backend.evaluation.learning import ORDERS
+from backend.evaluation.replay import ORDERS
 from backend.images import ImageError, read_image_file
-from backend.labelstudio.results import brush_results, prediction
-from backend.models import ModelUnavailableError
+from backend.exports.brush_results import brush_results, prediction
+from backend.models.assembly import ModelUnavailableError
 from backend.options import FIDELITIES, OptionError, option_changes
-from backend.overlay import label_index_image, render_overlay
+from backend.exports.overlay import label_index_image, render_overlay
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
@@ -30,8 +30,8 @@ from backend.pipeline.vocabulary import Label, labels_from_names
 from backend.settings import EngineChoice, Settings, get_settings, settings_problems
 
 if TYPE_CHECKING:
-    from backend.labelstudio.images import TaskImage
-    from backend.memories import ProjectMemories
+    from backend.labelstudio.task_images import TaskImage
+    from backend.storage.memory_store import ProjectMemories
     from backend.pipeline.encoding import Encoding
 
 log = logging.getLogger("freesegdiff")
@@ -153,7 +153,7 @@ def run_download(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
-    from backend.models import download_models
+    from backend.models.assembly import download_models
 
     settings = get_settings()
     if settings.models != "pretrained":
@@ -218,7 +218,7 @@ def _image_sizes(text: str) -> list[tuple[int, int]]:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from backend.bench import BenchConfig, run_bench
+    from backend.benchmark.bench import BenchConfig, run_bench
 
     config = BenchConfig(profile=args.profile, device=args.device, images=args.images, batch=args.batch,
                          image_dir=args.image_dir, json_path=args.json_path, dtype=args.dtype,
@@ -282,9 +282,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    from backend.evaluation.learning import format_replay, replay_dataset
+    from backend.evaluation.replay import format_replay, replay_dataset
     from backend.evaluation.run import write_json
-    from backend.memories import memory_bounds
+    from backend.storage.memory_store import memory_bounds
 
     settings = get_settings()
     try:
@@ -321,7 +321,7 @@ def _report_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from backend.evaluation.feedback import create_feedback_store, summarize
+    from backend.storage.feedback_log import create_feedback_store, summarize
     from backend.evaluation.report import format_over_time, format_table, render_chart
 
     settings = get_settings()
@@ -339,7 +339,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 def _taught_regions(settings: Settings, project: str) -> dict[str, int] | None:
     """Each label the project's memory (of these models) was taught, with its regions; None when unreadable."""
-    from backend.memories import ProjectMemories
+    from backend.storage.memory_store import ProjectMemories
     from backend.models.identity import settings_fingerprint
     from backend.pipeline.memory import UNLABELED
 
@@ -422,7 +422,7 @@ def run_annotate_project(args: argparse.Namespace) -> int:
     from backend.jobs.project import annotate_project, annotate_project_queued
     from backend.labelstudio.project_context import open_project
     from backend.labelstudio.projects import ProjectStore
-    from backend.memories import shared_store
+    from backend.storage.memory_store import shared_store
 
     settings = _with_access_flags(args, get_settings())
     try:
@@ -468,13 +468,13 @@ def _learn_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_learn(args: argparse.Namespace) -> int:
     from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
-    from backend.labelstudio.images import TaskImageLoader
-    from backend.labelstudio.learning import ProjectTeacher
+    from backend.labelstudio.task_images import TaskImageLoader
+    from backend.labelstudio.teacher import ProjectTeacher
     from backend.labelstudio.project_context import label_studio_access
     from backend.labelstudio.projects import ProjectStore
-    from backend.memories import ProjectMemories
+    from backend.storage.memory_store import ProjectMemories
     from backend.models.identity import settings_fingerprint
-    from backend.store import StoreError
+    from backend.storage.shared_store import StoreError
 
     settings = _with_access_flags(args, get_settings())
     project = str(args.project)
@@ -509,7 +509,7 @@ def run_learn(args: argparse.Namespace) -> int:
 
 
 def _show_memory(memories: ProjectMemories, project: str, settings: Settings) -> int:
-    from backend.memory_summary import MemorySummary
+    from backend.storage.memory_summary import MemorySummary
     from backend.models.identity import settings_fingerprint
 
     memory = memories.load(project, settings_fingerprint(settings))
@@ -527,7 +527,7 @@ def _learning_encoder(settings: Settings, segmenter: Segmenter) -> Callable[[Tas
     """
     if not settings.redis_url:
         return lambda image: segmenter.encode(image.pixels)
-    from backend.cache import cache_key, create_cache, through_cache
+    from backend.storage.feature_cache import cache_key, create_cache, through_cache
 
     cache = create_cache(settings)
     return lambda image: through_cache(cache, cache_key(image.data, segmenter.fingerprint),
@@ -540,7 +540,7 @@ def _worker_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_worker_command(args: argparse.Namespace) -> int:
-    from backend.jobs.worker import run_worker
+    from backend.jobs.queue_worker import run_worker
 
     try:
         run_worker(get_settings(), args.burst)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Literal, get_args
 
-from backend.incoming_numbers import whole_number
+from backend.inputs import whole_number
 
 RefineMethod = Literal["crf", "pamr", "none"]
 REFINE_METHODS: tuple[str, ...] = get_args(RefineMethod)

@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.images import ImageLimits
-from backend.input_limits import MAX_LABELS, PromptLimits
+from backend.inputs import MAX_LABELS, PromptLimits
 from backend.options import K_RANGE, Fidelity, NounSource, RefineMethod
 
 Profile = Literal["pretrained", "tiny", "random-full"]

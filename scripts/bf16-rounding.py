@@ -20,7 +20,7 @@ import tempfile
 import numpy as np
 import torch
 
-from backend.bench import cluster_agreement, synthetic_images
+from backend.benchmark.bench import cluster_agreement, synthetic_images
 from backend.models.process import process_segmenter
 from backend.pipeline.clustering import cluster_feature_grid
 from backend.settings import Settings

@@ -15,7 +15,7 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from backend.jobs.ledger import RedisLedger
+from backend.storage.job_ledger import RedisLedger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

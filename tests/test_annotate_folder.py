@@ -19,7 +19,7 @@ from backend.jobs.folder import (
     local_files_reference,
     url_prefix_reference,
 )
-from backend.labelstudio.coco import coco_rle
+from backend.exports.coco import coco_rle
 from backend.pipeline.segmenter import SegmentOptions
 from backend.pipeline.vocabulary import Label
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backend import bench
-from backend.bench import BenchConfig, PerClusterRefiner, run_bench, synthetic_images
+from backend.benchmark.bench import BenchConfig, PerClusterRefiner, run_bench, synthetic_images
 from backend.pipeline.refine import refine_masks
 
 

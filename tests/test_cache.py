@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import redis
 
-from backend.cache import FORMAT_VERSION, MemoryCache, RedisCache, cache_key, deserialize, serialize
+from backend.storage.feature_cache import FORMAT_VERSION, ProcessCache, RedisCache, cache_key, deserialize, serialize
 from backend.pipeline.encoding import Encoding, EncodingFormatError
 from tests.redis_server import RedisServer
 
@@ -126,12 +126,12 @@ def test_realistic_encoding_compresses_to_the_reported_size():
     assert_same(deserialize(data), encoding)
 
 
-# --- MemoryCache --------------------------------------------------------------------------
+# --- ProcessCache --------------------------------------------------------------------------
 
 
 def test_memory_miss_then_hit():
     metrics = RecordingMetrics()
-    cache = MemoryCache(max_bytes=10_000_000, metrics=metrics)
+    cache = ProcessCache(max_bytes=10_000_000, metrics=metrics)
     encoding = make_encoding()
     assert cache.get(key_for("a")) is None
     cache.put(key_for("a"), encoding)
@@ -144,15 +144,15 @@ def test_memory_miss_then_hit():
 
 
 def test_memory_other_fingerprint_is_a_miss():
-    cache = MemoryCache(max_bytes=10_000_000)
+    cache = ProcessCache(max_bytes=10_000_000)
     cache.put(key_for("a"), make_encoding())
     assert cache.get(key_for("a", fingerprint="fedcba9876543210")) is None
 
 
 def test_memory_entry_of_other_fingerprint_than_its_key_is_dropped(caplog):
-    caplog.set_level(logging.WARNING, logger="backend.cache")
+    caplog.set_level(logging.WARNING, logger="backend.storage.feature_cache")
     metrics = RecordingMetrics()
-    cache = MemoryCache(max_bytes=10_000_000, metrics=metrics)
+    cache = ProcessCache(max_bytes=10_000_000, metrics=metrics)
     for name in ("a", "b"):
         cache.put(key_for(name), make_encoding(fingerprint="fedcba9876543210"))
         assert cache.get(key_for(name)) is None
@@ -170,7 +170,7 @@ def test_memory_is_bounded_in_bytes_and_evicts_least_recently_used():
     max_bytes = 3 * max(sizes.values()) + 300  # room for any three, not four (sizes vary by a few bytes)
     assert max_bytes < 4 * min(sizes.values())
     metrics = RecordingMetrics()
-    cache = MemoryCache(max_bytes=max_bytes, metrics=metrics)
+    cache = ProcessCache(max_bytes=max_bytes, metrics=metrics)
     for name in "abc":
         cache.put(key_for(name), encodings[name])
     assert cache.get(key_for("a")) is not None  # a is now more recent than b
@@ -184,7 +184,7 @@ def test_memory_is_bounded_in_bytes_and_evicts_least_recently_used():
 
 def test_memory_does_not_store_an_entry_larger_than_its_bound():
     metrics = RecordingMetrics()
-    cache = MemoryCache(max_bytes=1000, metrics=metrics)
+    cache = ProcessCache(max_bytes=1000, metrics=metrics)
     cache.put(key_for("a"), make_encoding())
     assert cache.get(key_for("a")) is None
     assert metrics.held_values == [0]
@@ -194,7 +194,7 @@ def test_memory_is_thread_safe():
     encodings = [make_encoding(seed, channels=8) for seed in range(6)]
     max_bytes = 3 * len(serialize(encodings[0])) + 500  # forces evictions all along
     metrics = RecordingMetrics()
-    cache = MemoryCache(max_bytes=max_bytes, metrics=metrics)
+    cache = ProcessCache(max_bytes=max_bytes, metrics=metrics)
     failures: list[BaseException] = []
 
     def work(worker: int) -> None:
@@ -261,7 +261,7 @@ def test_redis_entries_expire(redis_server, raw):
 
 
 def test_redis_corrupt_entry_is_a_miss_and_is_replaced(redis_server, raw, caplog):
-    caplog.set_level(logging.WARNING, logger="backend.cache")
+    caplog.set_level(logging.WARNING, logger="backend.storage.feature_cache")
     metrics = RecordingMetrics()
     cache = RedisCache(redis_server.url, ttl_seconds=60, metrics=metrics)
     good = serialize(make_encoding())
@@ -280,7 +280,7 @@ def test_redis_corrupt_entry_is_a_miss_and_is_replaced(redis_server, raw, caplog
 
 
 def test_redis_entry_of_other_fingerprint_than_its_key_is_a_miss(redis_server, raw, caplog):
-    caplog.set_level(logging.WARNING, logger="backend.cache")
+    caplog.set_level(logging.WARNING, logger="backend.storage.feature_cache")
     metrics = RecordingMetrics()
     cache = RedisCache(redis_server.url, ttl_seconds=60, metrics=metrics)
     raw.set(key_for("a"), serialize(make_encoding(fingerprint="fedcba9876543210")))
@@ -298,7 +298,7 @@ def timed(call: Callable[[], object]) -> object:
 
 
 def test_redis_outage_is_survived_and_recovered(start_redis, caplog):
-    caplog.set_level(logging.INFO, logger="backend.cache")
+    caplog.set_level(logging.INFO, logger="backend.storage.feature_cache")
     server = start_redis()
     metrics = RecordingMetrics()
     cache = RedisCache(server.url, ttl_seconds=60, metrics=metrics, timeout_seconds=0.5, retry_after_seconds=0.2)
@@ -369,7 +369,7 @@ def test_redis_password_through_the_url(start_redis, caplog):
         assert refused.get(key_for("a")) is None
         refused.put(key_for("b"), encoding)
         assert metrics.errors == 2 and metrics.hits == metrics.misses == 0
-    assert len([r for r in caplog.records if r.name == "backend.cache" and r.levelno == logging.WARNING]) == 3
+    assert len([r for r in caplog.records if r.name == "backend.storage.feature_cache" and r.levelno == logging.WARNING]) == 3
     with server.client() as client:
         assert client.exists(key_for("b")) == 0
     logged = caplog.text + "".join(record.getMessage() for record in caplog.records)

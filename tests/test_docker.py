@@ -42,7 +42,7 @@ def test_compose_wires_the_backend_to_redis_and_label_studio():
 def test_the_compose_files_redis_keeps_the_store_across_a_restart(tmp_path):
     """Its own command line, on a real redis-server: a project's setup written, Redis restarted, still there."""
     from backend.labelstudio.projects import ProjectSetup, ProjectStore
-    from backend.store import RedisStore
+    from backend.storage.shared_store import RedisStore
     from tests.redis_server import REDIS_SERVER, RedisServer
 
     redis = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["redis"]

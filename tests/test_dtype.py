@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backend import models
-from backend.models import resolve_device
+from backend.models.assembly import resolve_device
 from backend.models.identity import model_version, models_fingerprint
 from backend.settings import Settings
 

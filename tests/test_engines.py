@@ -9,7 +9,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from backend.models import engines, load_model_parts
+from backend.models import engines
+from backend.models.assembly import load_model_parts
 from backend.models.engines import feature_extractor, resolve_engine
 from backend.models.identity import feature_settings
 from backend.pipeline.features import FeatureNetwork

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from backend.evaluation.datasets import COCO_OBJECT_NAMES, VOC_NAMES, get_dataset
-from backend.evaluation.metrics import ConfusionMatrix, ReleasePerImageMean
+from backend.evaluation.scores import ConfusionMatrix, ReleasePerImageMean
 from backend.evaluation.run import evaluate_predictions, evaluate_with_model, write_json
 
 X = 255  # ignored

@@ -11,7 +11,7 @@ import pytest
 from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
-from backend.evaluation.feedback import (
+from backend.storage.feedback_log import (
     FeedbackRecord,
     FeedbackStoreError,
     FileFeedbackStore,
@@ -37,7 +37,7 @@ def square(top: int, left: int, size: int = 10) -> np.ndarray:
 
 
 def brush(label: str, mask: np.ndarray, from_name: str = "tag") -> dict:
-    """A brush result shaped like backend.labelstudio.results.brush_results makes them."""
+    """A brush result shaped like backend.exports.brush_results.brush_results makes them."""
     return rle_result(label, [int(v) for v in mask2rle(mask)], mask.shape, from_name)
 
 
@@ -109,7 +109,7 @@ def test_a_region_whose_rle_does_not_decode_to_the_image_is_skipped(rle: list[in
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     prediction = [brush("sky", square(0, 0)), rle_result("road", rle)]
     annotation = [brush("sky", square(0, 0)), brush("road", square(15, 20))]
-    with caplog.at_level(logging.WARNING, logger="backend.evaluation.feedback"):
+    with caplog.at_level(logging.WARNING, logger="backend.storage.feedback_log"):
         feedback = compare(prediction, annotation)
     assert feedback == [LabelFeedback("road", 0.0, "added"), LabelFeedback("sky", 1.0, "kept")]
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
@@ -190,7 +190,7 @@ def test_the_redis_store_skips_an_unreadable_entry(redis_server: RedisServer,
     good = record("torn-proj", 1, 10.0, LabelFeedback("sky", 1.0, "kept"))
     with redis_server.client() as client:
         client.rpush("freeseg:feedback:torn-proj", b"{not json", good.to_json())
-    with caplog.at_level(logging.WARNING, logger="backend.evaluation.feedback"):
+    with caplog.at_level(logging.WARNING, logger="backend.storage.feedback_log"):
         assert store.records("torn-proj") == [good]
     assert "unreadable feedback entry" in caplog.text
 

@@ -15,11 +15,11 @@ import urllib3.util.connection
 from PIL import Image
 
 from backend.images import ImageLimits
-from backend.fetch import ImageFetchError, UrlPolicy
+from backend.net.fetch import ImageFetchError, UrlPolicy
 from backend.labelstudio.access import LabelStudioAccess, authorization_header
-from backend.labelstudio.images import TaskImageLoader, fetch_image_bytes, task_image_url
+from backend.labelstudio.task_images import TaskImageLoader, fetch_image_bytes, task_image_url
 from backend.settings import Settings
-from backend.urls import parse_http_url
+from backend.net.urls import parse_http_url
 from tests.test_images import encode
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256))

@@ -12,15 +12,15 @@ import numpy as np
 
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.backoff import Backoff
-from backend.labelstudio.images import TaskImageLoader
-from backend.labelstudio.learning import ProjectTeacher
+from backend.labelstudio.task_images import TaskImageLoader
+from backend.labelstudio.teacher import ProjectTeacher
 from backend.labelstudio.projects import ProjectStore
-from backend.memories import ProjectMemories, SharedMemoryStore, memory_bounds
+from backend.storage.memory_store import ProjectMemories, SharedMemoryStore, memory_bounds
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars, exemplar_probabilities
 from backend.pipeline.memory import LabelExamples, Memory, MemoryBounds
 from backend.settings import Settings
-from backend.store import FileStore
+from backend.storage.shared_store import FileStore
 from tests.fake_labelstudio import TOKEN, FakeLabelStudio, data_uri, polygon
 
 CHANNELS, GRID = 6400, 32  # the default U-Net features: level 2 queries, resized to 32 x 32

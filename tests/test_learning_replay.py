@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from backend.evaluation.datasets import folder_dataset
-from backend.evaluation.learning import checkpoints, format_replay, ground_truth_regions, replay
+from backend.evaluation.replay import checkpoints, format_replay, ground_truth_regions, replay
 from backend.evaluation.synthetic import CLASSES, write_scenes
 from backend.images import read_image_file
 from backend.models.loading import load_spacy

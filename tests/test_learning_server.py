@@ -17,7 +17,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from backend.cli import main
 from backend.pipeline.memory import UNLABELED
 from backend.server.app import create_app
-from backend.store import FileStore, RedisStore
+from backend.storage.shared_store import FileStore, RedisStore
 from tests.fake_labelstudio import TOKEN, UPDATED_AT, FakeLabelStudio, data_uri, polygon
 from tests.app_client import wait_until_ready
 
@@ -347,10 +347,10 @@ def test_a_label_gone_from_the_config_is_neither_predicted_nor_taught_again(back
 
 def test_a_learn_racing_the_delete_of_its_annotation_never_brings_it_back(settings, tiny_segmenter, fake):
     from backend.labelstudio.backoff import Backoff
-    from backend.labelstudio.images import TaskImageLoader
-    from backend.labelstudio.learning import ProjectTeacher
+    from backend.labelstudio.task_images import TaskImageLoader
+    from backend.labelstudio.teacher import ProjectTeacher
     from backend.labelstudio.projects import ProjectStore
-    from backend.memories import ProjectMemories
+    from backend.storage.memory_store import ProjectMemories
     from backend.labelstudio.access import LabelStudioAccess
 
     access = LabelStudioAccess(fake.url, TOKEN)

@@ -7,9 +7,9 @@ import pytest
 
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
-from backend.memories import MEMORY_NAMESPACES, ProjectMemories, SharedMemoryStore, clock_revision
+from backend.storage.memory_store import MEMORY_NAMESPACES, ProjectMemories, SharedMemoryStore, clock_revision
 from backend.pipeline.memory import LabelExamples, MemoryBounds
-from backend.store import FileStore, RedisStore
+from backend.storage.shared_store import FileStore, RedisStore
 from tests.redis_server import RedisServer
 
 BOUNDS = MemoryBounds(label_bytes=1 << 20, project_bytes=1 << 22)

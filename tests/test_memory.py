@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from backend.pipeline.encoding import Encoding
-from backend.pipeline.memory import (UNLABELED, InMemoryStore, LabelExamples, Memory, MemoryBounds,
+from backend.pipeline.memory import (UNLABELED, ProcessStore, LabelExamples, Memory, MemoryBounds,
                                      MemoryFormatError, Source)
 from backend.pipeline.teaching import AnnotatedRegion, cell_coverage, taught_examples, teach
 
@@ -134,7 +134,7 @@ def test_bytes_whose_counts_do_not_match_their_arrays_are_refused():
 
 
 def test_in_memory_store_keeps_projects_and_fingerprints_apart():
-    store = InMemoryStore()
+    store = ProcessStore()
     store.save("1", "fp", b"one")
     store.save("2", "fp", b"two")
     store.save("1", "other", b"other models")

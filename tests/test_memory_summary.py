@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from backend.cli import main
-from backend.memories import ProjectMemories
-from backend.memory_summary import MemorySummary
+from backend.storage.memory_store import ProjectMemories
+from backend.storage.memory_summary import MemorySummary
 from backend.models.identity import model_version, settings_fingerprint
 from backend.pipeline.memory import UNLABELED, LabelExamples, Memory, MemoryBounds, Source
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from backend.models import load_model_parts
+from backend.models.assembly import load_model_parts
 from backend.models.loading import ModelUnavailableError, load_captioner, load_clip, load_spacy, load_stable_diffusion
 from backend.models.random_full import build_captioner, build_clip, build_stable_diffusion
 from backend.models.tiny import build_tiny_models, tiny_model_folder

@@ -12,7 +12,7 @@ from backend.labelstudio.project_context import label_studio_access, open_projec
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
 from backend.options import OptionError
 from backend.settings import Settings
-from backend.store import create_store
+from backend.storage.shared_store import create_store
 from tests.fake_labelstudio import TOKEN, FakeLabelStudio
 
 OURS = "freesegdiff-0.1.0-abc-tiny-random-weights"

@@ -23,7 +23,7 @@ from sklearn.datasets import load_sample_image
 
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
-from backend.store import FileStore, RedisStore, StoreError
+from backend.storage.shared_store import FileStore, RedisStore, StoreError
 from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

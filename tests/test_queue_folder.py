@@ -17,7 +17,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from backend.jobs.folder import FolderRun, annotate_folder, url_prefix_reference
-from backend.jobs.ledger import RedisLedger
+from backend.storage.job_ledger import RedisLedger
 from backend.pipeline.segmenter import SegmentOptions
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import labels_from_names

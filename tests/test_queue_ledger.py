@@ -10,15 +10,15 @@ import pytest
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.labelstudio.backoff import Backoff, is_transient, with_backoff
-from backend.jobs.ledger import RUN_TTL_SECONDS, MemoryLedger, Outcome, RedisLedger
+from backend.storage.job_ledger import RUN_TTL_SECONDS, ProcessLedger, Outcome, RedisLedger
 from backend.jobs.locks import RedisLocks
-from backend.fetch import ImageFetchError
+from backend.net.fetch import ImageFetchError
 
 
 @pytest.mark.parametrize("make_ledger", ["memory", "redis"])
 def test_each_item_is_settled_and_counted_once(make_ledger, redis_server):
     connection = redis_server.client()
-    ledger = MemoryLedger(4) if make_ledger == "memory" else RedisLedger.create(connection, "project", "7", 4)
+    ledger = ProcessLedger(4) if make_ledger == "memory" else RedisLedger.create(connection, "project", "7", 4)
     ledger.begin()
     assert ledger.record("12", Outcome.DONE) is True
     assert ledger.record("12", Outcome.FAILED, "late") is False  # a chunk run again changes nothing

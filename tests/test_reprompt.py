@@ -111,7 +111,7 @@ def test_a_click_with_an_unknown_label_is_a_clear_400(cached_client, image_serve
 
 def test_redis_killed_mid_run_predictions_go_on_and_the_cache_comes_back(start_redis, tiny_settings, tiny_segmenter,
                                                                        image_server, caplog):
-    caplog.set_level(logging.INFO, logger="backend.cache")
+    caplog.set_level(logging.INFO, logger="backend.storage.feature_cache")
     server = start_redis()
     settings = tiny_settings.model_copy(update={"redis_url": server.url, "cache_retry_after_seconds": 0.2})
     with ready_client(settings, lambda: tiny_segmenter) as client:

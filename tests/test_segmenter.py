@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from backend.images import decode_image
-from backend.labelstudio.results import brush_results
+from backend.exports.brush_results import brush_results
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.refine import Refiner
 from backend.pipeline.segmenter import Segmenter, SegmentOptions

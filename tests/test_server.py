@@ -215,7 +215,7 @@ def test_annotation_webhook_records_feedback_against_our_prediction(tiny_setting
 
     from label_studio_sdk.converter.brush import mask2rle
 
-    from backend.evaluation.feedback import FileFeedbackStore
+    from backend.storage.feedback_log import FileFeedbackStore
 
     mask = np.zeros((30, 40), dtype=np.uint8)
     mask[5:15, 5:15] = 255

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from backend.pipeline.segmenter import Segmenter
-from backend.server.worker import InferenceWorker, ModelsNotReadyError, QueueFullError
+from backend.server.inference import InferenceWorker, ModelsNotReadyError, QueueFullError
 
 
 class RecordingSegmenter:

@@ -48,7 +48,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from backend.evaluation.metrics import IGNORE_INDEX
+from backend.evaluation.scores import IGNORE_INDEX
 
 
 class Sample(NamedTuple):

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from backend.evaluation.datasets import Dataset, dataset_at
-from backend.evaluation.metrics import IGNORE_INDEX, ConfusionMatrix, ReleasePerImageMean
+from backend.evaluation.scores import IGNORE_INDEX, ConfusionMatrix, ReleasePerImageMean
 from backend.images import read_image_file
 
 # (RGB image array, label names) -> (H, W) label map: 0 unlabeled, i the i-th label name.

@@ -24,13 +24,13 @@ from urllib.parse import quote
 import numpy as np
 
 from backend.images import ImageError, ImageLimits, read_image_file
-from backend.jobs.ledger import MemoryLedger, Outcome, RedisLedger, RunProgress
+from backend.storage.job_ledger import ProcessLedger, Outcome, RedisLedger, RunProgress
 from backend.jobs.progress import RunBar
 from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
-from backend.labelstudio.coco import coco_annotations
-from backend.labelstudio.results import brush_results, prediction
+from backend.exports.coco import coco_annotations
+from backend.exports.brush_results import brush_results, prediction
 from backend.models.identity import model_version
-from backend.overlay import label_index_image
+from backend.exports.overlay import label_index_image
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.models.process import process_segmenter
 from backend.pipeline.vocabulary import Label
@@ -220,7 +220,7 @@ def annotate_folder(
     if batch < 1:
         raise ValueError("batch must be at least 1")
     relatives, references = _prepare(run, image_reference)
-    ledger = MemoryLedger(len(relatives))
+    ledger = ProcessLedger(len(relatives))
     records = []
     with RunBar(len(relatives), "annotate", progress, unit="image") as bar:
         for image in segment_folder_images(run, relatives, segmenter, model_version, batch, limits):

@@ -6,7 +6,7 @@ import sys
 
 from tqdm import tqdm
 
-from backend.jobs.ledger import RunProgress
+from backend.storage.job_ledger import RunProgress
 
 
 class RunBar:

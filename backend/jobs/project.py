@@ -22,20 +22,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.fetch import ImageFetchError
+from backend.net.fetch import ImageFetchError
 from backend.images import ImageError
 from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe, with_backoff
 from backend.labelstudio.client import LabelStudioProject
-from backend.jobs.ledger import Ledger, MemoryLedger, Outcome, RedisLedger, RunProgress
+from backend.storage.job_ledger import Ledger, ProcessLedger, Outcome, RedisLedger, RunProgress
 from backend.jobs.locks import NoLocks, RedisLocks, Refresh, WriteLocks
 from backend.jobs.progress import RunBar
 from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
 from backend.labelstudio.config import ProjectVocabulary, parse_label_config
-from backend.labelstudio.images import TaskImageLoader
+from backend.labelstudio.task_images import TaskImageLoader
 from backend.labelstudio.project_context import ProjectContext, open_project, project_context
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
-from backend.labelstudio.results import project_prediction
-from backend.memories import ProjectMemories, memory_for_predictions
+from backend.exports.brush_results import project_prediction
+from backend.storage.memory_store import ProjectMemories, memory_for_predictions
 from backend.models.identity import model_version
 from backend.models.process import process_segmenter
 from backend.pipeline.memory import Memory
@@ -163,7 +163,7 @@ def annotate_project(project: LabelStudioProject, connection: ProjectSetup, sett
     vocabulary = project_vocabulary(project, settings)  # before loading any model
     segmenter = process_segmenter(settings)  # and before the run's clock starts
     task_ids = project.task_ids()
-    ledger = MemoryLedger(len(task_ids))
+    ledger = ProcessLedger(len(task_ids))
     memory = ProjectMemories.from_settings(settings).load(str(project.project), segmenter.fingerprint)
     run = project_run(project, vocabulary, connection, settings, memory, overwrite)
     annotator = TaskAnnotator(run, segmenter, settings, ledger, NoLocks())

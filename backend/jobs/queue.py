@@ -18,7 +18,7 @@ from rq import Queue, Retry, get_current_job
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from backend.jobs.ledger import RUN_TTL_SECONDS, Outcome, RedisLedger, RunProgress
+from backend.storage.job_ledger import RUN_TTL_SECONDS, Outcome, RedisLedger, RunProgress
 from backend.jobs.progress import RunBar
 from backend.settings import Settings, get_settings
 

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import redis
 
-from backend.jobs.ledger import RedisLedger
+from backend.storage.job_ledger import RedisLedger
 from backend.jobs.progress import summary
 from backend.jobs.queue import job_states
 

@@ -1,6 +1,6 @@
 """Where a Label Studio is and the key it takes: the one credential this backend ever sends.
 
-The key goes only to Label Studio's own origin (``backend.labelstudio.images`` decides that
+The key goes only to Label Studio's own origin (``backend.labelstudio.task_images`` decides that
 per request), is left out of every ``repr`` and log line, and is sent in the form Label
 Studio expects for its kind.
 """

@@ -17,7 +17,7 @@ import httpx
 from label_studio_sdk.core.api_error import ApiError
 
 from backend.images import ImageError
-from backend.fetch import ImageFetchError
+from backend.net.fetch import ImageFetchError
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import ControlTag
 from label_studio_sdk.label_interface.object_tags import ObjectTag
 
-from backend.input_limits import MAX_LABELS
+from backend.inputs import MAX_LABELS
 from backend.options import OptionError, OptionValue, option_changes
 from backend.pipeline.vocabulary import Label
 

@@ -19,10 +19,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from backend.incoming_numbers import whole_number
+from backend.inputs import whole_number
 from backend.labelstudio.access import LabelStudioAccess
 from backend.options import OptionValue
-from backend.store import SharedStore, StoreError
+from backend.storage.shared_store import SharedStore, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import json
 import torch
 
 from backend import __version__
-from backend.models import resolve_device
+from backend.models.assembly import resolve_device
 from backend.models.captioners import captioner_source
 from backend.pipeline.encoding import FORMAT_VERSION
 from backend.pipeline.features import FeatureSettings

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from backend.models import load_model_parts, resolve_device
+from backend.models.assembly import load_model_parts, resolve_device
 from backend.models.captioners import CAPTIONERS
 from backend.models.engines import feature_extractor
 from backend.models.identity import feature_settings, models_fingerprint

@@ -304,7 +304,7 @@ class MemoryStore(Protocol):
     def delete(self, project: str, fingerprint: str) -> None: ...
 
 
-class InMemoryStore:
+class ProcessStore:
     """A ``MemoryStore`` in a dict of this process: for tests and the replay harness."""
 
     def __init__(self) -> None:

@@ -19,18 +19,18 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from backend.cache import create_cache
-from backend.evaluation.feedback import create_feedback_store
+from backend.storage.feature_cache import create_cache
+from backend.storage.feedback_log import create_feedback_store
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.backoff import Backoff
 from backend.labelstudio.config import LabelConfigError, parse_label_config
-from backend.labelstudio.context import ContextError, parse_context
-from backend.labelstudio.learning import ProjectTeacher
+from backend.labelstudio.interaction import ContextError, parse_context
+from backend.labelstudio.teacher import ProjectTeacher
 from backend.labelstudio.project_context import label_studio_access, project_context
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
-from backend.memories import ProjectMemories, SharedMemoryStore, memory_bounds, shared_store
-from backend.memory_summary import MemorySummary
-from backend.models import downloads_wanted, ensure_downloaded
+from backend.storage.memory_store import ProjectMemories, SharedMemoryStore, memory_bounds, shared_store
+from backend.storage.memory_summary import MemorySummary
+from backend.models.assembly import downloads_wanted, ensure_downloaded
 from backend.options import OptionError, option_changes
 from backend.models.identity import model_version
 from backend.models.process import process_segmenter
@@ -39,18 +39,18 @@ from backend.pipeline.memory import MemoryFormatError
 from backend.pipeline.segmenter import Segmenter
 from backend.server.cache_writer import CacheWriter
 from backend.server.config_cache import LabelConfigCache
-from backend.server.feedback import ANNOTATION_ACTIONS, FeedbackRecorder
+from backend.server.feedback_recorder import ANNOTATION_ACTIONS, FeedbackRecorder
 from backend.server.learner import (FORGET_ACTIONS, LEARN_ACTIONS, PROJECT_DELETED_ACTION, TASKS_DELETED_ACTION,
                                     TRAIN_ACTION, Learner, QueueBounds)
 from backend.server.learning_queue import LearningEvent, PendingEvents
 from backend.server.limits import RequestSizeLimit
-from backend.server.metrics import Metrics
+from backend.server.prometheus import Metrics
 from backend.server.predictions import Predictor
 from backend.server.protocol import PredictRequest, SetupRequest, TrainRequest, WebhookRequest, listed_ids
 from backend.server.request_bound import RequestBound, RequestStopped
-from backend.server.worker import InferenceWorker, ModelsNotReadyError, ModelState, QueueFullError
+from backend.server.inference import InferenceWorker, ModelsNotReadyError, ModelState, QueueFullError
 from backend.settings import Settings, get_settings
-from backend.store import StoreError
+from backend.storage.shared_store import StoreError
 
 log = logging.getLogger(__name__)
 

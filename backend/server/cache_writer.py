@@ -12,7 +12,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from backend.cache import FeatureCache
+from backend.storage.feature_cache import FeatureCache
 from backend.pipeline.encoding import Encoding
 
 log = logging.getLogger(__name__)

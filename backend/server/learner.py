@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.backoff import Backoff, describe, is_transient
-from backend.labelstudio.learning import ProjectTeacher
+from backend.labelstudio.teacher import ProjectTeacher
 from backend.server.learning_queue import LearningEvent, PendingEvents, event_name
-from backend.server.metrics import Metrics
-from backend.store import StoreError
+from backend.server.prometheus import Metrics
+from backend.storage.shared_store import StoreError
 
 log = logging.getLogger(__name__)
 

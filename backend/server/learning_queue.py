@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from backend.store import SharedStore
+from backend.storage.shared_store import SharedStore
 
 log = logging.getLogger(__name__)
 

@@ -25,23 +25,23 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from backend.fetch import ImageFetchError
+from backend.net.fetch import ImageFetchError
 from backend.images import ImageError
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.config import ProjectVocabulary
-from backend.labelstudio.images import DownloadBudget, TaskImage, TaskImageLoader
-from backend.labelstudio.results import prediction, project_prediction
-from backend.cache import FeatureCache, cache_key, through_cache
-from backend.labelstudio.context import Interaction
+from backend.labelstudio.task_images import DownloadBudget, TaskImage, TaskImageLoader
+from backend.exports.brush_results import prediction, project_prediction
+from backend.storage.feature_cache import FeatureCache, cache_key, through_cache
+from backend.labelstudio.interaction import Interaction
 from backend.labelstudio.project_context import ProjectContext
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.segmenter import Click, Proposal, Segmentation, Segmenter, SegmentOptions
 from backend.server.cache_writer import CacheWriter
-from backend.server.metrics import Metrics
+from backend.server.prometheus import Metrics
 from backend.server.protocol import Task
 from backend.server.request_bound import RequestBound
-from backend.server.worker import InferenceWorker
+from backend.server.inference import InferenceWorker
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)

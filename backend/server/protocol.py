@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backend.incoming_numbers import whole_number
+from backend.inputs import whole_number
 
 
 class _Open(BaseModel):

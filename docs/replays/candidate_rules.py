@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.evaluation.datasets import folder_dataset
-from backend.evaluation.metrics import ConfusionMatrix, ReleasePerImageMean
+from backend.evaluation.scores import ConfusionMatrix, ReleasePerImageMean
 from backend.evaluation.synthetic import write_scenes
 from backend.images import read_image_file
 from backend.models.process import process_segmenter

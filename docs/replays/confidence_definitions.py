@@ -28,8 +28,8 @@ import numpy as np
 import backend.pipeline.confidence as confidence
 import backend.pipeline.exemplars as exemplars
 from backend.evaluation.datasets import dataset_at
-from backend.evaluation.learning import replay
-from backend.memories import memory_bounds
+from backend.evaluation.replay import replay
+from backend.storage.memory_store import memory_bounds
 from backend.models.process import process_segmenter
 from backend.pipeline.segmenter import SegmentOptions
 from backend.settings import get_settings

@@ -25,9 +25,9 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from backend.evaluation.datasets import dataset_at
-from backend.evaluation.learning import _miou, ground_truth_regions
+from backend.evaluation.replay import _miou, ground_truth_regions
 from backend.images import read_image_file
-from backend.memories import memory_bounds
+from backend.storage.memory_store import memory_bounds
 from backend.models.process import process_segmenter
 from backend.pipeline.exemplars import NEIGHBOURS, Exemplars
 from backend.pipeline.memory import Memory

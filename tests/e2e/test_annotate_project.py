@@ -38,7 +38,7 @@ from test_label_studio import run_backend
 from test_learning import latest, miou, scenes_in_projects, submit_truth
 
 from backend.cli import main
-from backend.jobs.ledger import RedisLedger
+from backend.storage.job_ledger import RedisLedger
 from backend.models.identity import model_version
 from backend.settings import get_settings
 from tests.queue_workers import REPO_ROOT, log_text, queue_env, start_worker, stop, wait_until, worker_in_mid_chunk

@@ -23,7 +23,7 @@ from labelstudio import (LabelStudioServer, connect_ml_backend, create_project, 
 from PIL import Image
 from test_label_studio import run_backend
 
-from backend.evaluation.metrics import ConfusionMatrix
+from backend.evaluation.scores import ConfusionMatrix
 from backend.evaluation.synthetic import CLASSES, write_scenes
 
 SCENES, TAUGHT = 8, 4

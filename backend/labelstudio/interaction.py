@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from backend.incoming_numbers import finite_number
-from backend.input_limits import PromptLimits
+from backend.inputs import finite_number
+from backend.inputs import PromptLimits
 from backend.labelstudio.config import ProjectVocabulary
 
 

@@ -1,6 +1,6 @@
 """Fetch the bytes behind a URL safely: bounded in size and time, with no credential but one.
 
-This is the general HTTP part of getting a task's image (``backend.labelstudio.images``
+This is the general HTTP part of getting a task's image (``backend.labelstudio.task_images``
 knows Label Studio's URLs). Redirects are followed here rather than by ``requests`` so
 that the Authorization header is decided for every hop: only the ``TrustedOrigin`` (Label
 Studio) gets it, and a presign answer that redirects to the cloud must never see it.
@@ -11,8 +11,8 @@ Every hop other than the trusted origin must pass a ``UrlPolicy`` before it is
 requested, so that a task cannot make the backend fetch internal addresses (SSRF): its
 host must be in the allowed list, when there is one, and all the addresses it resolves to
 must be public unless private ones are allowed. Each hop's URL is read once
-(``backend.urls``, which refuses URLs that parsers read differently), its host resolved
-once, and the connection goes to those addresses only (``backend.pinned``).
+(``backend.net.urls``, which refuses URLs that parsers read differently), its host resolved
+once, and the connection goes to those addresses only (``backend.net.pinned``).
 
 A download has one deadline for all its hops, their headers and the whole body: at the
 deadline its sockets are shut down, so a server that drips headers or body a byte at a
@@ -34,9 +34,9 @@ import requests
 import urllib3.exceptions
 
 from backend.images import ImageLimits
-from backend.pinned import Deadline, IPAddress, MisreadHost, Route, RoutedAdapter
-from backend.redact import without_credentials
-from backend.urls import HTTP_SCHEMES, AmbiguousUrl, HttpUrl, parse_http_url, url_origin
+from backend.net.pinned import Deadline, IPAddress, MisreadHost, Route, RoutedAdapter
+from backend.net.redact import without_credentials
+from backend.net.urls import HTTP_SCHEMES, AmbiguousUrl, HttpUrl, parse_http_url, url_origin
 
 FETCH_TIMEOUT_SETTING = "FREESEG_FETCH_TIMEOUT"
 _MAX_REDIRECTS = 5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from backend.server.worker import ModelState
+from backend.server.inference import ModelState
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -55,7 +55,7 @@ class Metrics:
 
 
 class CacheMetricsAdapter:
-    """The cache's reports (``backend.cache.CacheMetrics``) as Prometheus metrics."""
+    """The cache's reports (``backend.storage.feature_cache.CacheMetrics``) as Prometheus metrics."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics

@@ -29,7 +29,7 @@ import numpy as np
 
 from backend.labelstudio.annotations import MAX_BRUSH_PIXELS, decode_brush
 
-from backend.store import RedisCalls
+from backend.storage.shared_store import RedisCalls
 
 log = logging.getLogger(__name__)
 

@@ -84,7 +84,7 @@ class Ledger(Protocol):
     def progress(self) -> RunProgress: ...
 
 
-class MemoryLedger:
+class ProcessLedger:
     """The ledger of a run in this process."""
 
     def __init__(self, total: int) -> None:

@@ -7,7 +7,7 @@ other let a task reach a host the check never saw, with Label Studio's token. Ra
 pick one reading, every form on which readers differ is refused: a backslash ending the
 authority, user info, control characters anywhere (``urllib.parse`` silently drops tabs and
 newlines), whitespace or percent signs in the authority, a port that is not plain digits.
-What passes has one reading, which requests also takes (``backend.pinned`` checks that it did).
+What passes has one reading, which requests also takes (``backend.net.pinned`` checks that it did).
 """
 
 from __future__ import annotations

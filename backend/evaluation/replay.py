@@ -23,7 +23,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from backend.evaluation.datasets import Dataset, Sample, dataset_at
-from backend.evaluation.metrics import IGNORE_INDEX, ConfusionMatrix
+from backend.evaluation.scores import IGNORE_INDEX, ConfusionMatrix
 from backend.images import read_image_file
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory, MemoryBounds

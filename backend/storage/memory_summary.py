@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from backend.memories import memory_version
+from backend.storage.memory_store import memory_version
 from backend.pipeline.memory import UNLABELED, Memory, Source
 
 UNLABELED_NAME = "(unlabeled)"  # how the cells no region touched are shown

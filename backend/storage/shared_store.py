@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 import redis
 
-from backend.redact import without_credentials
+from backend.net.redact import without_credentials
 
 REDIS_KEY_PREFIX = "freeseg:"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")

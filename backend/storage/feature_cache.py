@@ -1,6 +1,6 @@
 """A cache of Encodings, so asking again about the same image skips the diffusion model.
 
-Two stores share one interface (``FeatureCache``): ``MemoryCache``, an in-process LRU
+Two stores share one interface (``FeatureCache``): ``ProcessCache``, an in-process LRU
 bounded in bytes (the default), and ``RedisCache`` (shared by workers and replicas).
 Both hold ``serialize``d Encodings: safetensors bytes compressed with zlib, never pickle,
 so a value read back cannot run code.
@@ -34,7 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from backend.pipeline.encoding import FORMAT_VERSION, Encoding, EncodingFormatError
-from backend.redact import without_credentials
+from backend.net.redact import without_credentials
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class CacheMetrics(Protocol):
 
     def error(self) -> None: ...  # a get or put that Redis could not serve (failed, or skipped while backing off)
 
-    def held(self, total_bytes: int) -> None: ...  # MemoryCache: the bytes it holds now
+    def held(self, total_bytes: int) -> None: ...  # ProcessCache: the bytes it holds now
 
     def written(self, value_bytes: int) -> None: ...  # RedisCache: the bytes of the value it just wrote
 
@@ -150,7 +150,7 @@ def _key_fingerprint(key: str) -> str | None:
     return fingerprint
 
 
-class MemoryCache:
+class ProcessCache:
     """A thread-safe LRU of serialized Encodings, holding at most ``max_bytes`` of them.
 
     Memory is the compressed size, and every get returns a fresh Encoding. An entry
@@ -320,4 +320,4 @@ def create_cache(settings: Settings, metrics: CacheMetrics | None = None) -> Fea
         return RedisCache(settings.redis_url, settings.cache_ttl_seconds, metrics,
                           timeout_seconds=settings.cache_timeout_seconds,
                           retry_after_seconds=settings.cache_retry_after_seconds)
-    return MemoryCache(settings.cache_max_bytes, metrics)
+    return ProcessCache(settings.cache_max_bytes, metrics)

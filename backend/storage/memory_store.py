@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory, MemoryBounds, memory_revision
 from backend.settings import Settings
-from backend.store import SharedStore, create_store
+from backend.storage.shared_store import SharedStore, create_store
 
 
 def memory_version(version: str, revision: int) -> str:

@@ -30,7 +30,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection
 
-from backend.urls import HttpUrl, canonical_host
+from backend.net.urls import HttpUrl, canonical_host
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

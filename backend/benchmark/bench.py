@@ -26,9 +26,9 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
-from backend.cache import MemoryCache
+from backend.storage.feature_cache import ProcessCache
 from backend.images import decode_image, read_image_file
-from backend.labelstudio.results import brush_results
+from backend.exports.brush_results import brush_results
 from backend.pipeline.clip_embeddings import TextImageEmbedder
 from backend.pipeline.clustering import canonical_order, cluster_feature_grid
 from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
@@ -367,7 +367,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
     stage_medians = {stage: 1000 * statistics.median(values) for stage, values in sorted(stages.items())}
     latencies = [_timed(lambda image=image: predict(fast, [[image]])) for image in images]
 
-    cache = MemoryCache(max_bytes=2**34)
+    cache = ProcessCache(max_bytes=2**34)
     for index, image in enumerate(images):
         cache.put(str(index), fast.encode(image))
     reprompt_options = SegmentOptions(k=options.k + 1, refine=options.refine, seed=options.seed)

@@ -3,7 +3,7 @@
 Task data holds an upload or local-files path on Label Studio, a cloud URI that Label
 Studio presigns, a plain http(s) URL or a ``data:`` URI. This module knows those forms and
 which origin is Label Studio's; the safe download itself (limits, deadline, redirects, URL
-policy) is ``backend.fetch``'s, and Label Studio's token goes to Label Studio only.
+policy) is ``backend.net.fetch``'s, and Label Studio's token goes to Label Studio only.
 The server, the project jobs and the learning path all load images through
 ``TaskImageLoader``, so they share one set of limits, policy and errors.
 """
@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 from label_studio_sdk._extensions.label_studio_tools.core.utils.io import encode_presign_fileuri
 
-from backend.fetch import (
+from backend.net.fetch import (
     FETCH_TIMEOUT_SETTING, ImageFetchError, TrustedOrigin, UrlPolicy, check_text, fetch_url, url_scheme,
 )
 from backend.images import ImageLimits, decode_image
 from backend.labelstudio.access import LabelStudioAccess, authorization_header
-from backend.redact import without_credentials
+from backend.net.redact import without_credentials
 from backend.settings import Settings
-from backend.urls import HTTP_SCHEMES, url_origin
+from backend.net.urls import HTTP_SCHEMES, url_origin
 
 _CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 

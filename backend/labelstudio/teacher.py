@@ -23,16 +23,16 @@ from dataclasses import dataclass
 
 from label_studio_sdk.core.api_error import ApiError
 
-from backend.evaluation.feedback import KEPT, compare
+from backend.storage.feedback_log import KEPT, compare
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.annotations import BrushSizeError, annotation_regions
 from backend.labelstudio.backoff import Backoff, with_backoff
 from backend.labelstudio.client import MODEL_VERSION_PREFIX, LabelStudioProject
-from backend.input_limits import MAX_LABELS
+from backend.inputs import MAX_LABELS
 from backend.labelstudio.config import ProjectVocabulary, parse_label_config
-from backend.labelstudio.images import TaskImage, TaskImageLoader
+from backend.labelstudio.task_images import TaskImage, TaskImageLoader
 from backend.labelstudio.projects import ProjectStore
-from backend.memories import ProjectMemories
+from backend.storage.memory_store import ProjectMemories
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.memory import Memory, Source, Taught
 from backend.pipeline.teaching import taught_examples

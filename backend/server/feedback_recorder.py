@@ -1,7 +1,7 @@
 """Feedback from annotators' corrections: how good was the pre-annotation, per label?
 
 When an annotation is created or updated on a task that carries this backend's
-prediction, the two are compared region by region (``backend.evaluation.feedback``), the
+prediction, the two are compared region by region (``backend.storage.feedback_log``), the
 outcome is stored (Redis when configured, else a file under MODEL_DIR) and counted on
 ``/metrics``. ``freesegdiff report --project ID`` reads the store back.
 """
@@ -13,12 +13,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from backend.evaluation.feedback import FeedbackRecord, FeedbackStore, compare
+from backend.storage.feedback_log import FeedbackRecord, FeedbackStore, compare
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
 from backend.labelstudio.client import LabelStudioClient
 from backend.labelstudio.projects import project_id
-from backend.server.metrics import Metrics
+from backend.server.prometheus import Metrics
 
 log = logging.getLogger(__name__)
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")

@@ -1,0 +1,154 @@
+"""Model loading: pretrained weights by hub id or folder, and the two offline profiles."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from functools import lru_cache
+
+import torch
+from huggingface_hub import HfApi, constants
+
+from backend.models import download, random_full
+from backend.models.captioners import captioner_source
+from backend.models.loading import (
+    CaptionerParts,
+    ClipParts,
+    ModelUnavailableError,
+    StableDiffusionParts,
+    load_captioner,
+    load_clip,
+    load_spacy,
+    load_stable_diffusion,
+)
+from backend.models.tiny import tiny_model_folder
+from backend.settings import Settings
+
+if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
+    from spacy.language import Language
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelParts", "ModelUnavailableError", "cpu_has_native_bfloat16", "download_models", "load_model_parts",
+           "resolve_device"]
+
+
+@dataclass
+class ModelParts:
+    """Every model the pipeline uses, loaded once per process, on one device."""
+
+    stable_diffusion: StableDiffusionParts
+    clip: ClipParts
+    captioner: CaptionerParts
+    nlp: Language | None  # None with FREESEG_NOUNS=words
+    placement: Placement
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(choice: str, dtype_choice: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device (CUDA when asked for or present with ``auto``, else the CPU) and the models' dtype.
+
+    ``FREESEG_DTYPE=auto`` is float16 on CUDA, bfloat16 on a CPU that computes it natively, and
+    float32 elsewhere; any other value is taken as given.
+    """
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("FREESEG_DEVICE=cuda but PyTorch sees no CUDA device")
+        device = torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+    if dtype_choice != "auto":
+        return device, _DTYPES[dtype_choice]
+    if device.type == "cuda":
+        return device, torch.float16
+    return device, torch.bfloat16 if cpu_has_native_bfloat16() else torch.float32
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), as PyTorch's CPU checks report it.
+
+    Without them oneDNN emulates bfloat16, which is slower than float32.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision the models run: the captioner may run elsewhere."""
+
+    device: torch.device
+    dtype: torch.dtype
+    captioner_device: torch.device
+    captioner_dtype: torch.dtype
+
+
+def resolve_placement(settings: Settings) -> Placement:
+    """FREESEG_DEVICE and FREESEG_CAPTIONER_DEVICE, resolved by ``resolve_device``."""
+    device, dtype = resolve_device(settings.device, settings.dtype)
+    captioner_device, captioner_dtype = (device, dtype) if settings.captioner_device == "auto" else resolve_device(
+        settings.captioner_device, settings.dtype
+    )
+    return Placement(device, dtype, captioner_device, captioner_dtype)
+
+
+def is_half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def download_models(settings: Settings, echo: download.Echo = print) -> int:
+    """Fetch the files the pretrained models load (the fp16 variants when they run in half
+    precision) into the Hugging Face cache; the bytes fetched (0 when all were there)."""
+    placement = resolve_placement(settings)
+    requests = download.repo_requests(settings, is_half(placement.dtype), is_half(placement.captioner_dtype))
+    return download.fetch(download.plan(requests, HfApi()), echo)
+
+
+@lru_cache(maxsize=2)
+def ensure_downloaded(settings: Settings) -> None:
+    """``download_models`` once per process and settings (the server runs it before loading)."""
+    download_models(settings, echo=lambda line: log.info("%s", line))
+
+
+def load_model_parts(settings: Settings) -> ModelParts:
+    """Load (or, for the offline profiles, build) the models that ``settings`` names.
+
+    With FREESEG_ALLOW_DOWNLOADS=true (and HF_HUB_OFFLINE unset) the pretrained files
+    missing from the cache are fetched first; loading itself never asks the hub.
+    """
+    placement = resolve_placement(settings)
+    device, dtype = placement.device, placement.dtype
+    captioner_device, captioner_dtype = placement.captioner_device, placement.captioner_dtype
+    nlp = load_spacy(settings.spacy_model) if settings.nouns == "spacy" else None
+    if settings.models == "random-full":
+        tokenizer_folder = settings.model_dir / "random-full-clip-tokenizer"
+        return ModelParts(
+            stable_diffusion=random_full.build_stable_diffusion(tokenizer_folder, device, dtype),
+            clip=random_full.build_clip(device, dtype),
+            captioner=random_full.build_captioner(settings.captioner, captioner_device, captioner_dtype),
+            nlp=nlp, placement=placement,
+        )
+    if settings.models == "tiny":
+        folder = tiny_model_folder(settings.model_dir)
+        sd_source, clip_name, clip_weights = str(folder / "stable-diffusion"), str(folder / "clip"), ""
+        captioner_location = str(folder / settings.captioner)
+        checkpoint = None
+    else:
+        if downloads_wanted(settings):
+            ensure_downloaded(settings)
+        sd_source, clip_name, clip_weights = settings.sd_model, settings.clip_model, settings.clip_pretrained
+        captioner_location, checkpoint = captioner_source(settings), settings.clip_checkpoint
+    return ModelParts(
+        stable_diffusion=load_stable_diffusion(sd_source, device=device, dtype=dtype),
+        clip=load_clip(clip_name, clip_weights, checkpoint, device=device, dtype=dtype),
+        captioner=load_captioner(settings.captioner, captioner_location, device=captioner_device, dtype=captioner_dtype),
+        nlp=nlp, placement=placement,
+    )
+
+
+def downloads_wanted(settings: Settings) -> bool:
+    """FREESEG_ALLOW_DOWNLOADS=true for the pretrained profile, unless HF_HUB_OFFLINE=1 forbids asking."""
+    return settings.allow_downloads and settings.models == "pretrained" and not constants.is_offline_mode()
