@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from backend import bench
+from backend.benchmark import bench
 from backend.benchmark.bench import BenchConfig, PerClusterRefiner, run_bench, synthetic_images
 from backend.pipeline.refine import refine_masks
 

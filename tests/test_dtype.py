@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend import models
+from backend.models import assembly as models
 from backend.models.assembly import resolve_device
 from backend.models.identity import model_version, models_fingerprint
 from backend.settings import Settings
