@@ -1,7 +1,7 @@
 """A loopback stand-in for the part of Label Studio's API that learning reads.
 
 It answers what label-studio-sdk asks: ``/api/annotations/<id>/``, ``/api/tasks/<id>/``,
-``/api/tasks/<id>/annotations/``, ``/api/tasks/?project=``, ``/api/projects/<id>/``,
+``/api/tasks/<id>/annotations/``, ``/api/tasks/?project=`` (with a ``query`` selecting ids), ``/api/projects/<id>/``,
 ``/api/predictions/<id>/``, ``/api/predictions/?task=`` and ``/api/ml?project=``, from dicts the test edits
 (deleting an annotation, a task or a project makes it answer 404), and only to ``TOKEN``.
 A task's ``predictions`` are those of ``predictions`` whose ``task`` is its id.
@@ -92,6 +92,10 @@ class FakeLabelStudio:
         if split.path.rstrip("/") == "/api/tasks":
             project = int(query["project"][0])
             ids = [{"id": i} for i, t in self.tasks.items() if t["project"] == project]
+            if "query" in query:  # the data manager's selection: whole tasks (fields=all), as 1.23.2 lists them
+                included = json.loads(query["query"][0])["selectedItems"]["included"]
+                ids = [{**item, "predictions": self._predictions(item["id"]), **self.tasks[item["id"]]}
+                       for item in ids if item["id"] in included]
             page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
             return 200, {"tasks": ids[(page - 1) * size : page * size], "total": len(ids)}
         if split.path.rstrip("/") == "/api/ml":

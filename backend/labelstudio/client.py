@@ -14,7 +14,11 @@ strings, not the SDK's datetimes), so that what is kept of them can be written a
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+
 from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
 
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.backoff import Backoff, with_backoff
@@ -75,10 +79,26 @@ class LabelStudioProject(LabelStudioClient):
             page += 1
 
     def task(self, task_id: int) -> dict:
-        """The task's ``id``, ``project`` and ``data`` (as the image helpers take them) and its predictions' ``model_versions``."""
-        task = self.client.tasks.get(id=str(task_id))
-        return {"id": task.id, "project": getattr(task, "project", None), "data": task.data,
-                "model_versions": [prediction.model_version for prediction in task.predictions or []]}
+        """One task as ``tasks`` reads it; ``ApiError`` 404 when the project does not hold it."""
+        found = self.tasks([task_id])
+        if not found:
+            raise ApiError(status_code=404, body={"detail": f"task {task_id} is not in project {self.project}"})
+        return found[0]
+
+    def tasks(self, task_ids: Sequence[int]) -> list[dict]:
+        """The tasks of ``task_ids`` the project holds: each one's ``id``, ``project`` and ``data`` (as the image
+        helpers take them) and its predictions' ``model_versions``; one attempt.
+
+        Read through the task list filtered by ids, never ``GET /api/tasks/{id}``: that one makes Label Studio
+        call the connected backend's /predict for a task without a prediction (``show_collab_predictions``, on
+        by default), so a run reading its tasks would have the server predict them one by one first.
+        """
+        query = json.dumps({"selectedItems": {"all": False, "included": [int(task_id) for task_id in task_ids]}})
+        listed = self.client.tasks.list(project=self.project, query=query, fields="all",
+                                        page_size=max(len(task_ids), 1)).items
+        return [{"id": task["id"], "project": task.get("project"), "data": task.get("data"),
+                 "model_versions": [prediction.get("model_version") for prediction in task.get("predictions") or []]}
+                for task in (item.model_dump(mode="json") for item in listed)]
 
     def annotations(self, task_id: int) -> list[dict]:
         """The task's annotations as Label Studio holds them."""

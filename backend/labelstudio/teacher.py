@@ -68,12 +68,13 @@ class ProjectTeacher:
         api = LabelStudioProject(access, int(project), self.backoff)
         annotation = with_backoff(lambda: api.annotation(annotation_id), f"reading annotation {annotation_id}",
                                   self.backoff)
-        task = with_backoff(lambda: api.task(int(annotation["task"])), f"reading task {annotation['task']}",
-                            self.backoff)
-        if str(task.get("project")) != project:
+        task_id = int(annotation["task"])
+        found = with_backoff(lambda: api.tasks([task_id]), f"reading task {task_id}", self.backoff)
+        if not found:
             raise ForeignAnnotationError(
-                f"annotation {annotation_id} is of task {task.get('id')} in project {task.get('project')}, "
-                f"not of project {project}: nothing learned")
+                f"annotation {annotation_id} is of task {task_id}, which project {project} does not hold: "
+                f"nothing learned")
+        task = found[0]
         lesson = self._lesson(api, annotation, task, self._vocabulary(api), access)
         if lesson is None:
             self.memories.forget(project, self.fingerprint, str(annotation_id))

@@ -29,6 +29,7 @@ from labelstudio import (
     connect_ml_backend,
     create_prediction,
     create_project,
+    get_project,
     import_image_file,
     list_predictions,
     predictions_by_version,
@@ -254,3 +255,24 @@ def test_both_runs_predict_with_the_connections_extra_params_as_predict_does(lab
         made = [latest(label_studio, task) for task in tasks]
         assert [p["model_version"] for p in made] == [p["model_version"] for p in expected]
         assert [p["result"] for p in made] == [p["result"] for p in expected], log_text(log)
+
+
+@pytest.mark.e2e
+def test_runs_read_their_tasks_without_making_the_connected_backend_predict_them(label_studio, redis_server, cli_env,
+                                                                               capsys, tiny_settings, tmp_path):
+    """With the backend connected and ``show_collab_predictions`` on (Label Studio's default), reading a task by
+    ``GET /api/tasks/{id}`` has Label Studio call the backend's /predict for it first: the runs then found every
+    task predicted and reported "0 done, N skipped". Both runs must do the work themselves."""
+    (local, local_tasks), (queued, queued_tasks) = (project_with_photos(label_studio, 3) for _ in range(2))
+    with run_backend(tmp_path / "server", label_studio) as backend_url:
+        for project in (local, queued):
+            connect_ml_backend(label_studio, project, backend_url)
+            assert get_project(label_studio, project)["show_collab_predictions"]
+        assert annotate(capsys, "--project", str(local))[:2] == (0, (3, 3, 0, 0))
+        env, run_id = run_queued(label_studio, queued, redis_server.url, tiny_settings.model_dir, "test-no-trigger",
+                                 tmp_path / "worker.log")
+        progress = RedisLedger(redis.Redis.from_url(redis_server.url), run_id).progress()
+        assert (progress.done, progress.skipped, progress.failed) == (3, 0, 0), jobs_output(env, run_id)
+    version = model_version(get_settings())
+    for tasks in (local_tasks, queued_tasks):
+        assert all(len(ids) == 1 for ids in ours_per_task(label_studio, tasks, version).values())
