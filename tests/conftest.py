@@ -17,7 +17,7 @@ from sklearn.datasets import load_sample_image
 
 from backend.pipeline.segmenter import Segmenter
 from backend.models.process import process_segmenter
-from tests.http_server import RecordingServer, recording_server, serving
+from tests.http_server import RecordingServer, serving
 from tests.redis_server import REDIS_SERVER, RedisServer
 from backend.settings import Settings
 
@@ -62,7 +62,7 @@ def china() -> np.ndarray:
 @pytest.fixture
 def http_server() -> Iterator[RecordingServer]:
     """A loopback server for the test's routes, recording every request (tests/http_server.py)."""
-    with recording_server() as server:
+    with RecordingServer() as server:
         yield server
 
 
@@ -74,7 +74,7 @@ def image_server() -> Iterator[str]:
     import sklearn
 
     photos = Path(sklearn.__file__).parent / "datasets" / "images"
-    with recording_server() as server:
+    with RecordingServer() as server:
         for name in ("china.jpg", "flower.jpg"):
             server.routes[f"/{name}"] = serving((photos / name).read_bytes(), "image/jpeg")
         server.routes["/corrupt.jpg"] = serving(b"\xff\xd8\xff\xe0 definitely not a whole jpeg", "image/jpeg")

@@ -8,16 +8,13 @@ with their own routes. A route is a function of the request's handler that write
 
 from __future__ import annotations
 
-import mimetypes
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import urlsplit
 
-Route = Callable[[BaseHTTPRequestHandler], None]
+Route = Callable[["RecordingHandler"], None]
 
 
 @dataclass(frozen=True)
@@ -45,12 +42,6 @@ def not_found(handler: BaseHTTPRequestHandler) -> None:
     send(handler, 404, b"not found")
 
 
-def files_of(folder: Path) -> dict[str, Route]:
-    """Routes serving each file of ``folder`` (not its subfolders) at ``/<name>``."""
-    return {f"/{path.name}": serving(path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream")
-            for path in sorted(folder.iterdir()) if path.is_file()}
-
-
 def serving(body: bytes, content_type: str = "application/octet-stream") -> Route:
     """A route answering 200 with these bytes."""
     return lambda handler: send(handler, 200, body, {"Content-Type": content_type})
@@ -59,53 +50,49 @@ def serving(body: bytes, content_type: str = "application/octet-stream") -> Rout
 class RecordingServer(ThreadingHTTPServer):
     """Answers from ``routes`` (keyed by path without query; ``fallback`` for the others) and records each request.
 
-    ``requests`` lists every request in the order read, before its route runs.
+    ``with RecordingServer() as server`` serves on ``server.url``; ``requests`` lists every request in the
+    order read, before its route runs.
     """
 
     daemon_threads = True
     block_on_close = False  # a route still sleeping must not hold up the test's teardown
 
     def __init__(self, fallback: Route = not_found) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", 0), RecordingHandler)
         self.routes: dict[str, Route] = {}
         self.fallback = fallback
         self.requests: list[Request] = []
 
     @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> RecordingServer:
+        """Serves in a thread until the ``with`` ends."""
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
 
     def handle_error(self, request: object, client_address: object) -> None:
         """A client hanging up on a refused or slow answer is expected here."""
 
 
-class _Handler(BaseHTTPRequestHandler):
+class RecordingHandler(BaseHTTPRequestHandler):
+    """What a route is given: the request (``command``, ``path``, ``headers``, and the ``body`` read) and its answer."""
+
     protocol_version = "HTTP/1.1"  # chunked answers need it; ``send`` closes each connection all the same
     server: RecordingServer
+    body: bytes
 
     def _dispatch(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.requests.append(Request(self.command, self.path, dict(self.headers), body))
+        self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append(Request(self.command, self.path, dict(self.headers), self.body))
         self.server.routes.get(urlsplit(self.path).path, self.server.fallback)(self)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
 
     def log_message(self, format: str, *args: object) -> None:
         """Quiet."""
-
-
-@contextmanager
-def recording_server(fallback: Route = not_found) -> Iterator[RecordingServer]:
-    """A started server, shut down and closed at the end."""
-    server = RecordingServer(fallback)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()

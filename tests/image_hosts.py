@@ -16,7 +16,7 @@ from backend.images import ImageLimits
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.task_images import fetch_image_bytes
 from backend.net.fetch import ImageFetchError, UrlPolicy
-from tests.http_server import RecordingServer, Route, recording_server, send
+from tests.http_server import RecordingServer, Route, send
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
 TOKEN = "abc"
@@ -48,14 +48,14 @@ def slow_headers(handler: BaseHTTPRequestHandler) -> None:
 @pytest.fixture
 def ls() -> Iterator[RecordingServer]:
     """Stands in for Label Studio."""
-    with recording_server() as server:
+    with RecordingServer() as server:
         yield server
 
 
 @pytest.fixture
 def other() -> Iterator[RecordingServer]:
     """Stands in for a cloud bucket or a public web server."""
-    with recording_server() as server:
+    with RecordingServer() as server:
         yield server
 
 

@@ -4,7 +4,7 @@ The same images go through ``/predict`` over HTTP (as task URLs, all in one requ
 a good task, which must be unaffected) and through ``freesegdiff segment`` (as files, in
 one run). Valid but unusual images (16-bit, CMYK, EXIF-rotated) must give a correct
 result instead. Afterwards the server must still be healthy. The single pieces are
-tested in test_images.py, test_labelstudio_images.py and test_labelstudio_config.py.
+tested in test_images.py, test_labelstudio_images.py, test_fetch.py and test_labelstudio_config.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from PIL import Image
 
 from backend.cli import main as cli_main
 from tests.test_images import encode, png_declaring
-from tests.test_labelstudio_images import RecordingServer, send, serve
+from tests.http_server import RecordingServer, send, serving
 from tests.test_security import running
 
 TOKEN = "bad-input-token"
@@ -110,11 +110,11 @@ def drips(handler: BaseHTTPRequestHandler) -> None:
 @pytest.fixture(scope="module")
 def web(photo, unusual_images, broken_images) -> Iterator[RecordingServer]:
     """An image host: every image by name, plus a URL that never answers and one that drips."""
-    for server in serve():
+    with RecordingServer() as server:
         files = {name: data for name, (data, _) in unusual_images.items()} | broken_images
         files["photo.png"] = encode(photo, "PNG")  # a plain good image
         for name, data in files.items():
-            server.routes[f"/{name}"] = lambda handler, data=data: send(handler, 200, data)
+            server.routes[f"/{name}"] = serving(data)
         server.routes["/never.png"] = never_answers
         server.routes["/drip.png"] = drips
         yield server
@@ -123,7 +123,7 @@ def web(photo, unusual_images, broken_images) -> Iterator[RecordingServer]:
 @pytest.fixture(scope="module")
 def label_studio() -> Iterator[RecordingServer]:
     """Label Studio refusing our token for its uploads."""
-    for server in serve():
+    with RecordingServer() as server:
         server.routes["/data/upload/private.png"] = lambda handler: send(handler, 401, b"", {"Content-Type": "text/plain"})
         yield server
 
@@ -196,7 +196,7 @@ def test_every_bad_task_gets_its_own_error_and_the_other_tasks_are_predicted(
     for index, (_, size) in enumerate(unusual_images.values(), start=len(expected)):
         assert_correct_prediction(results[index], size)
     assert_correct_prediction(results[-1], (64, 96))
-    assert label_studio.seen[-1][1]["Authorization"] == f"Token {TOKEN}"
+    assert label_studio.requests[-1].headers["Authorization"] == f"Token {TOKEN}"
     metrics = client.get("/metrics").text
     for kind in ("image_decode", "image_http_404", "image_http_401", "image_timeout"):
         assert f'freeseg_errors_total{{kind="{kind}"}}' in metrics

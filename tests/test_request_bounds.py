@@ -17,8 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -27,6 +26,7 @@ import pytest
 from PIL import Image
 
 from backend.settings import Settings
+from tests.http_server import RecordingServer, send
 from tests.redis_server import free_port
 from tests.app_client import ready_client
 
@@ -37,18 +37,15 @@ ABANDONED_TASKS = 30  # on main the worker took about 1.4 s for each on a 2-core
 STARTED_IMAGES = 3  # the request is abandoned once its second batch (of FREESEG_MAX_BATCH=2) is being loaded
 
 
-class PictureHost(ThreadingHTTPServer):
+class PictureHost:
     """Serves /<n>.png: china.jpg with its first row set to n, so each is a distinct picture; counts requests."""
 
-    def __init__(self, china: np.ndarray):
-        super().__init__(("127.0.0.1", 0), _PictureHandler)
+    def __init__(self, server: RecordingServer, china: np.ndarray):
+        server.fallback = self._answer
+        self.url = server.url
         self.china, self.served, self.lock = china, 0, threading.Lock()
         self.enough = threading.Event()
         self.wanted = STARTED_IMAGES
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
 
     def picture(self, number: int) -> bytes:
         pixels = self.china.copy()
@@ -57,6 +54,10 @@ class PictureHost(ThreadingHTTPServer):
         out = io.BytesIO()
         Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
         return out.getvalue()
+
+    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
+        send(handler, 200, self.picture(int(handler.path.strip("/").split(".")[0])), {"Content-Type": "image/png"})
+        self.count()
 
     def count(self) -> None:
         with self.lock:
@@ -71,28 +72,9 @@ class PictureHost(ThreadingHTTPServer):
             self.wanted = self.served + more
 
 
-class _PictureHandler(BaseHTTPRequestHandler):
-    server: PictureHost
-
-    def do_GET(self) -> None:
-        body = self.server.picture(int(self.path.strip("/").split(".")[0]))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        self.server.count()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture()
-def pictures(china: np.ndarray) -> Iterator[PictureHost]:
-    host = PictureHost(china)
-    threading.Thread(target=host.serve_forever, daemon=True).start()
-    yield host
-    host.shutdown()
+def pictures(china: np.ndarray, http_server: RecordingServer) -> PictureHost:
+    return PictureHost(http_server, china)
 
 
 def _tasks(host: PictureHost, numbers: range) -> list[dict]:

@@ -23,7 +23,7 @@ from backend.pipeline.segmenter import Segmenter
 from backend.settings import Settings
 from tests.redis_server import free_port
 from tests.test_images import encode
-from tests.test_labelstudio_images import RecordingServer, send, serve
+from tests.http_server import RecordingServer, send, serving
 from tests.app_client import ready_client
 
 TOKEN = "ls-token-0123456789abcdef"
@@ -48,16 +48,16 @@ def image_bytes(china) -> bytes:
 @pytest.fixture
 def label_studio(image_bytes) -> Iterator[RecordingServer]:
     """Stands in for Label Studio, with one upload."""
-    for server in serve():
-        server.routes["/data/upload/cat.png"] = lambda handler: send(handler, 200, image_bytes)
+    with RecordingServer() as server:
+        server.routes["/data/upload/cat.png"] = serving(image_bytes)
         yield server
 
 
 @pytest.fixture
 def other(image_bytes) -> Iterator[RecordingServer]:
     """Another web server on this machine: a cloud bucket, a CDN, or something internal."""
-    for server in serve():
-        server.routes["/img.png"] = lambda handler: send(handler, 200, image_bytes)
+    with RecordingServer() as server:
+        server.routes["/img.png"] = serving(image_bytes)
         yield server
 
 
@@ -111,9 +111,9 @@ def test_the_token_goes_only_to_label_studio(
 
     assert all(result["result"] for result in results)
     by_origin = {"label studio": [], "other": []}
-    for _, headers in label_studio.seen:
-        by_origin["label studio" if headers["Host"].startswith("127.0.0.1") else "other"].append(headers)
-    by_origin["other"] += [headers for _, headers in other.seen]
+    for request in label_studio.requests:
+        by_origin["label studio" if request.headers["Host"].startswith("127.0.0.1") else "other"].append(request.headers)
+    by_origin["other"] += [request.headers for request in other.requests]
     assert len(by_origin["label studio"]) == 2 and len(by_origin["other"]) == 3
     assert all(headers["Authorization"] == f"Token {TOKEN}" for headers in by_origin["label studio"])
     for headers in by_origin["other"]:
@@ -135,8 +135,8 @@ def test_a_url_read_differently_by_the_check_and_the_client_reaches_no_one(
 
     assert leak[0]["result"] == [] and bypass[0]["result"] == []
     assert leak[1]["result"] and bypass[1]["result"]
-    assert other.seen == []
-    assert [path for path, _ in label_studio.seen] == ["/data/upload/cat.png"] * 2
+    assert other.requests == []
+    assert [request.path for request in label_studio.requests] == ["/data/upload/cat.png"] * 2
     refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task 0:")]
     assert len(refusals) == 2 and all("a backslash ends the URL's host" in refusal for refusal in refusals)
 
@@ -165,7 +165,7 @@ def test_refused_hosts_are_never_asked_and_the_error_names_the_setting(
         results = predict(client, [url.format(other=other.url), "/data/upload/cat.png"])
 
     assert results[0]["result"] == [] and results[1]["result"]
-    assert other.seen == [] and len(label_studio.seen) == 1
+    assert other.requests == [] and len(label_studio.requests) == 1
     [refusal] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task 0:")]
     assert error in refusal
 

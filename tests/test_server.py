@@ -11,6 +11,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from backend.server.app import create_app
 from backend.settings import Settings
 from tests.app_client import wait_until_ready
+from tests.http_server import send
 
 BRUSH_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -209,8 +210,8 @@ def test_health_answers_within_a_second_while_a_prediction_runs(client, image_se
     assert timings and max(timings) < 1.0, f"slowest /health {max(timings):.2f} s"
 
 
-def test_annotation_webhook_records_feedback_against_our_prediction(tiny_settings, tiny_segmenter, tmp_path):
-    import http.server
+def test_annotation_webhook_records_feedback_against_our_prediction(tiny_settings, tiny_segmenter, tmp_path,
+                                                                    http_server):
     import json as json_module
 
     from label_studio_sdk.converter.brush import mask2rle
@@ -228,27 +229,19 @@ def test_annotation_webhook_records_feedback_against_our_prediction(tiny_setting
 
     ours = {"id": 11, "task": 5, "model_version": "freesegdiff-0.1.0-x", "result": [region(mask)]}
 
-    class FakeLabelStudio(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json_module.dumps([ours] if self.path.startswith("/api/predictions/?task=5") else []).encode()
-            self.send_response(200 if self.headers.get("Authorization") == "Token feedback-token" else 401)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
+    def label_studio(handler):
+        body = json_module.dumps([ours] if handler.path.startswith("/api/predictions/?task=5") else []).encode()
+        code = 200 if handler.headers.get("Authorization") == "Token feedback-token" else 401
+        send(handler, code, body, {"content-type": "application/json"})
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    http_server.fallback = label_studio
     settings = tiny_settings.model_copy(update={"model_dir": tmp_path, "label_studio_api_key": "feedback-token",
-                                                "label_studio_url": f"http://127.0.0.1:{server.server_address[1]}"})
+                                                "label_studio_url": http_server.url})
     payload = {"action": "ANNOTATION_CREATED", "project": {"id": 3},
                "annotation": {"id": 1, "task": 5, "result": [region(corrected)]}}
     with _client(settings, lambda: tiny_segmenter) as client:
         assert client.post("/webhook", json=payload).status_code == 200
         metrics = client.get("/metrics").text
-    server.shutdown()
     (record,) = FileFeedbackStore(tmp_path / "feedback").records("3")
     assert record.task == 5 and [(f.label, f.outcome, f.iou) for f in record.labels] == [("Sky", "edited", 0.5)]
     assert 'freeseg_feedback_regions_total{label="Sky",outcome="edited"} 1.0' in metrics
