@@ -27,10 +27,12 @@ from PIL import Image
 
 from backend.cli import main as cli_main
 from tests.test_images import encode, png_declaring
+from tests.app_client import image_tasks, predict
 from tests.http_server import RecordingServer, send, serving
 from tests.test_security import running
 
 TOKEN = "bad-input-token"
+PROJECT = "8.8"
 FETCH_TIMEOUT = 1.0
 LABELS = ("building", "tree", "sky")
 # No refinement: it may empty a small cluster of a random-weight model, and every valid image must give regions.
@@ -138,10 +140,6 @@ def client(tiny_settings, tiny_segmenter, label_studio) -> Iterator[TestClient]:
         yield client
 
 
-def predict(client: TestClient, tasks: list[dict], config: str = CONFIG):
-    return client.post("/predict", json={"tasks": tasks, "label_config": config, "project": "8.8"})
-
-
 def task_errors(caplog: pytest.LogCaptureFixture) -> dict[int, str]:
     """The error logged for each failed task, by task id."""
     errors = {}
@@ -166,7 +164,7 @@ def assert_healthy(client: TestClient, web: RecordingServer) -> None:
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "UP"
     assert health.json()["model_state"] == "ready" and health.json()["queue_depth"] == 0
-    good = predict(client, [{"id": 99, "data": {"image": f"{web.url}/photo.png"}}])
+    good = predict(client, image_tasks(f"{web.url}/photo.png", first_id=99), CONFIG, project=PROJECT)
     assert good.status_code == 200 and good.json()["results"][0]["result"]
 
 
@@ -180,9 +178,9 @@ def test_every_bad_task_gets_its_own_error_and_the_other_tasks_are_predicted(
     urls = [f"{web.url}/{name}" for name in DECODE_ERRORS]
     urls += [path if path.startswith("/data/") else f"{web.url}{path}" for path in FETCH_ERRORS]  # /data/: Label Studio's
     urls += [f"{web.url}/{name}" for name in unusual_images] + [f"{web.url}/photo.png"]
-    tasks = [{"id": index, "data": {"image": url}} for index, url in enumerate(urls)]
+    tasks = image_tasks(*urls, first_id=0)
 
-    response = predict(client, tasks)
+    response = predict(client, tasks, CONFIG, project=PROJECT)
 
     assert response.status_code == 200
     results = response.json()["results"]
@@ -207,7 +205,7 @@ def test_downloads_stop_at_their_deadline(client, web):
     """The dripping server would hold the download for 100 s with only a per-read timeout."""
     for path in ("/never.png", "/drip.png"):
         started = time.monotonic()
-        response = predict(client, [{"id": 1, "data": {"image": f"{web.url}{path}"}}])
+        response = predict(client, image_tasks(f"{web.url}{path}"), CONFIG, project=PROJECT)
         assert time.monotonic() - started < FETCH_TIMEOUT + 0.5, path
         assert response.status_code == 200 and response.json()["results"][0]["result"] == []
     assert 'freeseg_errors_total{kind="image_timeout"} ' in client.get("/metrics").text
@@ -222,7 +220,7 @@ def test_a_requests_downloads_stop_at_its_budget(tiny_settings, tiny_segmenter, 
     urls = [f"{web.url}/photo.png"] + [f"{web.url}/never.png"] * 4
     with running(settings, tiny_segmenter) as client:
         started = time.time()  # the log records' clock
-        response = predict(client, [{"id": index, "data": {"image": url}} for index, url in enumerate(urls)])
+        response = predict(client, image_tasks(*urls, first_id=0), CONFIG, project=PROJECT)
 
     assert response.status_code == 200
     results = response.json()["results"]
@@ -248,7 +246,7 @@ def test_a_requests_downloads_stop_at_its_budget(tiny_settings, tiny_segmenter, 
     ids=["no-brushlabels", "repeated-labels"],
 )
 def test_unusable_configs_are_a_400_naming_the_problem(client, web, config, error):
-    response = predict(client, [{"id": 1, "data": {"image": f"{web.url}/photo.png"}}], config)
+    response = predict(client, image_tasks(f"{web.url}/photo.png"), config, project=PROJECT)
     assert response.status_code == 400 and error in response.json()["error"]
     setup = client.post("/setup", json={"project": "8.8", "schema": config})
     assert setup.status_code == 400 and error in setup.json()["error"]

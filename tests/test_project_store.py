@@ -23,6 +23,7 @@ from sklearn.datasets import load_sample_image
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
 from backend.storage.shared_store import FileStore, RedisStore, StoreError
+from tests.app_client import image_tasks, predict_body
 from tests.http_server import RecordingServer, send
 from tests.redis_server import RedisServer, free_port
 
@@ -130,7 +131,7 @@ def _predictions(base: str) -> dict[str, list[list[dict]]]:
     answers: dict[str, list[list[dict]]] = {"1.111": [], "2.222": []}
     for _ in range(6):
         for project in answers:
-            body = {"tasks": [{"id": 7, "data": {"image": UPLOAD}}], "project": project, "label_config": CONFIG}
+            body = predict_body(image_tasks(UPLOAD, first_id=7), CONFIG, project)
             answers[project].append(_post(base, "/predict", body)["results"][0]["result"])
     return answers
 

@@ -28,7 +28,7 @@ from PIL import Image
 from backend.settings import Settings
 from tests.http_server import RecordingServer, send
 from tests.redis_server import free_port
-from tests.app_client import ready_client
+from tests.app_client import image_tasks, predict, predict_body, ready_client
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -78,7 +78,8 @@ def pictures(china: np.ndarray, http_server: RecordingServer) -> PictureHost:
 
 
 def _tasks(host: PictureHost, numbers: range) -> list[dict]:
-    return [{"id": n, "data": {"image": f"{host.url}/{n}.png"}} for n in numbers]
+    """Task n shows picture n."""
+    return image_tasks(*(f"{host.url}/{n}.png" for n in numbers), first_id=numbers.start)
 
 
 class _Server:
@@ -106,12 +107,12 @@ class _Server:
 
     def timed_predict(self, tasks: list[dict], timeout: float) -> tuple[float, httpx.Response]:
         start = time.monotonic()
-        response = httpx.post(f"{self.url}/predict", json={"tasks": tasks, "label_config": CONFIG}, timeout=timeout)
+        response = predict(self.url, tasks, CONFIG, timeout=timeout)
         return time.monotonic() - start, response
 
     def send_predict(self, tasks: list[dict]) -> socket.socket:
         """A /predict sent on a raw socket whose answer is never read: close the socket to abandon it."""
-        body = json.dumps({"tasks": tasks, "label_config": CONFIG}).encode()
+        body = json.dumps(predict_body(tasks, CONFIG)).encode()
         connection = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         connection.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -177,12 +178,12 @@ def test_the_deadline_cancels_the_remaining_tasks_and_frees_the_worker(tiny_segm
     settings = Settings(models="tiny", device="cpu", model_dir=tmp_path, allow_private_urls=True, max_batch=1,
                         predict_deadline_seconds=10)
     with ready_client(settings, slowed) as client:
-        response = client.post("/predict", json={"tasks": _tasks(pictures, range(3)), "label_config": CONFIG})
+        response = predict(client, _tasks(pictures, range(3)), CONFIG)
         released.set()
         assert response.status_code == 504
         assert response.json()["kind"] == "predict_deadline"
         assert "FREESEG_PREDICT_DEADLINE_SECONDS" in response.json()["error"]
-        after = client.post("/predict", json={"tasks": _tasks(pictures, range(10, 11)), "label_config": CONFIG})
+        after = predict(client, _tasks(pictures, range(10, 11)), CONFIG)
         assert after.status_code == 200 and after.json()["results"][0]["result"] is not None
         assert encoded == [1, 1]  # the timed-out request's first image, then the next request's: nothing else
         assert client.app.state.worker.depth == 0
