@@ -17,6 +17,7 @@ from sklearn.datasets import load_sample_image
 
 from backend.pipeline.segmenter import Segmenter
 from backend.models.process import process_segmenter
+from tests.http_server import RecordingServer, serving
 from tests.redis_server import REDIS_SERVER, RedisServer
 from backend.settings import Settings
 
@@ -58,30 +59,26 @@ def china() -> np.ndarray:
     return load_sample_image("china.jpg")
 
 
+@pytest.fixture
+def http_server() -> Iterator[RecordingServer]:
+    """A loopback server for the test's routes, recording every request (tests/http_server.py)."""
+    with RecordingServer() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
-def image_server(tmp_path_factory: pytest.TempPathFactory):
-    """A loopback HTTP server of test images: china.jpg, flower.jpg and a corrupt file."""
-    import functools
-    import shutil
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+def image_server() -> Iterator[str]:
+    """The URL of a loopback server of test images: china.jpg, flower.jpg and a corrupt file."""
     from pathlib import Path
 
     import sklearn
 
-    folder = tmp_path_factory.mktemp("served")
-    for name in ("china.jpg", "flower.jpg"):
-        shutil.copy(Path(sklearn.__file__).parent / "datasets" / "images" / name, folder / name)
-    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
-
-    class QuietHandler(SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    photos = Path(sklearn.__file__).parent / "datasets" / "images"
+    with RecordingServer() as server:
+        for name in ("china.jpg", "flower.jpg"):
+            server.routes[f"/{name}"] = serving((photos / name).read_bytes(), "image/jpeg")
+        server.routes["/corrupt.jpg"] = serving(b"\xff\xd8\xff\xe0 definitely not a whole jpeg", "image/jpeg")
+        yield server.url
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,15 @@ A task's ``predictions`` are those of ``predictions`` whose ``task`` is its id.
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import re
-import threading
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import cv2
 import numpy as np
+
+from tests.http_server import RecordingServer, send
 
 TOKEN = "learning-token"
 UPDATED_AT = "2026-12-03T09:00:00.000000Z"  # Label Studio's form: microseconds and Z
@@ -45,30 +46,20 @@ class FakeLabelStudio:
         self.annotations: dict[int, dict] = {}  # id -> {"task": id, "result": [...]}
         self.predictions: dict[int, dict] = {}  # id -> {"task": id, "result": [...], "model_version": ...}
         self.ml_backends: dict[int, dict] = {}  # id -> {"project": id, "extra_params": {...}, "model_version": ...}
-        self.requests: list[str] = []
-        fake = self
+        self._server = RecordingServer(fallback=self._answer)
+        self.url = self._server.url
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                fake.requests.append(self.path)
-                if self.headers.get("Authorization") != f"Token {TOKEN}":
-                    return self._answer(401, {"detail": "no token"})
-                status, body = fake.answer(self.path)
-                self._answer(status, body)
+    @property
+    def requests(self) -> list[str]:
+        """The path (with its query) of every request so far."""
+        return [request.path for request in self._server.requests]
 
-            def _answer(self, status: int, body: object) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
+        if handler.headers.get("Authorization") != f"Token {TOKEN}":
+            status, body = 401, {"detail": "no token"}
+        else:
+            status, body = self.answer(handler.path)
+        send(handler, status, json.dumps(body).encode(), {"content-type": "application/json"})
 
     def answer(self, path: str) -> tuple[int, object]:
         split = urlsplit(path)
@@ -115,9 +106,8 @@ class FakeLabelStudio:
         return [{"id": i, **p} for i, p in self.predictions.items() if p["task"] == task]
 
     def __enter__(self) -> FakeLabelStudio:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.__exit__(*exc)

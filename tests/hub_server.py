@@ -15,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from safetensors.torch import load_file, save_file
+
+from tests.http_server import RecordingServer, send
 
 SD_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BLIP2_REPO = "Salesforce/blip2-opt-2.7b"
@@ -86,20 +88,23 @@ class StandInHub:
     def __init__(self, repos: dict[str, dict[str, bytes]]):
         self.repos = repos
         self.commits = {repo: hashlib.sha1(repo.encode()).hexdigest() for repo in repos}
-        self.requests: list[tuple[str, str]] = []
         self.downloads_allowed = threading.Event()  # GETs of files wait for it; set by default
         self.downloads_allowed.set()
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._server = RecordingServer(fallback=self._answer)
+        self.url = self._server.url
 
     def __enter__(self) -> StandInHub:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.downloads_allowed.set()
-        self._server.shutdown()
+        self._server.__exit__(*exc)
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, unquoted path without query) of every request so far."""
+        return [(request.method, unquote(urlsplit(request.path).path)) for request in self._server.requests]
 
     def files_fetched(self, since: int = 0) -> set[tuple[str, str | None]]:
         """(repo, path) of every file whose bytes were asked for (GET on resolve) from request ``since`` on."""
@@ -125,48 +130,21 @@ class StandInHub:
         return json.dumps({"id": repo, "modelId": repo, "sha": self.commits[repo], "private": False,
                            "siblings": siblings}).encode()
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                self._answer(send_body=False)
-
-            def do_GET(self) -> None:
-                self._answer(send_body=True)
-
-            def _answer(self, send_body: bool) -> None:
-                url = urlsplit(self.path)
-                path = unquote(url.path)
-                with hub._lock:
-                    hub.requests.append((self.command, path))
-                located = hub._locate(path)
-                if located is None or (located[1] is not None and located[1] not in hub.repos[located[0]]):
-                    self._send(404, b'{"error": "not found"}', {"X-Error-Code": "EntryNotFound"}, send_body)
-                    return
-                repo, name = located
-                if name is None:
-                    self._send(200, hub._info(repo, "blobs=true" in url.query), {}, send_body)
-                    return
-                if send_body:
-                    hub.downloads_allowed.wait(60)
-                data = hub.repos[repo][name]
-                headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": hub.commits[repo],
-                           "Accept-Ranges": "bytes"}
-                self._send(200, data, headers, send_body, content_type="application/octet-stream")
-
-            def _send(self, status: int, body: bytes, headers: dict[str, str], send_body: bool,
-                      content_type: str = "application/json") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                if send_body:
-                    self.wfile.write(body)
-
-        return Handler
+    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
+        """A HEAD gets the headers of what a GET gets."""
+        url = urlsplit(handler.path)
+        located = self._locate(unquote(url.path))
+        if located is None or (located[1] is not None and located[1] not in self.repos[located[0]]):
+            send(handler, 404, b'{"error": "not found"}', {"Content-Type": "application/json",
+                                                            "X-Error-Code": "EntryNotFound"})
+            return
+        repo, name = located
+        if name is None:
+            send(handler, 200, self._info(repo, "blobs=true" in url.query), {"Content-Type": "application/json"})
+            return
+        if handler.command == "GET":
+            self.downloads_allowed.wait(60)
+        data = self.repos[repo][name]
+        send(handler, 200, data, {"Content-Type": "application/octet-stream",
+                                  "ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": self.commits[repo],
+                                  "Accept-Ranges": "bytes"})

@@ -4,7 +4,7 @@ The same images go through ``/predict`` over HTTP (as task URLs, all in one requ
 a good task, which must be unaffected) and through ``freesegdiff segment`` (as files, in
 one run). Valid but unusual images (16-bit, CMYK, EXIF-rotated) must give a correct
 result instead. Afterwards the server must still be healthy. The single pieces are
-tested in test_images.py, test_labelstudio_images.py and test_labelstudio_config.py.
+tested in test_images.py, test_labelstudio_images.py, test_fetch.py and test_labelstudio_config.py.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ from PIL import Image
 
 from backend.cli import main as cli_main
 from tests.test_images import encode, png_declaring
-from tests.test_labelstudio_images import RecordingServer, send, serve
+from tests.app_client import image_tasks, predict
+from tests.http_server import RecordingServer, send, serving
 from tests.test_security import running
 
 TOKEN = "bad-input-token"
+PROJECT = "8.8"
 FETCH_TIMEOUT = 1.0
 LABELS = ("building", "tree", "sky")
 # No refinement: it may empty a small cluster of a random-weight model, and every valid image must give regions.
@@ -110,11 +112,11 @@ def drips(handler: BaseHTTPRequestHandler) -> None:
 @pytest.fixture(scope="module")
 def web(photo, unusual_images, broken_images) -> Iterator[RecordingServer]:
     """An image host: every image by name, plus a URL that never answers and one that drips."""
-    for server in serve():
+    with RecordingServer() as server:
         files = {name: data for name, (data, _) in unusual_images.items()} | broken_images
         files["photo.png"] = encode(photo, "PNG")  # a plain good image
         for name, data in files.items():
-            server.routes[f"/{name}"] = lambda handler, data=data: send(handler, 200, data)
+            server.routes[f"/{name}"] = serving(data)
         server.routes["/never.png"] = never_answers
         server.routes["/drip.png"] = drips
         yield server
@@ -123,7 +125,7 @@ def web(photo, unusual_images, broken_images) -> Iterator[RecordingServer]:
 @pytest.fixture(scope="module")
 def label_studio() -> Iterator[RecordingServer]:
     """Label Studio refusing our token for its uploads."""
-    for server in serve():
+    with RecordingServer() as server:
         server.routes["/data/upload/private.png"] = lambda handler: send(handler, 401, b"", {"Content-Type": "text/plain"})
         yield server
 
@@ -136,10 +138,6 @@ def client(tiny_settings, tiny_segmenter, label_studio) -> Iterator[TestClient]:
     })
     with running(settings, tiny_segmenter) as client:
         yield client
-
-
-def predict(client: TestClient, tasks: list[dict], config: str = CONFIG):
-    return client.post("/predict", json={"tasks": tasks, "label_config": config, "project": "8.8"})
 
 
 def task_errors(caplog: pytest.LogCaptureFixture) -> dict[int, str]:
@@ -166,7 +164,7 @@ def assert_healthy(client: TestClient, web: RecordingServer) -> None:
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "UP"
     assert health.json()["model_state"] == "ready" and health.json()["queue_depth"] == 0
-    good = predict(client, [{"id": 99, "data": {"image": f"{web.url}/photo.png"}}])
+    good = predict(client, image_tasks(f"{web.url}/photo.png", first_id=99), CONFIG, project=PROJECT)
     assert good.status_code == 200 and good.json()["results"][0]["result"]
 
 
@@ -180,9 +178,9 @@ def test_every_bad_task_gets_its_own_error_and_the_other_tasks_are_predicted(
     urls = [f"{web.url}/{name}" for name in DECODE_ERRORS]
     urls += [path if path.startswith("/data/") else f"{web.url}{path}" for path in FETCH_ERRORS]  # /data/: Label Studio's
     urls += [f"{web.url}/{name}" for name in unusual_images] + [f"{web.url}/photo.png"]
-    tasks = [{"id": index, "data": {"image": url}} for index, url in enumerate(urls)]
+    tasks = image_tasks(*urls, first_id=0)
 
-    response = predict(client, tasks)
+    response = predict(client, tasks, CONFIG, project=PROJECT)
 
     assert response.status_code == 200
     results = response.json()["results"]
@@ -196,7 +194,7 @@ def test_every_bad_task_gets_its_own_error_and_the_other_tasks_are_predicted(
     for index, (_, size) in enumerate(unusual_images.values(), start=len(expected)):
         assert_correct_prediction(results[index], size)
     assert_correct_prediction(results[-1], (64, 96))
-    assert label_studio.seen[-1][1]["Authorization"] == f"Token {TOKEN}"
+    assert label_studio.requests[-1].headers["Authorization"] == f"Token {TOKEN}"
     metrics = client.get("/metrics").text
     for kind in ("image_decode", "image_http_404", "image_http_401", "image_timeout"):
         assert f'freeseg_errors_total{{kind="{kind}"}}' in metrics
@@ -207,7 +205,7 @@ def test_downloads_stop_at_their_deadline(client, web):
     """The dripping server would hold the download for 100 s with only a per-read timeout."""
     for path in ("/never.png", "/drip.png"):
         started = time.monotonic()
-        response = predict(client, [{"id": 1, "data": {"image": f"{web.url}{path}"}}])
+        response = predict(client, image_tasks(f"{web.url}{path}"), CONFIG, project=PROJECT)
         assert time.monotonic() - started < FETCH_TIMEOUT + 0.5, path
         assert response.status_code == 200 and response.json()["results"][0]["result"] == []
     assert 'freeseg_errors_total{kind="image_timeout"} ' in client.get("/metrics").text
@@ -222,7 +220,7 @@ def test_a_requests_downloads_stop_at_its_budget(tiny_settings, tiny_segmenter, 
     urls = [f"{web.url}/photo.png"] + [f"{web.url}/never.png"] * 4
     with running(settings, tiny_segmenter) as client:
         started = time.time()  # the log records' clock
-        response = predict(client, [{"id": index, "data": {"image": url}} for index, url in enumerate(urls)])
+        response = predict(client, image_tasks(*urls, first_id=0), CONFIG, project=PROJECT)
 
     assert response.status_code == 200
     results = response.json()["results"]
@@ -248,7 +246,7 @@ def test_a_requests_downloads_stop_at_its_budget(tiny_settings, tiny_segmenter, 
     ids=["no-brushlabels", "repeated-labels"],
 )
 def test_unusable_configs_are_a_400_naming_the_problem(client, web, config, error):
-    response = predict(client, [{"id": 1, "data": {"image": f"{web.url}/photo.png"}}], config)
+    response = predict(client, image_tasks(f"{web.url}/photo.png"), config, project=PROJECT)
     assert response.status_code == 400 and error in response.json()["error"]
     setup = client.post("/setup", json={"project": "8.8", "schema": config})
     assert setup.status_code == 400 and error in setup.json()["error"]

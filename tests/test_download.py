@@ -21,6 +21,7 @@ from huggingface_hub import HfApi
 from backend.models.download import plan, repo_requests
 from backend.models.tiny import tiny_model_folder
 from backend.settings import Settings
+from tests.app_client import image_tasks, predict
 from tests.hub_server import BLIP2_REPO, BLIP_REPO, SD_REPO, StandInHub, tiny_hub_repos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,10 +139,6 @@ class _Server:
             time.sleep(0.05)
         raise AssertionError(f"no {until!r} within {seconds} s; states {seen}")
 
-    def predict(self, image_url: str) -> httpx.Response:
-        tasks = [{"id": 1, "data": {"image": image_url}}]
-        return httpx.post(f"{self.url}/predict", json={"tasks": tasks, "label_config": CONFIG}, timeout=120)
-
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(30)
@@ -161,7 +158,7 @@ def test_the_server_downloads_then_predicts_and_restarts_offline_without_a_reque
         hub.downloads_allowed.set()
         assert server.states(until="ready")[-1] == "ready"
         assert hub.files_fetched(since=before) == SD_FP32 | BLIP2
-        response = server.predict(f"{image_server}/china.jpg")
+        response = predict(server.url, image_tasks(f"{image_server}/china.jpg"), CONFIG, timeout=120)
         assert response.status_code == 200 and response.json()["results"][0]["result"]
     finally:
         hub.downloads_allowed.set()
@@ -171,7 +168,7 @@ def test_the_server_downloads_then_predicts_and_restarts_offline_without_a_reque
     offline = _Server({**env, "HF_HUB_OFFLINE": "1"})
     try:
         assert offline.states(until="ready")[-1] == "ready"
-        assert offline.predict(f"{image_server}/china.jpg").status_code == 200
+        assert predict(offline.url, image_tasks(f"{image_server}/china.jpg"), CONFIG, timeout=120).status_code == 200
     finally:
         offline.stop()
     assert hub.requests[requests_so_far:] == []  # not one request to the hub

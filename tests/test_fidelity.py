@@ -31,7 +31,7 @@ from backend.pipeline.labelling import BARE_NAMES_CROPPED, PROMPTS_PADDED, clust
 from backend.pipeline.refine import above_half, above_half_of_peak, refine_masks
 from backend.pipeline.vocabulary import Label
 from backend.settings import Settings
-from tests.app_client import ready_client
+from tests.app_client import image_tasks, predict, ready_client
 from tests.fakes import WordVectorEmbedder
 from tests.test_eval_cli import _voc
 from tests.test_server import BRUSH_CONFIG
@@ -214,8 +214,7 @@ def test_release_settings_give_every_stage_its_release_rule(tiny_release, tiny_s
 
 def test_predict_runs_under_release_fidelity(release_settings, tiny_release, image_server):
     with ready_client(release_settings, lambda: tiny_release) as client:
-        tasks = [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]
-        response = client.post("/predict", json={"tasks": tasks, "label_config": BRUSH_CONFIG, "project": "1.1"})
+        response = predict(client, image_tasks(f"{image_server}/china.jpg"), BRUSH_CONFIG, project="1.1")
     assert response.status_code == 200
     (prediction,) = response.json()["results"]
     assert prediction["model_version"].endswith("tiny-random-weights")

@@ -20,7 +20,7 @@ from backend.pipeline.candidates import prompt_phrases, prompt_words
 from backend.pipeline.vocabulary import Label
 from backend.server.config_cache import LabelConfigCache
 from backend.settings import Settings
-from tests.app_client import ready_client
+from tests.app_client import image_tasks, predict, ready_client
 
 
 def config(labels: Sequence[str] = ("Sky", "Tree", "building"), attributes: str = "", padding: str = "") -> str:
@@ -46,14 +46,10 @@ def client(tiny_settings: Settings, tiny_segmenter, tmp_path) -> Iterator[TestCl
         yield client
 
 
-def predict(client: TestClient, image_server: str, context: dict | None = None, label_config: str = CONFIG):
-    body = {"tasks": [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}], "label_config": label_config,
-            "params": {"context": context}}
-    return client.post("/predict", json=body)
-
-
 def typed(text: str) -> dict:
-    return {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": [text]}}]}
+    """/predict's params for a typed prompt."""
+    return {"context": {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image",
+                                    "value": {"text": [text]}}]}}
 
 
 # --- defect 2: a typed prompt ----------------------------------------------------------------------
@@ -61,21 +57,22 @@ def typed(text: str) -> dict:
 
 def test_the_issues_prompt_is_refused_at_once_naming_the_limit(client, image_server):
     started = time.monotonic()
-    response = predict(client, image_server, typed(ISSUE_PROMPT))
+    response = predict(client, image_tasks(f"{image_server}/china.jpg"), CONFIG, params=typed(ISSUE_PROMPT))
     seconds = time.monotonic() - started
     assert response.status_code == 400 and "FREESEG_MAX_PROMPT_CHARS" in response.json()["error"], response.text
     assert seconds < 5, f"the refusal took {seconds:.1f} s"
 
 
 def test_a_prompt_of_too_many_short_words_is_refused_naming_the_limit(client, image_server):
-    response = predict(client, image_server, typed("a " * 101))  # 202 characters, 101 words
+    response = predict(client, image_tasks(f"{image_server}/china.jpg"), CONFIG,
+                       params=typed("a " * 101))  # 202 characters, 101 words
     assert response.status_code == 400 and "FREESEG_MAX_PROMPT_WORDS" in response.json()["error"], response.text
 
 
 def test_a_prompt_at_the_bound_is_answered(client, image_server):
     assert (len(AT_THE_BOUND), len(AT_THE_BOUND.split())) == (1000, 100)
     started = time.monotonic()
-    response = predict(client, image_server, typed(AT_THE_BOUND))
+    response = predict(client, image_tasks(f"{image_server}/china.jpg"), CONFIG, params=typed(AT_THE_BOUND))
     print(f"\n/predict with a prompt at the bound: {time.monotonic() - started:.2f} s")
     assert response.status_code == 200, response.text
     assert response.json()["results"][0]["result"], "the prompt names a label: regions come back"
@@ -117,7 +114,7 @@ def test_labels_over_the_bound_are_refused_at_setup_and_predict(client, image_se
     too_many = config([f"label {index}" for index in range(301)])
     setup = client.post("/setup", json={"project": "1.1", "schema": too_many})
     assert setup.status_code == 400 and "FREESEG_MAX_LABELS" in setup.json()["error"], setup.text
-    response = predict(client, image_server, label_config=too_many)
+    response = predict(client, image_tasks(f"{image_server}/china.jpg"), too_many)
     assert response.status_code == 400 and "FREESEG_MAX_LABELS" in response.json()["error"], response.text
 
 
@@ -133,7 +130,7 @@ def test_labels_at_the_bound_are_read_and_the_bound_is_a_parameter():
 def test_a_config_nested_256_deep_is_a_400(client, image_server):
     deep = config(padding="<View>" * 256 + "</View>" * 256)
     for response in (client.post("/setup", json={"project": "1.1", "schema": deep}),
-                     predict(client, image_server, label_config=deep)):
+                     predict(client, image_tasks(f"{image_server}/china.jpg"), deep)):
         assert response.status_code == 400 and "not valid XML" in response.json()["error"], response.text
 
 
@@ -141,7 +138,7 @@ def test_a_config_nested_256_deep_is_a_400(client, image_server):
 def test_k_of_5000_digits_or_non_ascii_digits_is_a_400(client, image_server, k):
     with_k = config(attributes=f'model_k="{k}"')
     for response in (client.post("/setup", json={"project": "1.1", "schema": with_k}),
-                     predict(client, image_server, label_config=with_k),
+                     predict(client, image_tasks(f"{image_server}/china.jpg"), with_k),
                      client.post("/setup", json={"project": "1.1", "schema": CONFIG, "extra_params": {"k": k}})):
         assert response.status_code == 400 and "whole number from 2 to 32" in response.json()["error"], response.text
 

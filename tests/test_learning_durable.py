@@ -25,7 +25,6 @@ from backend.server.app import create_app
 from backend.settings import Settings
 from tests.redis_server import free_port
 from tests.test_annotations import _claiming_rle, brush
-from tests.test_labelstudio_images import serve
 from tests.test_learning_server import CONFIG, Backend, _annotation, backend, fake, settings  # noqa: F401 (fixtures)
 
 
@@ -136,11 +135,11 @@ def test_an_annotation_claiming_a_huge_brush_is_dropped_and_the_server_keeps_lea
     assert backend.client.get("/health").json()["status"] == "UP"
 
 
-def test_with_label_studio_url_pinned_a_setup_naming_another_host_teaches_nothing_from_it(backend, fake):
-    for other in serve():  # someone else's "Label Studio", named by a forged /setup
-        answer = backend.client.post("/setup", json={"project": "1.1700000000", "schema": CONFIG,
-                                                     "hostname": other.url, "access_token": "forged"})
-        assert answer.status_code == 200  # Label Studio's own /setup may name it by another address
-        backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
-        assert list(backend.memory(1).annotations) == ["100"]  # read from LABEL_STUDIO_URL
-        assert other.seen == []
+def test_with_label_studio_url_pinned_a_setup_naming_another_host_teaches_nothing_from_it(backend, fake, http_server):
+    other = http_server  # someone else's "Label Studio", named by a forged /setup
+    answer = backend.client.post("/setup", json={"project": "1.1700000000", "schema": CONFIG,
+                                                 "hostname": other.url, "access_token": "forged"})
+    assert answer.status_code == 200  # Label Studio's own /setup may name it by another address
+    backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
+    assert list(backend.memory(1).annotations) == ["100"]  # read from LABEL_STUDIO_URL
+    assert other.requests == []

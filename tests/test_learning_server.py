@@ -19,7 +19,7 @@ from backend.pipeline.memory import UNLABELED
 from backend.server.app import create_app
 from backend.storage.shared_store import FileStore, RedisStore
 from tests.fake_labelstudio import TOKEN, UPDATED_AT, FakeLabelStudio, data_uri, polygon
-from tests.app_client import wait_until_ready
+from tests.app_client import image_tasks, predict, wait_until_ready
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -76,8 +76,7 @@ class Backend:
         return self.state.memories.load(str(project), self.state.worker.fingerprint)
 
     def predict(self, project: int, image: np.ndarray) -> dict:
-        answer = self.client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": data_uri(image)}}],
-                                                    "label_config": CONFIG, "project": f"{project}.1700000000"})
+        answer = predict(self.client, image_tasks(data_uri(image)), CONFIG, project=f"{project}.1700000000")
         assert answer.status_code == 200, answer.text
         return answer.json()
 
@@ -339,8 +338,7 @@ def test_tasks_deleted_forgets_what_their_annotations_taught(backend, fake):
 def test_a_label_gone_from_the_config_is_neither_predicted_nor_taught_again(backend, fake):
     backend.webhook("ANNOTATION_CREATED", 1, **_annotation(100, 10, []))
     renamed = CONFIG.replace('value="rust"', 'value="corrosion"')
-    answer = backend.client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": data_uri(_image())}}],
-                                                   "label_config": renamed, "project": "1.1700000000"})
+    answer = predict(backend.client, image_tasks(data_uri(_image())), renamed, project="1.1700000000")
     assert answer.status_code == 200 and "rust" not in _masks(answer.json()["results"][0])
     fake.projects[1] = renamed
     backend.webhook("START_TRAINING", 1)

@@ -12,9 +12,8 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,8 @@ from sklearn.datasets import load_sample_image
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
 from backend.storage.shared_store import FileStore, RedisStore, StoreError
+from tests.app_client import image_tasks, predict_body
+from tests.http_server import RecordingServer, send
 from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,30 +76,19 @@ def test_the_redis_store_is_shared_and_an_outage_reads_as_no_setup(tmp_path: Pat
         ProjectStore(RedisStore(server.url, timeout_seconds=0.5)).save(4, setup)
 
 
-class _LabelStudioStandIn:
-    """Serves one upload, only to requests carrying its token; records who asked."""
+def _serve_one_upload(server: RecordingServer, token: str, image: bytes) -> None:
+    """The server stands in for Label Studio: one upload, only to requests carrying ``token``."""
 
-    def __init__(self, token: str, image: bytes) -> None:
-        self.token, self.seen = token, []
-        stand_in = self
+    def upload(handler: BaseHTTPRequestHandler) -> None:
+        allowed = handler.path == UPLOAD and handler.headers.get("Authorization") == f"Token {token}"
+        send(handler, 200 if allowed else 401, image if allowed else b"")
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                stand_in.seen.append((self.path, self.headers.get("Authorization")))
-                allowed = self.path == UPLOAD and self.headers.get("Authorization") == f"Token {stand_in.token}"
-                self.send_response(200 if allowed else 401)
-                self.send_header("Content-Length", str(len(image) if allowed else 0))
-                self.end_headers()
-                if allowed:
-                    self.wfile.write(image)
+    server.fallback = upload
 
-            def log_message(self, *args: object) -> None:
-                """Quiet."""
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+def _asked(server: RecordingServer) -> list[tuple[str, str | None]]:
+    """(path, Authorization) of each request the server got."""
+    return [(request.path, request.headers.get("Authorization")) for request in server.requests]
 
 
 def _start(port: int, model_dir: Path, log: Path) -> subprocess.Popen:
@@ -141,7 +131,7 @@ def _predictions(base: str) -> dict[str, list[list[dict]]]:
     answers: dict[str, list[list[dict]]] = {"1.111": [], "2.222": []}
     for _ in range(6):
         for project in answers:
-            body = {"tasks": [{"id": 7, "data": {"image": UPLOAD}}], "project": project, "label_config": CONFIG}
+            body = predict_body(image_tasks(UPLOAD, first_id=7), CONFIG, project)
             answers[project].append(_post(base, "/predict", body)["results"][0]["result"])
     return answers
 
@@ -154,26 +144,28 @@ def test_every_process_uses_what_setup_said_before_and_after_a_restart(tmp_path:
 
     buffer = io.BytesIO()
     Image.fromarray(load_sample_image("china.jpg")).save(buffer, "JPEG", quality=90)
-    first, second = _LabelStudioStandIn("token-a", buffer.getvalue()), _LabelStudioStandIn("token-b", buffer.getvalue())
     port, log = free_port(), tmp_path / "serve.log"
     base = f"http://127.0.0.1:{port}"
-    process = _start(port, tiny_settings.model_dir, log)
-    try:
-        _post(base, "/setup", {"project": "1.111", "schema": CONFIG, "hostname": first.url,
-                               "access_token": "token-a", "extra_params": {"k": 2, "use_caption": False, "refine": "none"}})
-        _post(base, "/setup", {"project": "2.222", "schema": CONFIG, "hostname": second.url,
-                               "access_token": "token-b", "extra_params": {"k": 3, "use_caption": False, "refine": "none"}})
-        before = _predictions(base)
-        _stop(process)
+    with RecordingServer() as first, RecordingServer() as second:
+        _serve_one_upload(first, "token-a", buffer.getvalue())
+        _serve_one_upload(second, "token-b", buffer.getvalue())
         process = _start(port, tiny_settings.model_dir, log)
-        after = _predictions(base)
-    finally:
-        _stop(process)
-        first.server.shutdown()
-        second.server.shutdown()
+        try:
+            _post(base, "/setup", {"project": "1.111", "schema": CONFIG, "hostname": first.url,
+                                   "access_token": "token-a", "extra_params": {"k": 2, "use_caption": False,
+                                                                                "refine": "none"}})
+            _post(base, "/setup", {"project": "2.222", "schema": CONFIG, "hostname": second.url,
+                                   "access_token": "token-b", "extra_params": {"k": 3, "use_caption": False,
+                                                                                "refine": "none"}})
+            before = _predictions(base)
+            _stop(process)
+            process = _start(port, tiny_settings.model_dir, log)
+            after = _predictions(base)
+        finally:
+            _stop(process)
     # Each stand-in was asked only by its own project, always with its own token: 6 times per run.
-    assert first.seen == [(UPLOAD, "Token token-a")] * 12
-    assert second.seen == [(UPLOAD, "Token token-b")] * 12
+    assert _asked(first) == [(UPLOAD, "Token token-a")] * 12
+    assert _asked(second) == [(UPLOAD, "Token token-b")] * 12
     for project, k in (("1.111", 2), ("2.222", 3)):
         results = before[project] + after[project]
         assert all(0 < len(result) <= k for result in results), [len(r) for r in results]  # the project's K

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from backend.pipeline.clustering import cluster_feature_grid
 from backend.pipeline.labelling import cluster_masks
 from tests.redis_server import free_port
-from tests.app_client import ready_client
+from tests.app_client import image_tasks, predict, predictions, ready_client
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -27,6 +27,7 @@ CONFIG = """<View>
   <KeyPointLabels name="click" toName="image" smart="true"><Label value="Sky"/><Label value="Tree"/></KeyPointLabels>
   <TextArea name="prompt" toName="image"/>
 </View>"""
+PROJECT = "9.9"
 
 
 def stage_count(client: TestClient, stage: str) -> float:
@@ -39,14 +40,6 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def predict(client: TestClient, url: str, config: str = CONFIG, context: dict | None = None) -> dict:
-    body = {"tasks": [{"id": 7, "data": {"image": url}}], "label_config": config, "project": "9.9",
-            "params": {"context": context}}
-    response = client.post("/predict", json=body)
-    assert response.status_code == 200, response.text
-    return response.json()["results"][0]
-
-
 @pytest.fixture
 def cached_client(redis_server, tiny_settings, tiny_segmenter):
     with redis.Redis(port=redis_server.port) as raw:
@@ -57,13 +50,13 @@ def cached_client(redis_server, tiny_settings, tiny_segmenter):
 
 
 def test_another_label_set_or_k_reuses_the_cached_encoding(cached_client, image_server):
-    client, url = cached_client, f"{image_server}/china.jpg"
-    assert predict(client, url)["result"]
+    client, tasks = cached_client, image_tasks(f"{image_server}/china.jpg", first_id=7)
+    assert predictions(client, tasks, CONFIG, project=PROJECT)[0]["result"]
     client.app.state.cache_writer.flush()
     encoded = stage_count(client, "caption"), stage_count(client, "features")
     assert encoded == (1, 1)
     fewer_labels = CONFIG.replace('<Label value="Cat"/>', "").replace('model_refine="none"', 'model_refine="none" model_k="6"')
-    assert predict(client, url, fewer_labels)["result"]
+    assert predictions(client, tasks, fewer_labels, project=PROJECT)[0]["result"]
     assert (stage_count(client, "caption"), stage_count(client, "features")) == encoded
     assert stage_count(client, "clustering") == 2
     metrics = client.get("/metrics").text
@@ -73,7 +66,7 @@ def test_another_label_set_or_k_reuses_the_cached_encoding(cached_client, image_
 
 
 def test_clicks_return_the_region_under_each_point_with_its_label(cached_client, image_server, tiny_segmenter, china):
-    client, url = cached_client, f"{image_server}/china.jpg"
+    client, tasks = cached_client, image_tasks(f"{image_server}/china.jpg", first_id=7)
     features = tiny_segmenter.features([china])[0]  # the extractor itself: no stage is observed
     grid = cluster_feature_grid(features.astype(np.float32), 4, 0)
     masks = cluster_masks(grid, 427, 640)
@@ -86,26 +79,25 @@ def test_clicks_return_the_region_under_each_point_with_its_label(cached_client,
                 "original_height": 427, "value": {"x": 100 * point[0] / 640, "y": 100 * point[1] / 427,
                                                   "keypointlabels": [label]}}
 
-    one = predict(client, url, context={"result": [click(first, "Sky")]})
+    [one] = predictions(client, tasks, CONFIG, project=PROJECT, params={"context": {"result": [click(first, "Sky")]}})
     assert [r["value"]["brushlabels"] for r in one["result"]] == [["Sky"]]
     client.app.state.cache_writer.flush()
-    two = predict(client, url, context={"result": [click(first, "Sky"), click(second, "Tree")]})
+    [two] = predictions(client, tasks, CONFIG, project=PROJECT,
+                        params={"context": {"result": [click(first, "Sky"), click(second, "Tree")]}})
     assert sorted(r["value"]["brushlabels"][0] for r in two["result"]) == ["Sky", "Tree"]
     assert stage_count(client, "features") == 1  # the clicks were answered from the cache
 
 
 def test_typed_words_steer_the_labels(cached_client, image_server):
-    client, url = cached_client, f"{image_server}/china.jpg"
+    client, tasks = cached_client, image_tasks(f"{image_server}/china.jpg", first_id=7)
     typed = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["sofa"]}}]}
-    result = predict(client, url, context=typed)["result"]
+    result = predictions(client, tasks, CONFIG, project=PROJECT, params={"context": typed})[0]["result"]
     assert result and {r["value"]["brushlabels"][0] for r in result} == {"Couch"}
 
 
 def test_a_click_with_an_unknown_label_is_a_clear_400(cached_client, image_server):
     context = {"result": [{"type": "keypointlabels", "value": {"x": 5, "y": 5, "keypointlabels": ["Dragon"]}}]}
-    body = {"tasks": [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}], "label_config": CONFIG,
-            "params": {"context": context}}
-    response = cached_client.post("/predict", json=body)
+    response = predict(cached_client, image_tasks(f"{image_server}/china.jpg"), CONFIG, params={"context": context})
     assert response.status_code == 400 and "Dragon" in response.json()["error"]
 
 
@@ -114,18 +106,20 @@ def test_redis_killed_mid_run_predictions_go_on_and_the_cache_comes_back(start_r
     caplog.set_level(logging.INFO, logger="backend.storage.feature_cache")
     server = start_redis()
     settings = tiny_settings.model_copy(update={"redis_url": server.url, "cache_retry_after_seconds": 0.2})
+    china = image_tasks(f"{image_server}/china.jpg", first_id=7)
+    flower = image_tasks(f"{image_server}/flower.jpg", first_id=7)
     with ready_client(settings, lambda: tiny_segmenter) as client:
-        assert predict(client, f"{image_server}/china.jpg")["result"]
+        assert predictions(client, china, CONFIG, project=PROJECT)[0]["result"]
         client.app.state.cache_writer.flush()
         server.stop()
-        assert predict(client, f"{image_server}/china.jpg")["result"]  # computed without the cache
+        assert predictions(client, china, CONFIG, project=PROJECT)[0]["result"]  # computed without the cache
         assert metric(client.get("/metrics").text, "freeseg_feature_cache_errors_total") >= 1
         server.start()  # empty again: no persistence
         time.sleep(0.3)
-        assert predict(client, f"{image_server}/flower.jpg")["result"]
+        assert predictions(client, flower, CONFIG, project=PROJECT)[0]["result"]
         client.app.state.cache_writer.flush()
         before = stage_count(client, "features")
-        assert predict(client, f"{image_server}/flower.jpg")["result"]
+        assert predictions(client, flower, CONFIG, project=PROJECT)[0]["result"]
         assert stage_count(client, "features") == before  # served from Redis again
     messages = [record.getMessage() for record in caplog.records]
     assert sum("is unavailable" in m and "going on without it" in m for m in messages) == 1  # one clear line
@@ -156,14 +150,14 @@ def test_two_server_processes_share_the_cache(start_redis, tiny_settings, image_
                     pass
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.2)
-        body = {"tasks": [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}], "label_config": CONFIG}
-        first = requests.post(f"http://127.0.0.1:{ports[0]}/predict", json=body, timeout=120).json()
+        tasks = image_tasks(f"{image_server}/china.jpg")
+        first = predict(f"http://127.0.0.1:{ports[0]}", tasks, CONFIG, timeout=120).json()
         with server.client() as raw:
             deadline = time.monotonic() + 30
             while not raw.keys("freeseg:enc:*"):
                 assert time.monotonic() < deadline, "the first process never wrote its encoding"
                 time.sleep(0.1)
-        second = requests.post(f"http://127.0.0.1:{ports[1]}/predict", json=body, timeout=120).json()
+        second = predict(f"http://127.0.0.1:{ports[1]}", tasks, CONFIG, timeout=120).json()
         assert second["results"] == first["results"]
         metrics = requests.get(f"http://127.0.0.1:{ports[1]}/metrics", timeout=5).text
         assert metric(metrics, "freeseg_feature_cache_hits_total") == 1

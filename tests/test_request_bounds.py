@@ -17,8 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -27,8 +26,9 @@ import pytest
 from PIL import Image
 
 from backend.settings import Settings
+from tests.http_server import RecordingServer, send
 from tests.redis_server import free_port
-from tests.app_client import ready_client
+from tests.app_client import image_tasks, predict, predict_body, ready_client
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -37,18 +37,15 @@ ABANDONED_TASKS = 30  # on main the worker took about 1.4 s for each on a 2-core
 STARTED_IMAGES = 3  # the request is abandoned once its second batch (of FREESEG_MAX_BATCH=2) is being loaded
 
 
-class PictureHost(ThreadingHTTPServer):
+class PictureHost:
     """Serves /<n>.png: china.jpg with its first row set to n, so each is a distinct picture; counts requests."""
 
-    def __init__(self, china: np.ndarray):
-        super().__init__(("127.0.0.1", 0), _PictureHandler)
+    def __init__(self, server: RecordingServer, china: np.ndarray):
+        server.fallback = self._answer
+        self.url = server.url
         self.china, self.served, self.lock = china, 0, threading.Lock()
         self.enough = threading.Event()
         self.wanted = STARTED_IMAGES
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
 
     def picture(self, number: int) -> bytes:
         pixels = self.china.copy()
@@ -57,6 +54,10 @@ class PictureHost(ThreadingHTTPServer):
         out = io.BytesIO()
         Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
         return out.getvalue()
+
+    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
+        send(handler, 200, self.picture(int(handler.path.strip("/").split(".")[0])), {"Content-Type": "image/png"})
+        self.count()
 
     def count(self) -> None:
         with self.lock:
@@ -71,32 +72,14 @@ class PictureHost(ThreadingHTTPServer):
             self.wanted = self.served + more
 
 
-class _PictureHandler(BaseHTTPRequestHandler):
-    server: PictureHost
-
-    def do_GET(self) -> None:
-        body = self.server.picture(int(self.path.strip("/").split(".")[0]))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        self.server.count()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture()
-def pictures(china: np.ndarray) -> Iterator[PictureHost]:
-    host = PictureHost(china)
-    threading.Thread(target=host.serve_forever, daemon=True).start()
-    yield host
-    host.shutdown()
+def pictures(china: np.ndarray, http_server: RecordingServer) -> PictureHost:
+    return PictureHost(http_server, china)
 
 
 def _tasks(host: PictureHost, numbers: range) -> list[dict]:
-    return [{"id": n, "data": {"image": f"{host.url}/{n}.png"}} for n in numbers]
+    """Task n shows picture n."""
+    return image_tasks(*(f"{host.url}/{n}.png" for n in numbers), first_id=numbers.start)
 
 
 class _Server:
@@ -124,12 +107,12 @@ class _Server:
 
     def timed_predict(self, tasks: list[dict], timeout: float) -> tuple[float, httpx.Response]:
         start = time.monotonic()
-        response = httpx.post(f"{self.url}/predict", json={"tasks": tasks, "label_config": CONFIG}, timeout=timeout)
+        response = predict(self.url, tasks, CONFIG, timeout=timeout)
         return time.monotonic() - start, response
 
     def send_predict(self, tasks: list[dict]) -> socket.socket:
         """A /predict sent on a raw socket whose answer is never read: close the socket to abandon it."""
-        body = json.dumps({"tasks": tasks, "label_config": CONFIG}).encode()
+        body = json.dumps(predict_body(tasks, CONFIG)).encode()
         connection = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         connection.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -195,12 +178,12 @@ def test_the_deadline_cancels_the_remaining_tasks_and_frees_the_worker(tiny_segm
     settings = Settings(models="tiny", device="cpu", model_dir=tmp_path, allow_private_urls=True, max_batch=1,
                         predict_deadline_seconds=10)
     with ready_client(settings, slowed) as client:
-        response = client.post("/predict", json={"tasks": _tasks(pictures, range(3)), "label_config": CONFIG})
+        response = predict(client, _tasks(pictures, range(3)), CONFIG)
         released.set()
         assert response.status_code == 504
         assert response.json()["kind"] == "predict_deadline"
         assert "FREESEG_PREDICT_DEADLINE_SECONDS" in response.json()["error"]
-        after = client.post("/predict", json={"tasks": _tasks(pictures, range(10, 11)), "label_config": CONFIG})
+        after = predict(client, _tasks(pictures, range(10, 11)), CONFIG)
         assert after.status_code == 200 and after.json()["results"][0]["result"] is not None
         assert encoded == [1, 1]  # the timed-out request's first image, then the next request's: nothing else
         assert client.app.state.worker.depth == 0

@@ -23,8 +23,8 @@ from backend.pipeline.segmenter import Segmenter
 from backend.settings import Settings
 from tests.redis_server import free_port
 from tests.test_images import encode
-from tests.test_labelstudio_images import RecordingServer, send, serve
-from tests.app_client import ready_client
+from tests.http_server import RecordingServer, send, serving
+from tests.app_client import image_tasks, predict, predictions, ready_client
 
 TOKEN = "ls-token-0123456789abcdef"
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -48,24 +48,17 @@ def image_bytes(china) -> bytes:
 @pytest.fixture
 def label_studio(image_bytes) -> Iterator[RecordingServer]:
     """Stands in for Label Studio, with one upload."""
-    for server in serve():
-        server.routes["/data/upload/cat.png"] = lambda handler: send(handler, 200, image_bytes)
+    with RecordingServer() as server:
+        server.routes["/data/upload/cat.png"] = serving(image_bytes)
         yield server
 
 
 @pytest.fixture
 def other(image_bytes) -> Iterator[RecordingServer]:
     """Another web server on this machine: a cloud bucket, a CDN, or something internal."""
-    for server in serve():
-        server.routes["/img.png"] = lambda handler: send(handler, 200, image_bytes)
+    with RecordingServer() as server:
+        server.routes["/img.png"] = serving(image_bytes)
         yield server
-
-
-def predict(client: TestClient, urls: list[str]) -> list[dict]:
-    tasks = [{"id": index, "data": {"image": url}} for index, url in enumerate(urls)]
-    response = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG})
-    assert response.status_code == 200, response.text
-    return response.json()["results"]
 
 
 # --- basic auth ----------------------------------------------------------------------------
@@ -106,14 +99,15 @@ def test_the_token_goes_only_to_label_studio(
     settings = tiny_settings.model_copy(update={"label_studio_url": label_studio.url, "label_studio_api_key": TOKEN})
     label_studio_as_localhost = label_studio.url.replace("127.0.0.1", "localhost")  # same server, another origin
     with running(settings, tiny_segmenter) as client:
-        results = predict(client, ["/data/upload/cat.png", f"{other.url}/img.png", "/data/upload/moved.png",
-                                   f"{label_studio_as_localhost}/data/upload/cat.png"])
+        tasks = image_tasks("/data/upload/cat.png", f"{other.url}/img.png", "/data/upload/moved.png",
+                            f"{label_studio_as_localhost}/data/upload/cat.png", first_id=0)
+        results = predictions(client, tasks, CONFIG)
 
     assert all(result["result"] for result in results)
     by_origin = {"label studio": [], "other": []}
-    for _, headers in label_studio.seen:
-        by_origin["label studio" if headers["Host"].startswith("127.0.0.1") else "other"].append(headers)
-    by_origin["other"] += [headers for _, headers in other.seen]
+    for request in label_studio.requests:
+        by_origin["label studio" if request.headers["Host"].startswith("127.0.0.1") else "other"].append(request.headers)
+    by_origin["other"] += [request.headers for request in other.requests]
     assert len(by_origin["label studio"]) == 2 and len(by_origin["other"]) == 3
     assert all(headers["Authorization"] == f"Token {TOKEN}" for headers in by_origin["label studio"])
     for headers in by_origin["other"]:
@@ -129,14 +123,18 @@ def test_a_url_read_differently_by_the_check_and_the_client_reaches_no_one(
     other_port, ls_port = other.server_address[1], label_studio.server_address[1]
     settings = tiny_settings.model_copy(update={"label_studio_url": label_studio.url, "label_studio_api_key": TOKEN})
     with running(settings, tiny_segmenter) as client:
-        leak = predict(client, [f"http://127.0.0.1:{other_port}\\@127.0.0.1:{ls_port}/img.png", "/data/upload/cat.png"])
+        tasks = image_tasks(f"http://127.0.0.1:{other_port}\\@127.0.0.1:{ls_port}/img.png", "/data/upload/cat.png",
+                            first_id=0)
+        leak = predictions(client, tasks, CONFIG)
     with running(settings.model_copy(update={"allow_private_urls": False}), tiny_segmenter) as client:
-        bypass = predict(client, [f"http://127.0.0.1:{other_port}\\@93.184.216.34/img.png", "/data/upload/cat.png"])
+        tasks = image_tasks(f"http://127.0.0.1:{other_port}\\@93.184.216.34/img.png", "/data/upload/cat.png",
+                            first_id=0)
+        bypass = predictions(client, tasks, CONFIG)
 
     assert leak[0]["result"] == [] and bypass[0]["result"] == []
     assert leak[1]["result"] and bypass[1]["result"]
-    assert other.seen == []
-    assert [path for path, _ in label_studio.seen] == ["/data/upload/cat.png"] * 2
+    assert other.requests == []
+    assert [request.path for request in label_studio.requests] == ["/data/upload/cat.png"] * 2
     refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task 0:")]
     assert len(refusals) == 2 and all("a backslash ends the URL's host" in refusal for refusal in refusals)
 
@@ -162,10 +160,11 @@ def test_refused_hosts_are_never_asked_and_the_error_names_the_setting(
     caplog.set_level(logging.WARNING, logger="backend.server.predictions")
     settings = tiny_settings.model_copy(update={"label_studio_url": label_studio.url, **update})
     with running(settings, tiny_segmenter) as client:
-        results = predict(client, [url.format(other=other.url), "/data/upload/cat.png"])
+        tasks = image_tasks(url.format(other=other.url), "/data/upload/cat.png", first_id=0)
+        results = predictions(client, tasks, CONFIG)
 
     assert results[0]["result"] == [] and results[1]["result"]
-    assert other.seen == [] and len(label_studio.seen) == 1
+    assert other.requests == [] and len(label_studio.requests) == 1
     [refusal] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("task 0:")]
     assert error in refusal
 
@@ -331,14 +330,13 @@ def provoke_failures(client: TestClient, label_studio: RecordingServer, other: R
     assert client.post("/setup", auth=auth, json=setup).status_code == 200
     urls = ["/data/upload/cat.png", f"{other.url}/img.png", f"http://{closed}/x.png?{PRESIGNED_QUERY}",
             f"http://user:{SECRETS['a password in an image URL']}@{closed}/y.png"]
-    tasks = [{"id": index, "data": {"image": url}} for index, url in enumerate(urls)]
+    tasks = image_tasks(*urls, first_id=0)
     params = {"login": "me", "password": SECRETS["/predict's params.password"]}
-    body = {"tasks": tasks, "label_config": CONFIG, "params": params}
-    results = client.post("/predict", auth=auth, json=body).json()["results"]
+    results = predict(client, tasks, CONFIG, params=params, auth=auth).json()["results"]
     webhook = {"action": "ANNOTATION_CREATED", "project": {"id": 1}, "annotation": {"id": 1, "task": 5, "result": []}}
     assert client.post("/webhook", auth=auth, json=webhook).status_code == 200
     wrong = ("labeller", SECRETS["a wrong basic auth password"])
-    assert client.post("/predict", auth=wrong, json=body).status_code == 401
+    assert predict(client, tasks, CONFIG, params=params, auth=wrong).status_code == 401
     return results
 
 

@@ -10,7 +10,8 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from backend.server.app import create_app
 from backend.settings import Settings
-from tests.app_client import wait_until_ready
+from tests.app_client import image_tasks, predict, wait_until_ready
+from tests.http_server import send
 
 BRUSH_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -20,6 +21,7 @@ BRUSH_CONFIG = """<View>
 </View>"""
 POLYGON_CONFIG = BRUSH_CONFIG.replace("BrushLabels", "PolygonLabels")
 LABELS = {"building", "tree", "Sky"}
+PROJECT = "1.1"
 
 
 def _client(settings: Settings, load) -> TestClient:
@@ -33,19 +35,14 @@ def client(tiny_settings, tiny_segmenter):
         yield client
 
 
-def _predict(client, tasks, config=BRUSH_CONFIG, **extra):
-    return client.post("/predict", json={"tasks": tasks, "label_config": config, "project": "1.1", **extra})
-
-
 def _mask(region: dict) -> np.ndarray:
     height, width = region["original_height"], region["original_width"]
     return np.reshape(decode_rle(region["value"]["rle"]), (height, width, 4))[:, :, 3] > 0
 
 
 def test_predict_returns_one_brush_prediction_per_task_in_order(client, image_server):
-    tasks = [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}},
-             {"id": 2, "data": {"image": f"{image_server}/flower.jpg"}}]
-    response = _predict(client, tasks)
+    tasks = image_tasks(f"{image_server}/china.jpg", f"{image_server}/flower.jpg")
+    response = predict(client, tasks, BRUSH_CONFIG, project=PROJECT)
     assert response.status_code == 200
     body = response.json()
     assert len(body["results"]) == 2
@@ -64,7 +61,7 @@ def test_a_failing_image_gets_an_empty_result_and_the_others_go_on(client, image
              {"id": 2, "data": {"image": f"{image_server}/corrupt.jpg"}},
              {"id": 3, "data": {"image": f"{image_server}/china.jpg"}},
              {"id": 4, "data": {"other": "no image key"}}]
-    body = _predict(client, tasks).json()
+    body = predict(client, tasks, BRUSH_CONFIG, project=PROJECT).json()
     assert [bool(p["result"]) for p in body["results"]] == [False, False, True, False]
     metrics = client.get("/metrics").text
     assert 'freeseg_errors_total{kind="image_http_404"}' in metrics
@@ -73,7 +70,7 @@ def test_a_failing_image_gets_an_empty_result_and_the_others_go_on(client, image
 
 
 def test_polygon_config_gets_polygons(client, image_server):
-    body = _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}], POLYGON_CONFIG).json()
+    body = predict(client, image_tasks(f"{image_server}/china.jpg"), POLYGON_CONFIG, project=PROJECT).json()
     regions = body["results"][0]["result"]
     assert regions and all(r["type"] == "polygonlabels" for r in regions)
     for region in regions:
@@ -87,14 +84,13 @@ def test_setup_answers_with_the_model_version_and_keeps_extra_params(client, ima
     response = client.post("/setup", json={"project": "3.3", "schema": BRUSH_CONFIG, "extra_params": {"k": 2}})
     assert time.perf_counter() - start < 3
     assert response.status_code == 200 and response.json()["model_version"].startswith("freesegdiff-")
-    task = [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]
-    body = client.post("/predict", json={"tasks": task, "project": "3.3"}).json()  # config from /setup
+    body = predict(client, image_tasks(f"{image_server}/china.jpg"), project="3.3").json()  # config from /setup
     assert 1 <= len(body["results"][0]["result"]) <= 2  # K = 2 clusters at most
     assert client.post("/setup", json={"project": "3.3", "extra_params": {"k": 99}}).status_code == 400
 
 
 def test_versions_webhook_and_metrics(client, image_server):
-    assert _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]).status_code == 200
+    assert predict(client, image_tasks(f"{image_server}/china.jpg"), BRUSH_CONFIG, project=PROJECT).status_code == 200
     assert client.get("/versions").json()["versions"][0].startswith("freesegdiff-")
     assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}}).status_code == 200
     metrics = client.get("/metrics").text
@@ -117,7 +113,8 @@ def test_health_answers_at_once_while_models_load(tiny_settings, tiny_segmenter)
         assert time.perf_counter() - start < 1
         assert health.json()["model_state"] == "loading"
         assert client.post("/setup", json={"project": "1.1", "schema": BRUSH_CONFIG}).status_code == 200
-        busy = _predict(client, [{"id": 1, "data": {"image": "http://127.0.0.1:9/x.jpg"}}])  # after the 0.2 s wait
+        # answered after the 0.2 s wait
+        busy = predict(client, image_tasks("http://127.0.0.1:9/x.jpg"), BRUSH_CONFIG, project=PROJECT)
         assert busy.status_code == 503 and busy.headers["Retry-After"]
         release.set()
         wait_until_ready(client)
@@ -133,7 +130,7 @@ def test_a_prediction_sent_while_models_load_waits_for_them(tiny_settings, tiny_
     with _client(tiny_settings.model_copy(update={"load_wait_seconds": 60}), slow_load) as client:
         answer: list = []
         request = threading.Thread(target=lambda: answer.append(
-            _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}])))
+            predict(client, image_tasks(f"{image_server}/china.jpg"), BRUSH_CONFIG, project=PROJECT)))
         request.start()
         request.join(0.5)
         assert request.is_alive() and client.get("/health").json()["model_state"] == "loading"
@@ -152,7 +149,7 @@ def test_a_failed_load_answers_a_waiting_prediction_at_once_with_the_error(tiny_
     with _client(tiny_settings.model_copy(update={"load_wait_seconds": 60}), broken_load) as client:
         answer: list = []
         request = threading.Thread(target=lambda: answer.append(
-            _predict(client, [{"id": 1, "data": {"image": "http://127.0.0.1:9/x.jpg"}}])))
+            predict(client, image_tasks("http://127.0.0.1:9/x.jpg"), BRUSH_CONFIG, project=PROJECT)))
         request.start()
         request.join(0.3)
         assert request.is_alive()
@@ -162,7 +159,8 @@ def test_a_failed_load_answers_a_waiting_prediction_at_once_with_the_error(tiny_
         assert time.monotonic() - start < 10  # not the 60 s of the wait
         assert answer[0].status_code == 503 and "FREESEG_SD_MODEL" in answer[0].json()["error"]
         later = time.monotonic()
-        assert _predict(client, [{"id": 1, "data": {"image": "http://127.0.0.1:9/x.jpg"}}]).status_code == 503
+        unreachable = image_tasks("http://127.0.0.1:9/x.jpg")
+        assert predict(client, unreachable, BRUSH_CONFIG, project=PROJECT).status_code == 503
         assert time.monotonic() - later < 5
 
 
@@ -187,17 +185,18 @@ def test_full_queue_answers_503_with_retry_after(tiny_segmenter, tmp_path, image
         running = worker.submit(lambda segmenter: (started.set(), gate.wait(30)))  # occupies the worker
         assert started.wait(10)
         queued = worker.submit(lambda segmenter: None)  # fills the queue of one
-        response = _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}])
+        response = predict(client, image_tasks(f"{image_server}/china.jpg"), BRUSH_CONFIG, project=PROJECT)
         assert response.status_code == 503 and response.headers["Retry-After"] == "5"
         gate.set()
         running.result(10), queued.result(10)
-        assert _predict(client, [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]).status_code == 200
+        china = image_tasks(f"{image_server}/china.jpg")
+        assert predict(client, china, BRUSH_CONFIG, project=PROJECT).status_code == 200
 
 
 def test_health_answers_within_a_second_while_a_prediction_runs(client, image_server):
     tasks = [{"id": i, "data": {"image": f"{image_server}/china.jpg?{i}"}} for i in range(3)]
-    worker = threading.Thread(target=lambda: _predict(client, tasks, config=BRUSH_CONFIG.replace(
-        'toName="image">', 'toName="image" model_k="6">')))
+    worker = threading.Thread(target=lambda: predict(client, tasks, BRUSH_CONFIG.replace(
+        'toName="image">', 'toName="image" model_k="6">'), project=PROJECT))
     worker.start()
     timings = []
     while worker.is_alive():
@@ -209,8 +208,8 @@ def test_health_answers_within_a_second_while_a_prediction_runs(client, image_se
     assert timings and max(timings) < 1.0, f"slowest /health {max(timings):.2f} s"
 
 
-def test_annotation_webhook_records_feedback_against_our_prediction(tiny_settings, tiny_segmenter, tmp_path):
-    import http.server
+def test_annotation_webhook_records_feedback_against_our_prediction(tiny_settings, tiny_segmenter, tmp_path,
+                                                                    http_server):
     import json as json_module
 
     from label_studio_sdk.converter.brush import mask2rle
@@ -228,27 +227,19 @@ def test_annotation_webhook_records_feedback_against_our_prediction(tiny_setting
 
     ours = {"id": 11, "task": 5, "model_version": "freesegdiff-0.1.0-x", "result": [region(mask)]}
 
-    class FakeLabelStudio(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json_module.dumps([ours] if self.path.startswith("/api/predictions/?task=5") else []).encode()
-            self.send_response(200 if self.headers.get("Authorization") == "Token feedback-token" else 401)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
+    def label_studio(handler):
+        body = json_module.dumps([ours] if handler.path.startswith("/api/predictions/?task=5") else []).encode()
+        code = 200 if handler.headers.get("Authorization") == "Token feedback-token" else 401
+        send(handler, code, body, {"content-type": "application/json"})
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeLabelStudio)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    http_server.fallback = label_studio
     settings = tiny_settings.model_copy(update={"model_dir": tmp_path, "label_studio_api_key": "feedback-token",
-                                                "label_studio_url": f"http://127.0.0.1:{server.server_address[1]}"})
+                                                "label_studio_url": http_server.url})
     payload = {"action": "ANNOTATION_CREATED", "project": {"id": 3},
                "annotation": {"id": 1, "task": 5, "result": [region(corrected)]}}
     with _client(settings, lambda: tiny_segmenter) as client:
         assert client.post("/webhook", json=payload).status_code == 200
         metrics = client.get("/metrics").text
-    server.shutdown()
     (record,) = FileFeedbackStore(tmp_path / "feedback").records("3")
     assert record.task == 5 and [(f.label, f.outcome, f.iou) for f in record.labels] == [("Sky", "edited", 0.5)]
     assert 'freeseg_feedback_regions_total{label="Sky",outcome="edited"} 1.0' in metrics

@@ -46,6 +46,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,6 +54,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+
+from tests.http_server import RecordingHandler, RecordingServer, send
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABEL_STUDIO_VENV = REPO_ROOT / ".venv-labelstudio"
@@ -460,38 +463,17 @@ class FlakyProxy:
                              "content-encoding"})
 
     def __init__(self, target: str) -> None:
-        import http.server
-        import threading
-
         self.target = target.rstrip("/")
         self.statuses: list[tuple[str, str, int]] = []
         self._lock = threading.RLock()  # _answer records while holding it
         self._trigger: tuple[str, str, int, float] | None = None
         self._down_until = 0.0
-        proxy = self
+        self._server = RecordingServer(fallback=self._relay).__enter__()
+        self.url = self._server.url
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def _handle(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                status, headers, content = proxy._answer(self.command, self.path, dict(self.headers), body)
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(content)))
-                self.end_headers()
-                self.wfile.write(content)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="flaky-proxy", daemon=True)
-        self._thread.start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+    def _relay(self, handler: RecordingHandler) -> None:
+        status, headers, content = self._answer(handler.command, handler.path, dict(handler.headers), handler.body)
+        send(handler, status, content, headers)
 
     def outage_after(self, method: str, path: str, count: int, seconds: float) -> None:
         with self._lock:
@@ -525,9 +507,7 @@ class FlakyProxy:
         return status, headers, content
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        self._server.__exit__()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

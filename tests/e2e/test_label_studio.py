@@ -9,15 +9,12 @@ its label. The screenshot goes to ``artifacts/e2e/label-studio-task.png``.
 from __future__ import annotations
 
 import contextlib
-import functools
-import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,25 +81,6 @@ def backend_env(model_dir: Path, label_studio: LabelStudioServer) -> dict[str, s
         }
     )
     return env
-
-
-@contextlib.contextmanager
-def serve_folder(folder: Path) -> Iterator[str]:
-    """Serves ``folder`` over plain http on a loopback port; yields its base URL."""
-
-    class QuietHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, name="image-server", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @contextlib.contextmanager
@@ -198,16 +176,16 @@ def check_brush_regions(predictions: list[dict], image_path: Path) -> list[dict]
 
 @pytest.mark.e2e
 def test_label_studio_pre_annotates_and_shows_brush_masks(
-    label_studio: LabelStudioServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    label_studio: LabelStudioServer, image_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     started = time.perf_counter()
     upload = tmp_path / "china.jpg"
     shutil.copyfile(IMAGES / "china.jpg", upload)
 
-    with serve_folder(IMAGES) as images_url, run_backend(tmp_path, label_studio) as backend_url:
+    with run_backend(tmp_path, label_studio) as backend_url:
         project = create_project(label_studio, LABEL_CONFIG, title="freesegdiff e2e")
         china = import_image_file(label_studio, project, upload)
-        flower = import_image_url(label_studio, project, f"{images_url}/flower.jpg")
+        flower = import_image_url(label_studio, project, f"{image_server}/flower.jpg")
         images = {china: IMAGES / "china.jpg", flower: IMAGES / "flower.jpg"}
         ml_backend = connect_ml_backend(label_studio, project, backend_url, title="freesegdiff")
 
