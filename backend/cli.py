@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
@@ -23,16 +23,14 @@ from backend.exports.brush_results import brush_results, prediction
 from backend.models.assembly import ModelUnavailableError
 from backend.options import FIDELITIES, OptionError, option_changes
 from backend.exports.overlay import label_index_image, render_overlay
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.pipeline.segmenter import SegmentOptions
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
 from backend.settings import EngineChoice, Settings, get_settings, settings_problems
 
 if TYPE_CHECKING:
-    from backend.labelstudio.task_images import TaskImage
     from backend.storage.memory_store import ProjectMemories
-    from backend.pipeline.encoding import Encoding
 
 log = logging.getLogger("freesegdiff")
 
@@ -369,6 +367,7 @@ def _annotate_folder_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_annotate_folder(args: argparse.Namespace) -> int:
+    from backend.storage.cached_encoder import one_pass_cache
     from backend.jobs.folder import (
         FolderRun,
         annotate_folder,
@@ -390,7 +389,7 @@ def run_annotate_folder(args: argparse.Namespace) -> int:
             summary = annotate_folder_queued(run, reference, settings)
         else:
             summary = annotate_folder(run, process_segmenter(settings), model_version(settings), reference,
-                                      limits=settings.image_limits)
+                                      limits=settings.image_limits, cache=one_pass_cache(settings))
     except ValueError as error:  # an image outside --local-files-root, or --queue without REDIS_URL
         log.error("%s", error)
         return 2
@@ -472,6 +471,7 @@ def run_learn(args: argparse.Namespace) -> int:
     from backend.labelstudio.teacher import ProjectTeacher
     from backend.labelstudio.project_context import label_studio_access
     from backend.labelstudio.projects import ProjectStore
+    from backend.storage.cached_encoder import one_pass_cache, segmenter_encoder
     from backend.storage.memory_store import ProjectMemories
     from backend.models.identity import settings_fingerprint
     from backend.storage.shared_store import StoreError
@@ -489,8 +489,9 @@ def run_learn(args: argparse.Namespace) -> int:
             return 0
         segmenter = process_segmenter(settings)
         projects = ProjectStore(memories.store.store)
+        encoder = segmenter_encoder(segmenter, one_pass_cache(settings))  # the server's entries, with REDIS_URL
         teacher = ProjectTeacher(memories, projects, TaskImageLoader.from_settings(settings),
-                                 _learning_encoder(settings, segmenter), segmenter.fingerprint,
+                                 lambda image: encoder.encode(image.data, image.pixels), segmenter.fingerprint,
                                  Backoff.from_settings(settings), settings.max_labels)
         memory = teacher.rebuild(project, label_studio_access(settings, lambda: projects.read(project)))
     except ValueError as error:  # no URL or key, an unusable label config
@@ -518,20 +519,6 @@ def _show_memory(memories: ProjectMemories, project: str, settings: Settings) ->
         return 1
     print(MemorySummary.of(project, memory, model_version(settings)).format())
     return 0
-
-
-def _learning_encoder(settings: Settings, segmenter: Segmenter) -> Callable[[TaskImage], Encoding]:
-    """The segmenter's encodings, through the Redis feature cache when REDIS_URL is set (the server's entries).
-
-    Without Redis there is no cache: an in-process one would only hold memory for the one pass a rebuild makes.
-    """
-    if not settings.redis_url:
-        return lambda image: segmenter.encode(image.pixels)
-    from backend.storage.feature_cache import cache_key, create_cache, through_cache
-
-    cache = create_cache(settings)
-    return lambda image: through_cache(cache, cache_key(image.data, segmenter.fingerprint),
-                                       lambda: segmenter.encode(image.pixels), cache.put)
 
 
 def _worker_parser(commands: argparse._SubParsersAction) -> None:

@@ -83,9 +83,17 @@ def read_image_file(
 
     The size is checked with ``os.stat`` before anything is read.
     """
+    return read_image_data(path, limits)[1]
+
+
+def read_image_data(
+    path: str | os.PathLike[str], limits: ImageLimits = ImageLimits()
+) -> tuple[bytes, np.ndarray]:
+    """The file's bytes (what a feature cache keys it by) and their decoded image; see ``read_image_file``."""
     name = os.fspath(path)
     try:
-        return decode_image(_read_bounded(name, limits), limits)
+        data = _read_bounded(name, limits)
+        return data, decode_image(data, limits)
     except OSError as exc:
         raise ImageError(f"cannot read {name}: {exc.strerror or _one_line(exc)}") from exc
     except ImageError as exc:

@@ -20,6 +20,7 @@ from backend.jobs.folder import (
     url_prefix_reference,
 )
 from backend.exports.coco import coco_rle
+from backend.storage.cached_encoder import one_pass_cache
 from backend.pipeline.segmenter import SegmentOptions
 from backend.pipeline.vocabulary import Label
 
@@ -140,6 +141,27 @@ def test_same_folder_twice_same_files(dataset: Path, tiny_segmenter, url_run, tm
     run(dataset, tmp_path, tiny_segmenter, url_prefix_reference(PREFIX, dataset))
     for name in ("tasks.json", "coco.json"):
         assert (tmp_path / name).read_bytes() == (first / name).read_bytes()
+
+
+def test_a_second_run_with_redis_reads_the_encodings_from_the_feature_cache(
+    dataset: Path, tiny_segmenter, tiny_settings, redis_server, url_run, tmp_path: Path, monkeypatch,
+) -> None:
+    cache = one_pass_cache(tiny_settings.model_copy(update={"redis_url": redis_server.url}))
+    encoded: list[int] = []
+    encode_many = tiny_segmenter.encode_many
+
+    def counting(images, max_batch):
+        encoded.append(len(images))
+        return encode_many(images, max_batch)
+
+    monkeypatch.setattr(tiny_segmenter, "encode_many", counting)
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for out in runs:
+        annotate_folder(FolderRun(dataset, out, tuple(LABELS), OPTIONS), tiny_segmenter, VERSION,
+                        url_prefix_reference(PREFIX, dataset), batch=2, progress=False, cache=cache)
+        assert sum(encoded) == 2  # the two readable images, encoded by the first run only
+    first, second = ((out / "tasks.json").read_text() for out in runs)
+    assert second == first == (url_run[0] / "tasks.json").read_text()
 
 
 def test_local_files_reference_refuses_outside_root(dataset: Path, tiny_segmenter, tmp_path: Path) -> None:

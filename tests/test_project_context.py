@@ -8,7 +8,8 @@ import pytest
 
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.config import parse_label_config
-from backend.labelstudio.project_context import label_studio_access, open_project, project_context
+from backend.labelstudio.project_context import label_studio_access, open_project, project_context, project_model_version
+from backend.models.identity import model_version
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
 from backend.options import OptionError
 from backend.settings import Settings
@@ -25,7 +26,7 @@ def config(attributes: str = "") -> str:
 
 def options_of(attributes: str, extra_params: dict, settings: Settings):
     vocabulary = parse_label_config(config(attributes))
-    return project_context(settings, vocabulary, ProjectSetup(options=extra_params), ("v", None)).options
+    return project_context(settings, vocabulary, ProjectSetup(options=extra_params), None).options
 
 
 def test_extra_params_win_over_the_config_which_wins_over_the_defaults(tmp_path):
@@ -39,9 +40,13 @@ def test_extra_params_win_over_the_config_which_wins_over_the_defaults(tmp_path)
 
 
 def test_the_context_carries_the_memorys_version(tmp_path):
-    context = project_context(Settings(model_dir=tmp_path), parse_label_config(config()), ProjectSetup(),
-                              ("v-m7", None))
-    assert (context.model_version, context.exemplars) == ("v-m7", None)
+    settings = Settings(model_dir=tmp_path)
+    exemplars = object()  # the memory's, handed on as they are
+    context = project_context(settings, parse_label_config(config()), ProjectSetup(), (7, exemplars))
+    assert (context.model_version, context.exemplars) == (f"{model_version(settings)}-m7", exemplars)
+    without = project_context(settings, parse_label_config(config()), ProjectSetup(), None)
+    assert (without.model_version, without.exemplars) == (model_version(settings), None)
+    assert project_model_version(settings, (7, exemplars)) == context.model_version
 
 
 def test_label_studio_url_wins_over_setup_and_needs_no_store_call(tmp_path):
@@ -70,7 +75,7 @@ def test_a_job_reads_the_connection_from_label_studio_when_the_store_has_none(tm
     api, connection = open_project(settings, 4, ProjectStore(create_store(None, tmp_path)))
     assert connection.options == {"k": 2}  # ours, not another backend's, not another project's
     assert any(path.startswith("/api/ml") and "project=4" in path for path in fake_labelstudio.requests)
-    context = project_context(settings, parse_label_config(api.label_config()), connection, ("v", None))
+    context = project_context(settings, parse_label_config(api.label_config()), connection, None)
     assert context.options.k == 2
 
 

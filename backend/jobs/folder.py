@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from backend.images import ImageError, ImageLimits, read_image_file
+from backend.images import ImageError, ImageLimits, read_image_data
 from backend.storage.job_ledger import ProcessLedger, Outcome, RedisLedger, RunProgress
 from backend.jobs.progress import RunBar
 from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
@@ -31,10 +31,13 @@ from backend.exports.coco import coco_annotations
 from backend.exports.brush_results import brush_results, prediction
 from backend.models.identity import model_version
 from backend.exports.overlay import label_index_image
+from backend.pipeline.encoding import Encoding
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.models.process import process_segmenter
 from backend.pipeline.vocabulary import Label
 from backend.settings import Settings
+from backend.storage.cached_encoder import CachedEncoder, one_pass_cache, segmenter_encoder
+from backend.storage.feature_cache import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +149,12 @@ def _write_json_atomically(path: Path, value: object) -> None:
 
 def segment_folder_images(
     run: FolderRun, relatives: Sequence[str], segmenter: Segmenter, model_version: str, batch: int,
-    limits: ImageLimits,
+    limits: ImageLimits, cache: FeatureCache | None = None,
 ) -> Iterator[FolderImage]:
-    """Segment the images ``batch`` at a time (a batch refined while the next is encoded), writing each
-    label-index PNG under ``out/masks``; yields what became of each image."""
-    batches = _read_batches(run.folder, relatives, batch, limits)
-    for (unreadable, names), segmentations in segmenter.segment_batches(batches, run.labels, run.options):
+    """Segment the images ``batch`` at a time (a batch refined while the next is encoded, through ``cache``),
+    writing each label-index PNG under ``out/masks``; yields what became of each image."""
+    batches = _read_batches(run.folder, relatives, batch, limits, segmenter_encoder(segmenter, cache))
+    for (unreadable, names), segmentations in segmenter.segment_encoded(batches, run.labels, run.options):
         yield from unreadable
         for relative, segmentation in zip(names, segmentations):
             results = brush_results(segmentation, run.from_name, run.to_name)
@@ -164,18 +167,19 @@ def segment_folder_images(
 
 
 def _read_batches(
-    folder: Path, relatives: Sequence[str], batch: int, limits: ImageLimits,
-) -> Iterator[tuple[tuple[list[FolderImage], list[str]], list[np.ndarray]]]:
-    """Batches of decoded images, each tagged with its unreadable images (as failures) and its readable names."""
+    folder: Path, relatives: Sequence[str], batch: int, limits: ImageLimits, encoder: CachedEncoder,
+) -> Iterator[tuple[tuple[list[FolderImage], list[str]], list[Encoding], list[np.ndarray]]]:
+    """Batches of decoded images and their encodings, each tagged with its unreadable images (as failures) and its
+    readable names."""
     for first in range(0, len(relatives), batch):
-        unreadable, names, images = [], [], []
+        unreadable, names, files = [], [], []
         for relative in relatives[first:first + batch]:
             try:
-                images.append(read_image_file(folder / relative, limits))
+                files.append(read_image_data(folder / relative, limits))
                 names.append(relative)
             except ImageError as error:
                 unreadable.append(FolderImage(relative, None, " ".join(str(error).split())))
-        yield (unreadable, names), images
+        yield (unreadable, names), encoder.encode_batch(files).encodings, [pixels for _, pixels in files]
 
 
 def write_dataset(out: Path, labels: Sequence[Label], records: Sequence[ImageRecord],
@@ -215,15 +219,17 @@ def annotate_folder(
     batch: int = 4,
     limits: ImageLimits = ImageLimits(),  # noqa: B008 (frozen, so a shared default is safe)
     progress: bool = True,
+    cache: FeatureCache | None = None,
 ) -> FolderSummary:
-    """Segment every image below the run's folder in this process; write tasks.json, coco.json and masks/."""
+    """Segment every image below the run's folder in this process, encoding through ``cache`` (``one_pass_cache``);
+    write tasks.json, coco.json and masks/."""
     if batch < 1:
         raise ValueError("batch must be at least 1")
     relatives, references = _prepare(run, image_reference)
     ledger = ProcessLedger(len(relatives))
     records = []
     with RunBar(len(relatives), "annotate", progress, unit="image") as bar:
-        for image in segment_folder_images(run, relatives, segmenter, model_version, batch, limits):
+        for image in segment_folder_images(run, relatives, segmenter, model_version, batch, limits, cache):
             if image.record is not None:
                 records.append(image.record)
                 ledger.record(image.relative, Outcome.DONE)
@@ -276,7 +282,7 @@ def annotate_folder_chunk(run_id: str, images: list[str], *, run: dict) -> int:
     parts = _parts_folder(folder_run.out, run_id)
     pending = [relative for relative in images if not context.ledger.settled(relative)]
     for image in segment_folder_images(folder_run, pending, process_segmenter(settings), version,
-                                       settings.max_batch, settings.image_limits):
+                                       settings.max_batch, settings.image_limits, one_pass_cache(settings)):
         if image.record is not None:
             path = _part_path(parts, image.relative)
             path.parent.mkdir(parents=True, exist_ok=True)

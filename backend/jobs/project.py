@@ -31,16 +31,17 @@ from backend.jobs.locks import NoLocks, RedisLocks, Refresh, WriteLocks
 from backend.jobs.progress import RunBar
 from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
 from backend.labelstudio.config import ProjectVocabulary, parse_label_config
-from backend.labelstudio.task_images import TaskImageLoader
-from backend.labelstudio.project_context import ProjectContext, open_project, project_context
+from backend.labelstudio.task_images import TaskImage, TaskImageLoader
+from backend.labelstudio.project_context import ProjectContext, memory_of, open_project, project_context
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
 from backend.exports.brush_results import project_prediction
-from backend.storage.memory_store import ProjectMemories, memory_for_predictions
-from backend.models.identity import model_version
+from backend.storage.memory_store import ProjectMemories
 from backend.models.process import process_segmenter
+from backend.pipeline.encoding import Encoding
 from backend.pipeline.memory import Memory
 from backend.pipeline.segmenter import Segmenter
 from backend.settings import Settings
+from backend.storage.cached_encoder import one_pass_cache, segmenter_encoder
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ def project_run(project: LabelStudioProject, vocabulary: ProjectVocabulary, conn
                 settings: Settings, memory: Memory | None, overwrite: bool) -> ProjectRun:
     """A run predicting with the project's context: its config's ``vocabulary``, ``connection``'s extra_params
     and the project's ``memory``, if it has one."""
-    context = project_context(settings, vocabulary, connection,
-                              memory_for_predictions(model_version(settings), memory))
+    context = project_context(settings, vocabulary, connection, memory_of(memory))
     return ProjectRun(project, context, overwrite)
 
 
@@ -87,29 +87,33 @@ class TaskAnnotator:
         self.project, self.vocabulary, self.version = run.project, run.context.vocabulary, run.context.model_version
         self.overwrite, self.exemplars, self.options = run.overwrite, run.context.exemplars, run.context.options
         self.segmenter, self.ledger, self.locks = segmenter, ledger, locks
+        self.encoder = segmenter_encoder(segmenter, one_pass_cache(settings))
         self.backoff = Backoff.from_settings(settings)
         self.images = TaskImageLoader.from_settings(settings)
         self.batch = settings.max_batch
 
     def annotate(self, task_ids: Sequence[int], after_batch: Callable[[], None] = lambda: None) -> None:
-        """Settle every task of ``task_ids`` not settled yet; images are encoded ``max_batch`` at a time, and a
-        batch's predictions are written while the next batch is refined. ``after_batch`` follows each batch's writes."""
+        """Settle every task of ``task_ids`` not settled yet; images are encoded ``max_batch`` at a time (through the
+        feature cache), and a batch's predictions are written while the next batch is refined. ``after_batch``
+        follows each batch's writes."""
         batches = self._batches_to_predict(task_ids)
-        for loaded, segmentations in self.segmenter.segment_batches(batches, self.vocabulary.labels, self.options,
+        for loaded, segmentations in self.segmenter.segment_encoded(batches, self.vocabulary.labels, self.options,
                                                                      self.exemplars):
             for task_id, segmentation in zip(loaded, segmentations):
                 self._write(task_id, project_prediction(segmentation, self.vocabulary, self.version))
             after_batch()
 
-    def _batches_to_predict(self, task_ids: Sequence[int]) -> Iterator[tuple[list[int], list[np.ndarray]]]:
-        """The tasks to predict and their images, ``max_batch`` tasks looked at a time."""
+    def _batches_to_predict(self, task_ids: Sequence[int]) -> Iterator[tuple[list[int], list[Encoding],
+                                                                              list[np.ndarray]]]:
+        """The tasks to predict, their encodings and images, ``max_batch`` tasks looked at a time."""
         for start in range(0, len(task_ids), self.batch):
             loaded = [(task_id, image) for task_id in task_ids[start:start + self.batch]
                       if (image := self._image_to_predict(task_id)) is not None]
             if loaded:
-                yield [task_id for task_id, _ in loaded], [image for _, image in loaded]
+                encoded = self.encoder.encode_batch([(image.data, image.pixels) for _, image in loaded])
+                yield [task_id for task_id, _ in loaded], encoded.encodings, [image.pixels for _, image in loaded]
 
-    def _image_to_predict(self, task_id: int) -> np.ndarray | None:
+    def _image_to_predict(self, task_id: int) -> TaskImage | None:
         """The task's image, or None when the task is settled already, skipped or failed."""
         if self.ledger.settled(str(task_id)):
             return None
@@ -119,7 +123,7 @@ class TaskAnnotator:
                 self._settle(task_id, Outcome.SKIPPED)
                 return None
             return with_backoff(lambda: self.images.load(task, self.vocabulary.image_key, self.project.access),
-                                f"downloading the image of task {task_id}", self.backoff).pixels
+                                f"downloading the image of task {task_id}", self.backoff)
         except (*LABEL_STUDIO_ERRORS, ImageFetchError, ImageError) as error:
             self._settle(task_id, Outcome.FAILED, describe(error))
             return None

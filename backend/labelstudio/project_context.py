@@ -7,7 +7,8 @@ project commands all build a ``ProjectContext`` here, so they predict alike:
   attributes, then the connection's ``extra_params``: the later wins, option by option;
 - Label Studio access: LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY when the URL is set (the
   CLI's ``--url``/``--api-key`` stand for them), else the host and token /setup kept;
-- the memory's exemplars and the ``model_version`` that carries its revision.
+- the memory's exemplars and the ``model_version`` that carries its revision (``project_model_version``:
+  what /setup answers and every prediction of the project carries).
 
 The connection (``extra_params``, host, token) is what /setup kept in the shared project store:
 the very record /predict reads, so a job predicts exactly as /predict does. Only when the store
@@ -28,12 +29,28 @@ from backend.labelstudio.backoff import Backoff, with_backoff
 from backend.labelstudio.client import LabelStudioProject
 from backend.labelstudio.config import ProjectVocabulary
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
+from backend.models.identity import model_version
 from backend.options import option_changes
 from backend.pipeline.exemplars import Exemplars
+from backend.pipeline.memory import Memory
 from backend.pipeline.segmenter import SegmentOptions
 from backend.settings import Settings
+from backend.storage.memory_store import memory_version
 
 log = logging.getLogger(__name__)
+
+
+ProjectMemory = tuple[int, Exemplars]  # a memory's revision and exemplars, as ``ProjectMemories.exemplars`` gives them
+
+
+def memory_of(memory: Memory | None) -> ProjectMemory | None:
+    """A memory read whole (a job's, as it was when the run started) as predictions use it."""
+    return (memory.revision, Exemplars.from_memory(memory)) if memory is not None else None
+
+
+def project_model_version(settings: Settings, memory: ProjectMemory | None) -> str:
+    """The model_version of a project's predictions: the models', with the revision of its ``memory`` if any."""
+    return memory_version(model_version(settings), memory[0]) if memory is not None else model_version(settings)
 
 
 @dataclass(frozen=True)
@@ -48,12 +65,13 @@ class ProjectContext:
 
 
 def project_context(settings: Settings, vocabulary: ProjectVocabulary, connection: ProjectSetup,
-                    memory: tuple[str, Exemplars | None]) -> ProjectContext:
+                    memory: ProjectMemory | None) -> ProjectContext:
     """The context of a project whose config reads as ``vocabulary``, connected as ``connection`` says, with
-    ``memory`` (its model_version and exemplars, as ``ProjectMemories.for_predictions`` gives them)."""
+    ``memory`` (None: predict without one)."""
     options = dataclasses.replace(SegmentOptions.from_settings(settings),
                                   **{**vocabulary.options, **connection.options})
-    return ProjectContext(vocabulary, options, label_studio_access(settings, lambda: connection), *memory)
+    return ProjectContext(vocabulary, options, label_studio_access(settings, lambda: connection),
+                          project_model_version(settings, memory), memory[1] if memory is not None else None)
 
 
 def label_studio_access(settings: Settings, kept: Callable[[], ProjectSetup]) -> LabelStudioAccess:

@@ -227,9 +227,17 @@ class Segmenter:
         with its segmentations: they come out one batch behind the images going in. A batch that
         runs out of GPU memory is encoded in halves (``encode_many``).
         """
+        encoded = ((tag, self.encode_many(images, len(images)), images) for tag, images in batches)
+        return self.segment_encoded(encoded, labels, options, exemplars)
+
+    def segment_encoded(
+        self, batches: Iterable[tuple[Tag, Sequence[Encoding], Sequence[np.ndarray]]], labels: Sequence[Label],
+        options: SegmentOptions, exemplars: Exemplars | None = None,
+    ) -> Iterator[tuple[Tag, list[Segmentation]]]:
+        """``segment_batches`` for batches whose encodings the caller gives (from a feature cache, say): taken
+        from ``batches`` only once the previous batch is proposed, so that it is refined meanwhile."""
         previous: tuple[Tag, list[Proposal]] | None = None
-        for tag, images in batches:
-            encodings = self.encode_many(images, len(images))
+        for tag, encodings, images in batches:
             current = (tag, self.propose_batch(encodings, images, labels, options, exemplars))
             if previous is not None:
                 yield previous[0], [proposal.finish() for proposal in previous[1]]

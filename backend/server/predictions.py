@@ -16,6 +16,7 @@ worker for one batch at a time, never for all of its tasks at once.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -29,9 +30,10 @@ from backend.net.fetch import ImageFetchError
 from backend.images import ImageError
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.config import ProjectVocabulary
-from backend.labelstudio.task_images import DownloadBudget, TaskImage, TaskImageLoader
+from backend.labelstudio.task_images import DownloadBudget, TaskImageLoader
 from backend.exports.brush_results import prediction, project_prediction
-from backend.storage.feature_cache import FeatureCache, cache_key, through_cache
+from backend.storage.cached_encoder import BatchEncode, CachedEncoder
+from backend.storage.feature_cache import FeatureCache
 from backend.labelstudio.interaction import Interaction
 from backend.labelstudio.project_context import ProjectContext
 from backend.pipeline.encoding import Encoding
@@ -55,7 +57,7 @@ def _pixel_clicks(interaction: Interaction, image: np.ndarray) -> list[Click]:
 @dataclass(frozen=True)
 class _Loaded:
     image: np.ndarray
-    key: str  # of its encoding in the feature cache
+    data: bytes  # the image file's, which key its encoding in the feature cache
 
 
 class Predictor:
@@ -63,6 +65,7 @@ class Predictor:
                  cache_writer: CacheWriter):
         self.worker, self.metrics = worker, metrics
         self.cache, self.cache_writer = cache, cache_writer
+        self.encoder = self._encoder(lambda images: worker.submit_encode(images).result())  # behind queued work
         self.images = TaskImageLoader.from_settings(settings)
         self.batch_size = settings.max_batch  # tasks per step: the worker's batch, and what a stop may let finish
 
@@ -110,7 +113,7 @@ class Predictor:
                     budget: DownloadBudget) -> _Loaded | None:
         try:
             image = self.images.load(task.model_dump(), vocabulary.image_key, access, budget)
-            return _Loaded(image.pixels, cache_key(image.data, self.worker.fingerprint))
+            return _Loaded(image.pixels, image.data)
         except (ImageFetchError, ImageError) as error:
             kind = f"image_{error.kind}" if isinstance(error, ImageFetchError) else "image_decode"
             log.warning("task %s: no prediction, its image failed: %s", task.id, error)
@@ -123,18 +126,17 @@ class Predictor:
         interaction: Interaction | None, exemplars: Exemplars | None = None,
     ) -> list[Segmentation]:
         """Segment every image on the inference worker, encoding only those not in the cache."""
-        cached = await run_in_threadpool(lambda: [self.cache.get(item.key) for item in items])
+        loop = asyncio.get_running_loop()
+
+        def encode(images: list[np.ndarray]) -> list[Encoding]:  # the worker's, waited on within the request's bound
+            return asyncio.run_coroutine_threadsafe(bound.wait(self.worker.submit_encode(images)), loop).result()
+
+        encoded = await run_in_threadpool(self._encoder(encode).encode_batch,
+                                          [(item.data, item.image) for item in items])
+        encodings = encoded.encodings
         if interaction is not None and interaction.text:
             options = dataclasses.replace(options, prompt=interaction.text)
         labels = vocabulary.labels
-        missing = [i for i, encoding in enumerate(cached) if encoding is None]
-        fresh: dict[int, Encoding] = {}
-        if missing:
-            encoded = await bound.wait(self.worker.submit_encode([items[i].image for i in missing]))
-            fresh = dict(zip(missing, encoded))
-            for index, encoding in fresh.items():
-                self.cache_writer.put(items[index].key, encoding)
-        encodings = [fresh.get(i) or encoding for i, encoding in enumerate(cached)]
 
         def propose(segmenter: Segmenter) -> list[Proposal]:
             if interaction is not None and interaction.clicks:
@@ -144,14 +146,14 @@ class Predictor:
 
         proposals = await bound.wait(self.worker.submit(propose))
         segmentations = await run_in_threadpool(lambda: [p.finish() for p in proposals])  # no model needed
-        log.info("segmented %d images, %d from the feature cache%s", len(items), len(items) - len(fresh),
+        log.info("segmented %d images, %d from the feature cache%s", len(items), len(items) - encoded.computed,
                  " (interactive)" if interaction else "")
         return segmentations
 
-    def encoding(self, image: TaskImage) -> Encoding:
-        """The image's encoding from the feature cache, else from the inference worker (behind queued work)."""
-        return through_cache(self.cache, cache_key(image.data, self.worker.fingerprint),
-                             lambda: self.worker.submit_encode([image.pixels]).result()[0], self.cache_writer.put)
+    def _encoder(self, encode: BatchEncode) -> CachedEncoder:
+        """``encode`` (the inference worker's, batched across requests) behind the feature cache; new encodings
+        are written by the cache writer, off the request's path."""
+        return CachedEncoder(self.cache, self.worker, encode, self.cache_writer.put)
 
     def _prediction(self, segmentation: Segmentation, vocabulary: ProjectVocabulary, model_version: str) -> dict:
         self.metrics.tasks.labels(outcome="predicted").inc()

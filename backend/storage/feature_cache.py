@@ -300,17 +300,6 @@ class RedisCache:
             log.info("feature cache is back (%s)", self._where)
 
 
-def through_cache(cache: FeatureCache, key: str, encode: Callable[[], Encoding],
-                  keep: Callable[[str, Encoding], None]) -> Encoding:
-    """The encoding cached under ``key``, else ``encode()``'s, handed to ``keep`` (the cache's put, or a writer)."""
-    cached = cache.get(key)
-    if cached is not None:
-        return cached
-    encoding = encode()
-    keep(key, encoding)
-    return encoding
-
-
 def create_cache(settings: Settings, metrics: CacheMetrics | None = None) -> FeatureCache:
     """Redis when ``REDIS_URL`` is set, else the in-process cache bounded in bytes.
 
