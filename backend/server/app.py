@@ -37,6 +37,7 @@ from backend.models.process import process_segmenter
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import MemoryFormatError
 from backend.pipeline.segmenter import Segmenter
+from backend.server.background import Background
 from backend.server.cache_writer import CacheWriter
 from backend.server.config_cache import LabelConfigCache
 from backend.server.feedback_recorder import ANNOTATION_ACTIONS, FeedbackRecorder
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
                                 Backoff.from_settings(settings), settings.max_image_pixels)
     cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)
     predictor = Predictor(settings, worker, metrics, cache, cache_writer)
+    background = Background(settings, worker, predictor, shared, metrics)  # tasks over FREESEG_PREDICT_BUDGET_SECONDS
     vocabulary_of = LabelConfigCache(lambda xml: parse_label_config(xml, settings.max_labels),
                                      settings.config_cache_bytes)
 
@@ -218,7 +220,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         context = project_context(settings, vocabulary, known,
                                   await asyncio.to_thread(project_memory, request.project))
         try:
-            results = await predictor.predict(request.tasks, context, bound, interaction)
+            results = await background.predict(request.project, request.tasks, context, bound, interaction)
         except (QueueFullError, ModelsNotReadyError, RequestStopped):
             raise
         except Exception as error:  # an inference failure answers this request; the server goes on
@@ -278,6 +280,20 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
                                 status_code=404)
         return JSONResponse(MemorySummary.of(key, loaded, version).to_dict())
 
+    @app.get("/jobs", dependencies=authenticated)
+    async def jobs() -> dict:
+        """The background runs /predict started, newest first (backend.jobs.background_runs)."""
+        count("jobs")
+        return {"jobs": await asyncio.to_thread(background.runs)}
+
+    @app.delete("/jobs/{run_id}", dependencies=authenticated)
+    async def cancel_job(run_id: str) -> JSONResponse:
+        count("jobs")
+        run = await asyncio.to_thread(background.cancel, run_id)
+        if run is None:
+            return JSONResponse({"error": f"no background run {run_id}", "kind": "no_run"}, status_code=404)
+        return JSONResponse(run)
+
     @app.get("/versions", dependencies=authenticated)
     async def versions() -> dict:
         count("versions")
@@ -288,6 +304,7 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.worker, app.state.metrics, app.state.cache_writer = worker, metrics, cache_writer
+    app.state.background = background
     app.state.learner, app.state.memories, app.state.label_configs = learner, memories, vocabulary_of
     return app
 
