@@ -164,3 +164,18 @@ def test_without_label_studio_access_a_request_over_the_budget_is_answered_now(t
         assert client.get("/jobs").json() == {"jobs": []}
         assert client.delete("/jobs/r123").status_code == 404
         assert "freeseg_background_runs 0.0" in client.get("/metrics").text
+
+
+def test_freesegdiff_jobs_lists_the_background_runs_and_cancels_one(tiny_environment, tmp_path, capsys):
+    from backend.cli import main
+
+    tiny_environment.setenv("MODEL_DIR", str(tmp_path))
+    tiny_environment.delenv("REDIS_URL", raising=False)
+    registry = RunRegistry(FileStore(tmp_path))
+    record = registry.claim(7, "v1", [1, 2, 3], "local", lambda found: True)  # this process owns it, alive
+    assert main(["jobs"]) == 0
+    out = capsys.readouterr().out
+    assert f"background run {record.id} (project 7, v1, local): queued, 3 tasks: 0 done" in out, out
+    assert main(["jobs", "--cancel", record.id]) == 0
+    assert registry.get(record.id).cancel  # its owner stops after the current batch
+    assert main(["jobs", "--cancel", "r-none"]) == 1
