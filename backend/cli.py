@@ -538,17 +538,35 @@ def run_worker_command(args: argparse.Namespace) -> int:
 
 
 def _jobs_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("jobs", help="progress of queued runs (tasks done, skipped, failed; chunk states)")
-    parser.add_argument("--run", help="one run's details (default: the latest runs, one line each)")
+    parser = commands.add_parser("jobs", help="progress of background and queued runs (tasks done, skipped, failed)")
+    parser.add_argument("--run", help="one queued run's details (default: the latest runs, one line each)")
+    parser.add_argument("--cancel", metavar="ID", help="stop a background run (GET /jobs lists their ids)")
 
 
 def run_jobs(args: argparse.Namespace) -> int:
+    from backend.jobs.background_runs import cancel
     from backend.jobs.queue import redis_connection
-    from backend.jobs.status import describe_recent_runs, describe_run
+    from backend.jobs.status import describe_background_run, describe_background_runs, describe_recent_runs, describe_run
+    from backend.storage.memory_store import shared_store
+    from backend.storage.run_registry import RunRegistry
 
+    settings = get_settings()
+    connection = redis_connection(settings) if settings.redis_url else None
+    registry = RunRegistry(shared_store(settings))
+    if args.cancel:
+        record = cancel(registry, args.cancel, connection)
+        if record is None:
+            log.error("no background run %s", args.cancel)
+            return 1
+        print(describe_background_run(record))
+        return 0
+    if connection is None and not args.run:
+        print(describe_background_runs(registry, None))
+        return 0
     try:
-        connection = redis_connection(get_settings())
-        print(describe_run(connection, args.run) if args.run else describe_recent_runs(connection))
+        connection = connection or redis_connection(settings)
+        print(describe_run(connection, args.run) if args.run else
+              describe_background_runs(registry, connection) + "\n" + describe_recent_runs(connection))
     except ValueError as error:  # no REDIS_URL
         log.error("%s", error)
         return 2

@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(5, ge=1)
     load_wait_seconds: float = Field(90.0, ge=0)  # under Label Studio's ML_TIMEOUT_PREDICT (100 s)
     predict_deadline_seconds: float = Field(100.0, gt=0)  # Label Studio's ML_TIMEOUT_PREDICT: later answers are lost
+    predict_budget_seconds: float = Field(60.0, gt=0)  # a /predict estimated longer goes to a background run
     shutdown_grace_seconds: int = Field(5, ge=1)  # on SIGTERM, requests still running after this are cancelled
 
     # Feature cache: Redis when REDIS_URL is set, else in-process memory

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from backend.pipeline.segmenter import Segmenter
-from backend.server.inference import InferenceWorker, ModelsNotReadyError, QueueFullError
+from backend.server.inference import InferenceWorker, ModelsNotReadyError, Priority, QueueFullError
 
 
 class RecordingSegmenter:
@@ -147,3 +147,21 @@ def test_stop_cancels_the_queued_jobs_and_lets_the_running_one_finish():
     gate.set()
     stopping.join(10)
     assert running.result(5) == "finished" and worker.depth == 0
+
+
+def test_an_annotators_job_runs_before_queued_background_work_and_each_priority_keeps_its_order():
+    worker = ready_worker(RecordingSegmenter(), max_wait_seconds=0.0)
+    gate, started, ran = threading.Event(), threading.Event(), []
+    busy = worker.submit(lambda s: (started.set(), gate.wait(5)), Priority.BACKGROUND)
+    assert started.wait(5)
+    queued = [worker.submit(lambda s, name=name: ran.append(name), priority) for name, priority in
+              [("background 1", Priority.BACKGROUND), ("background 2", Priority.BACKGROUND),
+               ("many tasks", Priority.MULTI), ("one task", Priority.INTERACTIVE),
+               ("another task", Priority.INTERACTIVE)]]
+    gate.set()
+    busy.result(5)
+    for future in queued:
+        future.result(5)
+    assert ran == ["one task", "another task", "many tasks", "background 1", "background 2"]
+    assert worker.depth == 0
+    worker.stop()

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -39,7 +40,9 @@ from backend.storage.memory_store import ProjectMemories
 from backend.models.process import process_segmenter
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.memory import Memory
-from backend.pipeline.segmenter import Segmenter
+from backend.pipeline.exemplars import Exemplars
+from backend.pipeline.segmenter import Segmentation, SegmentOptions
+from backend.pipeline.vocabulary import Label
 from backend.settings import Settings
 from backend.storage.cached_encoder import one_pass_cache, segmenter_encoder
 
@@ -79,10 +82,18 @@ class ProjectRunResult:
     run_id: str | None = None  # a queued run's
 
 
+class BatchSegmenter(Protocol):
+    """What a run segments with: a ``Segmenter``, or the server's inference worker at low priority."""
+
+    def segment_batches(self, batches: Iterable[tuple[list[int], Sequence[np.ndarray]]], labels: Sequence[Label],
+                        options: SegmentOptions, exemplars: Exemplars | None = None,
+                        ) -> Iterator[tuple[list[int], list[Segmentation]]]: ...
+
+
 class TaskAnnotator:
     """Predicts tasks of one project and writes their predictions, settling each in ``ledger``."""
 
-    def __init__(self, run: ProjectRun, segmenter: Segmenter, settings: Settings, ledger: Ledger,
+    def __init__(self, run: ProjectRun, segmenter: BatchSegmenter, settings: Settings, ledger: Ledger,
                  locks: WriteLocks) -> None:
         self.project, self.vocabulary, self.version = run.project, run.context.vocabulary, run.context.model_version
         self.overwrite, self.exemplars, self.options = run.overwrite, run.context.exemplars, run.context.options
@@ -178,13 +189,15 @@ def annotate_project(project: LabelStudioProject, connection: ProjectSetup, sett
 
 
 def annotate_project_queued(project: LabelStudioProject, settings: Settings, overwrite: bool,
-                            wait: bool = True, progress: bool = True) -> ProjectRunResult:
-    """Enqueue the project's tasks in chunks for ``freesegdiff worker``; with ``wait``, follow the run to its end.
+                            wait: bool = True, progress: bool = True,
+                            task_ids: Sequence[int] | None = None) -> ProjectRunResult:
+    """Enqueue the project's tasks (``task_ids``, else all) in chunks for ``freesegdiff worker``; with ``wait``,
+    follow the run to its end.
 
     The label config is checked first, so that a project no worker could serve fails here.
     """
     project_vocabulary(project, settings)
-    task_ids = project.task_ids()
+    task_ids = project.task_ids() if task_ids is None else list(task_ids)
     connection = redis_connection(settings)
     queue = job_queue(connection, settings)
     ledger = RedisLedger.create(connection, "project", f"{project.project} on {project.access.url}", len(task_ids))

@@ -1,4 +1,5 @@
-"""``freesegdiff jobs``: the progress of queued runs, read from Redis (the run's hash and its RQ jobs)."""
+"""``freesegdiff jobs``: the progress of queued runs, read from Redis (the run's hash and its RQ jobs), and of the
+background runs /predict started, read from the shared store (``backend.jobs.background_runs``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from datetime import datetime, timezone
 
 import redis
 
+from backend.jobs.background_runs import current, described
 from backend.storage.job_ledger import RedisLedger
+from backend.storage.run_registry import RunRecord, RunRegistry
 from backend.jobs.progress import summary
 from backend.jobs.queue import job_states
 
@@ -41,3 +44,23 @@ def describe_recent_runs(connection: redis.Redis, count: int = 10) -> str:
         except KeyError:
             continue  # expired
     return "\n".join(runs) if runs else "no runs in Redis (annotate-project --queue, annotate-folder --queue)"
+
+
+def describe_background_run(record: RunRecord) -> str:
+    """One line: ``background run <id> (project P, model_version V, local): state, counts, speed, time left``."""
+    shown = described(record)
+    left = f", {shown['seconds_left']:.0f} s left" if shown["seconds_left"] is not None else ""
+    queued = f", queue run {record.queue_run}" if record.queue_run else ""
+    lines = [f"background run {record.id} (project {record.project}, {record.model_version}, {record.mode}{queued}): "
+             f"{record.state}, {record.total} tasks: {record.done} done, {record.skipped} skipped, {record.failed} "
+             f"failed ({shown['tasks_per_second']:.2f} tasks/s{left})"]
+    lines += [f"  failed task {task}: {reason}" for task, reason in record.failures[:MAX_FAILURES_SHOWN]]
+    if record.reason:
+        lines.append(f"  {record.reason}")
+    return "\n".join(lines)
+
+
+def describe_background_runs(registry: RunRegistry, connection: redis.Redis | None) -> str:
+    """The background runs /predict started, newest first."""
+    runs = [describe_background_run(current(record, connection)) for record in registry.runs()]
+    return "\n".join(runs) if runs else "no background runs (a /predict over FREESEG_PREDICT_BUDGET_SECONDS starts one)"

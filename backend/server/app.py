@@ -28,14 +28,15 @@ from backend.server.inference import ModelsNotReadyError, QueueFullError
 from backend.server.limits import RequestSizeLimit
 from backend.server.protocol import PredictRequest, SetupRequest, TrainRequest, WebhookRequest
 from backend.server.request_bound import RequestBound, RequestStopped
-from backend.server.service import (Backend, InferenceError, MemoryUnreadableError, NoMemoryError, NotAProjectError,
-                                    TooManyEventsError)
+from backend.server.service import (Backend, InferenceError, MemoryUnreadableError, NoMemoryError, NoRunError,
+                                    NotAProjectError, TooManyEventsError)
 from backend.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 # The Backend's refusals and their HTTP statuses; the body is {"error": ..., "kind": ...}.
-_REFUSALS = {NotAProjectError: 400, NoMemoryError: 404, TooManyEventsError: 413, MemoryUnreadableError: 503}
+_REFUSALS = {NotAProjectError: 400, NoMemoryError: 404, NoRunError: 404, TooManyEventsError: 413,
+             MemoryUnreadableError: 503}
 
 
 def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Segmenter] | None = None) -> FastAPI:
@@ -141,6 +142,14 @@ def _protocol_routes(app: FastAPI, backend: Backend, authenticated: list) -> Non
     @app.get("/memory/{project}", dependencies=authenticated)
     async def memory(project: str) -> dict:
         return await backend.memory(project)
+
+    @app.get("/jobs", dependencies=authenticated)
+    async def jobs() -> dict:
+        return {"jobs": await asyncio.to_thread(backend.jobs)}
+
+    @app.delete("/jobs/{run_id}", dependencies=authenticated)
+    async def cancel_job(run_id: str) -> dict:
+        return await asyncio.to_thread(backend.cancel_job, run_id)
 
     @app.get("/versions", dependencies=authenticated)
     async def versions() -> dict:

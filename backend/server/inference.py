@@ -9,17 +9,22 @@ threads. Models download (when allowed) and load in the same thread at start, so
 server answers ``/health`` meanwhile; a request that comes then waits for them, up to
 ``load_wait_seconds`` (FREESEG_LOAD_WAIT_SECONDS), so that the tasks Label Studio sends
 right after connecting get predictions.
+
+The queue is ordered by ``Priority``: an annotator's request (one task, a click, a typed prompt)
+is taken before a request of many tasks, and both before a background run's batches, so an
+annotator waits at most for the job already running; jobs of one priority keep their order.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -38,6 +43,17 @@ class ModelState(str, Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+
+
+class Priority(IntEnum):
+    """Which queued job the worker takes first: the lowest value."""
+
+    INTERACTIVE = 0  # one task, a click or a typed prompt: an annotator is waiting
+    MULTI = 1  # a request of several tasks
+    BACKGROUND = 2  # a batch of a background run (backend.server.background)
+
+
+_STOP = -1  # the stop sentinel's priority: before any job
 
 
 class QueueFullError(RuntimeError):
@@ -66,7 +82,8 @@ class InferenceWorker:
         self.load_wait_seconds = load_wait_seconds
         self._settled = threading.Event()  # set once the models are ready or failed
         self.max_batch, self.max_wait_seconds = max_batch, max_wait_seconds
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=capacity)
+        self._jobs: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue(maxsize=capacity)
+        self._order = itertools.count()  # FIFO within a priority; never compares two jobs
         self._on_state, self._on_depth = on_state, on_depth
         self._pending = 0
         self._lock = threading.Lock()
@@ -83,13 +100,13 @@ class InferenceWorker:
     def stop(self) -> None:
         """At shutdown: the jobs not yet started are cancelled, so only the running one delays the exit."""
         self._cancel_queued()
-        self._jobs.put(None)
+        self._jobs.put((_STOP, next(self._order), None))
         self._thread.join(timeout=30)
 
     def _cancel_queued(self) -> None:
         while True:
             try:
-                job = self._jobs.get_nowait()
+                _, _, job = self._jobs.get_nowait()
             except queue.Empty:
                 return
             if job is not None:
@@ -116,18 +133,18 @@ class InferenceWorker:
         if self._jobs.full():
             raise self._queue_full()
 
-    def submit(self, work: Callable[[Segmenter], T]) -> Future[T]:
+    def submit(self, work: Callable[[Segmenter], T], priority: Priority = Priority.MULTI) -> Future[T]:
         """Queue ``work`` for the worker thread; raises at once when not ready or full."""
-        return self._enqueue(_Job(work=work))
+        return self._enqueue(_Job(work=work), priority)
 
-    def submit_encode(self, images: list[np.ndarray]) -> Future[list[Encoding]]:
+    def submit_encode(self, images: list[np.ndarray], priority: Priority = Priority.MULTI) -> Future[list[Encoding]]:
         """Queue the encoding of ``images``; concurrent requests' images share the U-Net's batches."""
-        return self._enqueue(_Job(images=images))
+        return self._enqueue(_Job(images=images), priority)
 
-    def _enqueue(self, job: _Job[T]) -> Future[T]:
+    def _enqueue(self, job: _Job[T], priority: Priority) -> Future[T]:
         self.ensure_ready()
         try:
-            self._jobs.put_nowait(job)
+            self._jobs.put_nowait((int(priority), next(self._order), job))
         except queue.Full:
             raise self._queue_full() from None
         self._change_depth(+1)
@@ -161,7 +178,7 @@ class InferenceWorker:
         self.fingerprint, self._segmenter = segmenter.fingerprint, segmenter
         self._set_state(ModelState.READY)
         log.info("models ready")
-        while (job := self._jobs.get()) is not None:
+        while (job := self._jobs.get()[2]) is not None:
             if job.images is None:
                 self._run_jobs(segmenter, [job])
                 continue
@@ -177,7 +194,7 @@ class InferenceWorker:
         deadline = time.monotonic() + self.max_wait_seconds
         while sum(len(j.images) for j in encodes) < self.max_batch:
             try:
-                job = self._jobs.get(timeout=max(deadline - time.monotonic(), 0))
+                job = self._jobs.get(timeout=max(deadline - time.monotonic(), 0))[2]
             except queue.Empty:
                 break
             if job is None:

@@ -43,7 +43,7 @@ from backend.server.cache_writer import CacheWriter
 from backend.server.prometheus import Metrics
 from backend.server.protocol import Task
 from backend.server.request_bound import RequestBound
-from backend.server.inference import InferenceWorker
+from backend.server.inference import InferenceWorker, Priority
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,13 @@ class Predictor:
         budget = self.images.budget()  # shared by the request's downloads: N images are not N timeouts
         predictions: list[dict] = []
         building = 0.0
+        priority = Priority.INTERACTIVE if interaction is not None or len(tasks) == 1 else Priority.MULTI
         for first in range(0, len(tasks), self.batch_size):
             loaded = await run_in_threadpool(self._load_images, tasks[first : first + self.batch_size], vocabulary,
                                              access, bound, budget)
             present = [item for item in loaded if item is not None]
-            segmentations = (await self._segment(present, vocabulary, options, bound, interaction, context.exemplars)
-                             if present else [])
+            segmentations = (await self._segment(present, vocabulary, options, bound, interaction, context.exemplars,
+                                                 priority) if present else [])
             start = time.perf_counter()
             predictions += await run_in_threadpool(self._predictions, loaded, segmentations, vocabulary,
                                                    context.model_version)
@@ -123,13 +124,13 @@ class Predictor:
 
     async def _segment(
         self, items: list[_Loaded], vocabulary: ProjectVocabulary, options: SegmentOptions, bound: RequestBound,
-        interaction: Interaction | None, exemplars: Exemplars | None = None,
+        interaction: Interaction | None, exemplars: Exemplars | None = None, priority: Priority = Priority.MULTI,
     ) -> list[Segmentation]:
         """Segment every image on the inference worker, encoding only those not in the cache."""
         loop = asyncio.get_running_loop()
 
         def encode(images: list[np.ndarray]) -> list[Encoding]:  # the worker's, waited on within the request's bound
-            return asyncio.run_coroutine_threadsafe(bound.wait(self.worker.submit_encode(images)), loop).result()
+            return asyncio.run_coroutine_threadsafe(bound.wait(self.worker.submit_encode(images, priority)), loop).result()
 
         encoded = await run_in_threadpool(self._encoder(encode).encode_batch,
                                           [(item.data, item.image) for item in items])
@@ -144,7 +145,7 @@ class Predictor:
                         for e, item in zip(encodings, items)]
             return segmenter.propose_batch(encodings, [item.image for item in items], labels, options, exemplars)
 
-        proposals = await bound.wait(self.worker.submit(propose))
+        proposals = await bound.wait(self.worker.submit(propose, priority))
         segmentations = await run_in_threadpool(lambda: [p.finish() for p in proposals])  # no model needed
         log.info("segmented %d images, %d from the feature cache%s", len(items), len(items) - encoded.computed,
                  " (interactive)" if interaction else "")

@@ -40,6 +40,11 @@ class Metrics:
         self.feedback_regions = Counter("freeseg_feedback_regions", "Predicted regions kept, edited or deleted, "
                                         "and regions added, per label", ["label", "outcome"], registry=self.registry)
 
+        self.background_runs = Gauge("freeseg_background_runs", "Background runs queued or running (GET /jobs)",
+                                     registry=self.registry)
+        self.background_tasks_left = Gauge("freeseg_background_tasks_left",
+                                           "Tasks of the background runs without an outcome yet", registry=self.registry)
+
         self.learning_events = Counter("freeseg_learning_events", "Learning from annotations (learn, forget, "
                                        "rebuild) by outcome", ["action", "outcome"], registry=self.registry)
 

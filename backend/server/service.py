@@ -35,6 +35,7 @@ from backend.server.inference import InferenceWorker, ModelsNotReadyError, Model
 from backend.server.learner import (FORGET_ACTIONS, LEARN_ACTIONS, PROJECT_DELETED_ACTION, TASKS_DELETED_ACTION,
                                     TRAIN_ACTION, Learner, QueueBounds)
 from backend.server.learning_queue import LearningEvent, PendingEvents
+from backend.server.background import Background
 from backend.server.predictions import Predictor
 from backend.server.prometheus import Metrics
 from backend.server.protocol import PredictRequest, SetupRequest, TrainRequest, WebhookRequest, listed_ids
@@ -67,6 +68,12 @@ class NoMemoryError(LookupError):
     kind = "no_memory"
 
 
+class NoRunError(LookupError):
+    """No background run of that id."""
+
+    kind = "no_run"
+
+
 class MemoryUnreadableError(RuntimeError):
     """The project's memory could not be read; ``kind`` is ``store`` or ``memory``, the detail is in the log."""
 
@@ -95,6 +102,8 @@ class Backend:
         cache = create_cache(settings, self.metrics.cache_metrics())
         self.cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=self.metrics.cache_skipped_writes.inc)
         self.predictor = Predictor(settings, self.worker, self.metrics, cache, self.cache_writer)
+        # requests over FREESEG_PREDICT_BUDGET_SECONDS are answered at once and predicted in a background run
+        self.background = Background(settings, self.worker, self.predictor, shared, self.metrics)
         self.feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"),
                                          self.metrics, Backoff.from_settings(settings), settings.max_image_pixels)
         self.label_configs = LabelConfigCache(lambda xml: parse_label_config(xml, settings.max_labels),
@@ -111,6 +120,7 @@ class Backend:
     def stop(self) -> None:
         """Finish learning and inference, and the cache writes; blocks."""
         self.learner.stop()
+        self.background.stop()
         self.worker.stop()
         self.cache_writer.stop()
 
@@ -158,7 +168,7 @@ class Backend:
         memory = await asyncio.to_thread(self._project_memory, request.project)
         context = project_context(self.settings, vocabulary, known, memory)
         try:
-            results = await self.predictor.predict(request.tasks, context, bound, interaction)
+            results = await self.background.predict(request.project, request.tasks, context, bound, interaction)
         except (QueueFullError, ModelsNotReadyError, RequestStopped):
             raise
         except Exception as error:  # an inference failure answers this request; the server goes on
@@ -166,6 +176,19 @@ class Backend:
             self.metrics.errors.labels(kind="inference").inc()
             raise InferenceError(f"inference failed: {type(error).__name__}: {error}") from error
         return {"results": results, "model_version": context.model_version}
+
+    def jobs(self) -> list[dict]:
+        """The background runs /predict started, newest first."""
+        self._count("jobs")
+        return self.background.runs()
+
+    def cancel_job(self, run_id: str) -> dict:
+        """Cancel a background run; NoRunError when there is none of that id."""
+        self._count("jobs")
+        run = self.background.cancel(run_id)
+        if run is None:
+            raise NoRunError(f"no background run {run_id}")
+        return run
 
     def webhook(self, request: WebhookRequest) -> dict:
         """Queue what the webhook asks to learn, touching no store: Label Studio gives it one second and never

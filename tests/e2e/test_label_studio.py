@@ -66,7 +66,7 @@ def backend_command(port: int) -> list[str]:
     return [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
 
 
-def backend_env(model_dir: Path, label_studio: LabelStudioServer) -> dict[str, str]:
+def backend_env(model_dir: Path, label_studio: LabelStudioServer, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
@@ -78,14 +78,16 @@ def backend_env(model_dir: Path, label_studio: LabelStudioServer) -> dict[str, s
             "LABEL_STUDIO_API_KEY": label_studio.token,
             "FREESEG_ALLOW_PRIVATE_URLS": "true",  # the flower task's URL is on 127.0.0.1
             "PYTHONUNBUFFERED": "1",
+            **extra,
         }
     )
     return env
 
 
 @contextlib.contextmanager
-def run_backend(work_dir: Path, label_studio: LabelStudioServer) -> Iterator[str]:
-    """Starts the backend's HTTP server; yields its URL once ``/health`` reports it ready."""
+def run_backend(work_dir: Path, label_studio: LabelStudioServer, **extra_env: str) -> Iterator[str]:
+    """Starts the backend's HTTP server (``extra_env`` added to its environment); yields its URL once ``/health``
+    reports it ready."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = work_dir / "backend.log"
@@ -95,7 +97,7 @@ def run_backend(work_dir: Path, label_studio: LabelStudioServer) -> Iterator[str
         process = subprocess.Popen(
             backend_command(port),
             cwd=REPO_ROOT,
-            env=backend_env(model_dir, label_studio),
+            env=backend_env(model_dir, label_studio, **extra_env),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,168 @@
+"""/predict's way out of Label Studio's 100 s: tasks over the budget go to a background run.
+
+A request whose estimate (``PredictBudget``) exceeds FREESEG_PREDICT_BUDGET_SECONDS is answered at once
+with no results (Label Studio logs that it received none and stores nothing); its tasks go to a
+background run (``backend.jobs.background_runs``: annotate-project's engine), which writes each
+prediction through Label Studio's API with the request's project context. Without Label Studio access
+(LABEL_STUDIO_URL and its key, else what /setup sent), or without task ids, it is answered as before.
+
+Without REDIS_URL the run is this process's: a thread hands each batch to the inference worker at
+background priority, behind every request (``WorkerSegmenter``: the worker's models, not a copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import TypeVar
+
+import numpy as np
+
+from backend.jobs.background_runs import LocalRun, LocalRuns, active, cancel, current, described, start_queued
+from backend.jobs.project import ProjectRun
+from backend.jobs.queue import redis_connection
+from backend.labelstudio.backoff import Backoff
+from backend.labelstudio.client import LabelStudioProject
+from backend.labelstudio.interaction import Interaction
+from backend.labelstudio.project_context import ProjectContext
+from backend.labelstudio.projects import project_id
+from backend.models.assembly import resolve_device
+from backend.pipeline.exemplars import Exemplars
+from backend.pipeline.segmenter import Segmentation, Segmenter, SegmentOptions
+from backend.pipeline.vocabulary import Label
+from backend.server.inference import InferenceWorker, Priority, QueueFullError
+from backend.server.predict_budget import PredictBudget
+from backend.server.predictions import Predictor
+from backend.server.prometheus import Metrics
+from backend.server.protocol import Task
+from backend.server.request_bound import RequestBound
+from backend.settings import Settings
+from backend.storage.run_registry import ACTIVE_STATES, RunRegistry
+from backend.storage.shared_store import SharedStore
+
+log = logging.getLogger(__name__)
+Tag = TypeVar("Tag")
+FULL_QUEUE_WAIT_SECONDS = 0.5  # a background batch waits this long for room in a full inference queue
+
+
+class WorkerSegmenter:
+    """``segment_batches`` on the server's inference worker: each batch one job at background priority, refined
+    in the run's thread while the next batch is encoded (as ``Segmenter.segment_batches``)."""
+
+    def __init__(self, worker: InferenceWorker, observe: Callable[[int, float], None]) -> None:
+        self.worker, self.observe = worker, observe
+
+    def segment_batches(self, batches: Iterable[tuple[Tag, Sequence[np.ndarray]]], labels: Sequence[Label],
+                        options: SegmentOptions, exemplars: Exemplars | None = None,
+                        ) -> Iterator[tuple[Tag, list[Segmentation]]]:
+        previous = None
+        for tag, images in batches:
+            proposals = self._submit(lambda segmenter, images=images: self._propose(
+                segmenter, images, labels, options, exemplars)).result()
+            if previous is not None:
+                yield previous[0], [proposal.finish() for proposal in previous[1]]
+            previous = (tag, proposals)
+        if previous is not None:
+            yield previous[0], [proposal.finish() for proposal in previous[1]]
+
+    def _propose(self, segmenter: Segmenter, images: Sequence[np.ndarray], labels: Sequence[Label],
+                 options: SegmentOptions, exemplars: Exemplars | None) -> list:
+        start = time.perf_counter()
+        proposals = segmenter.propose_batch(segmenter.encode_many(images, len(images)), images, labels, options,
+                                            exemplars)
+        self.observe(len(images), time.perf_counter() - start)
+        return proposals
+
+    def _submit(self, work: Callable[[Segmenter], list]) -> Future[list]:
+        while True:
+            try:
+                return self.worker.submit(work, Priority.BACKGROUND)
+            except QueueFullError:  # requests first: wait for room rather than fail the run
+                time.sleep(FULL_QUEUE_WAIT_SECONDS)
+
+
+class Background:
+    """The server's background runs: the budget decision, starting runs, listing and cancelling them."""
+
+    def __init__(self, settings: Settings, worker: InferenceWorker, predictor: Predictor, shared: SharedStore,
+                 metrics: Metrics) -> None:
+        self.settings, self.worker, self.predictor = settings, worker, predictor
+        self.budget = PredictBudget(settings.predict_budget_seconds, resolve_device(settings.device)[0].type)
+        self.registry = RunRegistry(shared)
+        self.local = LocalRuns(self.registry)
+        self.connection = redis_connection(settings) if settings.redis_url else None
+        metrics.background_runs.set_function(lambda: self._active_count()[0])
+        metrics.background_tasks_left.set_function(lambda: self._active_count()[1])
+
+    async def predict(self, project: object, tasks: Sequence[Task], context: ProjectContext, bound: RequestBound,
+                      interaction: Interaction | None) -> list[dict]:
+        """The request's predictions; none when its tasks went to a background run."""
+        if self.budget.too_big(len(tasks), interaction is not None):
+            if await asyncio.to_thread(self.start, project, tasks, context):
+                return []
+        start = time.perf_counter()
+        results = await self.predictor.predict(tasks, context, bound, interaction)
+        self.budget.observe(len(tasks), time.perf_counter() - start)
+        return results
+
+    def start(self, project: object, tasks: Sequence[Task], context: ProjectContext) -> bool:
+        """Hand the tasks to a background run (or find them in one); False when they must be answered now."""
+        why_not = self._why_not_background(project, tasks, context)
+        if why_not:
+            log.warning("/predict of %d tasks (about %.0f s, over FREESEG_PREDICT_BUDGET_SECONDS=%g) answered now: "
+                        "%s", len(tasks), self.budget.estimate(len(tasks)), self.budget.budget_seconds, why_not)
+            return False
+        key = int(project_id(project))
+        mode = "queued" if self.connection is not None else "local"
+        record = self.registry.claim(key, context.model_version, [task.id for task in tasks], mode,
+                                     lambda record: active(record, self.connection))
+        if record is None:
+            log.info("/predict of %d tasks of project %s: every one is in a background run already", len(tasks), key)
+            return True
+        api = LabelStudioProject(context.access, key, Backoff.from_settings(self.settings))
+        log.info("background run %s: %d tasks of project %s (about %.0f s, over FREESEG_PREDICT_BUDGET_SECONDS=%g), "
+                 "%s", record.id, record.total, key, self.budget.estimate(record.total), self.budget.budget_seconds,
+                 "on the Redis queue" if mode == "queued" else "on this server's inference worker")
+        if mode == "queued":
+            start_queued(record, api, self.settings, self.registry)
+        else:
+            run = ProjectRun(api, context, overwrite=False)
+            self.local.start(LocalRun(record, run, WorkerSegmenter(self.worker, self.budget.observe), self.settings,
+                                      self.registry))
+        return True
+
+    @staticmethod
+    def _why_not_background(project: object, tasks: Sequence[Task], context: ProjectContext) -> str:
+        if project_id(project) is None:
+            return "the request names no project"
+        if any(task.id is None for task in tasks):
+            return "a task has no id"
+        if not (context.access.url and context.access.api_key):
+            return ("no Label Studio access to write predictions with: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY "
+                    "(or let Label Studio send its host and token in /setup)")
+        return ""
+
+    def stop(self) -> None:
+        """At shutdown: a local run ends with the process; its record goes stale, and a second "Retrieve
+        Predictions" finishes its tasks."""
+        self.local.stop()
+
+    def runs(self) -> list[dict]:
+        """Every background run, newest first, as ``GET /jobs`` lists them."""
+        return [described(current(record, self.connection, self.local)) for record in self.registry.runs()]
+
+    def cancel(self, run_id: str) -> dict | None:
+        record = cancel(self.registry, run_id, self.connection, self.local)
+        return described(record) if record is not None else None
+
+    def _active_count(self) -> tuple[int, int]:
+        """Runs going, and their tasks without an outcome (Prometheus reads them at each scrape)."""
+        try:
+            going = [record for record in (current(found, self.connection, self.local)
+                                           for found in self.registry.runs()) if record.state in ACTIVE_STATES]
+        except Exception:  # the store away: the scrape goes on
+            return 0, 0
+        return len(going), sum(record.total - record.done - record.skipped - record.failed for record in going)
