@@ -112,11 +112,12 @@ def worker(tiny_segmenter):
 def local_run(tiny_settings, worker, registry, project, task_ids) -> LocalRun:
     settings = tiny_settings.model_copy(update={"max_batch": 2})
     version = model_version(settings)
-    context = project_context(settings, parse_label_config(CONFIG), ProjectSetup(options={"k": 2}), (version, None))
+    context = project_context(settings, parse_label_config(CONFIG), ProjectSetup(options={"k": 2}), None)
     record = registry.claim(7, version, task_ids, "local", lambda found: active(found, None))
     observed = []
-    run = LocalRun(record, ProjectRun(project, context, overwrite=False),
-                   WorkerSegmenter(worker, lambda images, seconds: observed.append(images)), settings, registry)
+    segmenter = WorkerSegmenter(worker, lambda images, seconds: observed.append(images))
+    run = LocalRun(record, ProjectRun(project, context, overwrite=False), segmenter, segmenter.encoder, settings,
+                   registry)
     run.observed = observed
     return run
 

@@ -28,6 +28,7 @@ from backend.jobs.project import BatchSegmenter, ProjectRun, TaskAnnotator, anno
 from backend.jobs.queue import ENDED, job_states
 from backend.labelstudio.client import LabelStudioProject
 from backend.settings import Settings
+from backend.storage.cached_encoder import CachedEncoder
 from backend.storage.job_ledger import ProcessLedger, RedisLedger, RunProgress
 from backend.storage.run_registry import ACTIVE_STATES, RunRecord, RunRegistry
 
@@ -50,11 +51,11 @@ def with_progress(record: RunRecord, progress: RunProgress, **changes: object) -
 class LocalRun:
     """One run in this process: its ledger, and the flag that stops it after the current batch."""
 
-    def __init__(self, record: RunRecord, run: ProjectRun, segmenter: BatchSegmenter, settings: Settings,
-                 registry: RunRegistry) -> None:
+    def __init__(self, record: RunRecord, run: ProjectRun, segmenter: BatchSegmenter, encoder: CachedEncoder,
+                 settings: Settings, registry: RunRegistry) -> None:
         self.record, self.registry = record, registry
         self.ledger = ProcessLedger(record.total)
-        self.annotator = TaskAnnotator(run, segmenter, settings, self.ledger, NoLocks())
+        self.annotator = TaskAnnotator(run, segmenter, encoder, settings, self.ledger, NoLocks())
         self.cancelled = threading.Event()
         self.ended = threading.Event()
 

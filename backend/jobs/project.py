@@ -44,7 +44,7 @@ from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.segmenter import Segmentation, SegmentOptions
 from backend.pipeline.vocabulary import Label
 from backend.settings import Settings
-from backend.storage.cached_encoder import one_pass_cache, segmenter_encoder
+from backend.storage.cached_encoder import CachedEncoder, one_pass_cache, segmenter_encoder
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +83,22 @@ class ProjectRunResult:
 
 
 class BatchSegmenter(Protocol):
-    """What a run segments with: a ``Segmenter``, or the server's inference worker at low priority."""
+    """What a run segments with: a ``Segmenter``, or the server's inference worker at background priority."""
 
-    def segment_batches(self, batches: Iterable[tuple[list[int], Sequence[np.ndarray]]], labels: Sequence[Label],
-                        options: SegmentOptions, exemplars: Exemplars | None = None,
+    def segment_encoded(self, batches: Iterable[tuple[list[int], Sequence[Encoding], Sequence[np.ndarray]]],
+                        labels: Sequence[Label], options: SegmentOptions, exemplars: Exemplars | None = None,
                         ) -> Iterator[tuple[list[int], list[Segmentation]]]: ...
 
 
 class TaskAnnotator:
     """Predicts tasks of one project and writes their predictions, settling each in ``ledger``."""
 
-    def __init__(self, run: ProjectRun, segmenter: BatchSegmenter, settings: Settings, ledger: Ledger,
-                 locks: WriteLocks) -> None:
+    def __init__(self, run: ProjectRun, segmenter: BatchSegmenter, encoder: CachedEncoder, settings: Settings,
+                 ledger: Ledger, locks: WriteLocks) -> None:
         self.project, self.vocabulary, self.version = run.project, run.context.vocabulary, run.context.model_version
         self.overwrite, self.exemplars, self.options = run.overwrite, run.context.exemplars, run.context.options
         self.segmenter, self.ledger, self.locks = segmenter, ledger, locks
-        self.encoder = segmenter_encoder(segmenter, one_pass_cache(settings))
+        self.encoder = encoder
         self.backoff = Backoff.from_settings(settings)
         self.images = TaskImageLoader.from_settings(settings)
         self.batch = settings.max_batch
@@ -181,7 +181,8 @@ def annotate_project(project: LabelStudioProject, connection: ProjectSetup, sett
     ledger = ProcessLedger(len(task_ids))
     memory = ProjectMemories.from_settings(settings).load(str(project.project), segmenter.fingerprint)
     run = project_run(project, vocabulary, connection, settings, memory, overwrite)
-    annotator = TaskAnnotator(run, segmenter, settings, ledger, NoLocks())
+    annotator = TaskAnnotator(run, segmenter, segmenter_encoder(segmenter, one_pass_cache(settings)), settings, ledger,
+                              NoLocks())
     with RunBar(len(task_ids), "annotate", progress) as bar:
         annotator.annotate(task_ids, after_batch=lambda: bar.show(ledger.progress()))
         bar.show(ledger.progress())  # tasks skipped or failed after the last batch
@@ -226,7 +227,8 @@ def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, ov
     run = project_run(labelstudio, vocabulary, connection, settings, memories.parse(data), overwrite)
     context.begin(run.context.model_version)
     scope = hashlib.sha256(f"{labelstudio.access.url}\x00{run.context.model_version}".encode()).hexdigest()[:16]
-    annotator = TaskAnnotator(run, segmenter, settings, context.ledger,
+    annotator = TaskAnnotator(run, segmenter, segmenter_encoder(segmenter, one_pass_cache(settings)), settings,
+                              context.ledger,
                               RedisLocks(context.connection, scope, settings.queue_lease_seconds))
     annotator.annotate(task_ids)
     if context.ledger.progress().complete:

@@ -31,7 +31,6 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from backend.jobs.queue import job_queue, redis_connection
-from backend.pipeline.segmenter import Segmenter
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.settings import Settings

@@ -31,7 +31,8 @@ from backend.labelstudio.project_context import ProjectContext
 from backend.labelstudio.projects import project_id
 from backend.models.assembly import resolve_device
 from backend.pipeline.exemplars import Exemplars
-from backend.pipeline.segmenter import Segmentation, Segmenter, SegmentOptions
+from backend.pipeline.encoding import Encoding
+from backend.pipeline.segmenter import Segmentation, SegmentOptions
 from backend.pipeline.vocabulary import Label
 from backend.server.inference import InferenceWorker, Priority, QueueFullError
 from backend.server.predict_budget import PredictBudget
@@ -40,47 +41,52 @@ from backend.server.prometheus import Metrics
 from backend.server.protocol import Task
 from backend.server.request_bound import RequestBound
 from backend.settings import Settings
+from backend.storage.cached_encoder import CachedEncoder
+from backend.storage.feature_cache import FeatureCache
 from backend.storage.run_registry import ACTIVE_STATES, RunRegistry
 from backend.storage.shared_store import SharedStore
 
 log = logging.getLogger(__name__)
 Tag = TypeVar("Tag")
+T = TypeVar("T")
 FULL_QUEUE_WAIT_SECONDS = 0.5  # a background batch waits this long for room in a full inference queue
 
 
 class WorkerSegmenter:
-    """``segment_batches`` on the server's inference worker: each batch one job at background priority, refined
-    in the run's thread while the next batch is encoded (as ``Segmenter.segment_batches``)."""
+    """A background run's segmentation on the server's inference worker: each batch's encoding (through the
+    server's feature cache) and proposal are jobs at background priority, behind every request; a batch is
+    refined before the next one is proposed, so that at most one batch's refinement is ever queued in the CRF
+    processes ahead of a request's. ``observe`` gets each batch's size and seconds, download included."""
 
-    def __init__(self, worker: InferenceWorker, observe: Callable[[int, float], None]) -> None:
+    def __init__(self, worker: InferenceWorker, observe: Callable[[int, float], None],
+                 cache: FeatureCache | None = None, keep: Callable[[str, Encoding], None] | None = None) -> None:
         self.worker, self.observe = worker, observe
+        self.encoder = CachedEncoder(cache, worker, lambda images: self._on_worker(
+            lambda submit: submit.submit_encode(images, Priority.BACKGROUND)), keep)
 
-    def segment_batches(self, batches: Iterable[tuple[Tag, Sequence[np.ndarray]]], labels: Sequence[Label],
-                        options: SegmentOptions, exemplars: Exemplars | None = None,
+    def segment_encoded(self, batches: Iterable[tuple[Tag, Sequence[Encoding], Sequence[np.ndarray]]],
+                        labels: Sequence[Label], options: SegmentOptions, exemplars: Exemplars | None = None,
                         ) -> Iterator[tuple[Tag, list[Segmentation]]]:
-        previous = None
-        for tag, images in batches:
-            proposals = self._submit(lambda segmenter, images=images: self._propose(
-                segmenter, images, labels, options, exemplars)).result()
-            if previous is not None:
-                yield previous[0], [proposal.finish() for proposal in previous[1]]
-            previous = (tag, proposals)
-        if previous is not None:
-            yield previous[0], [proposal.finish() for proposal in previous[1]]
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)  # the batch's images downloaded and encoded
+            if batch is None:
+                return
+            tag, encodings, images = batch
+            proposals = self._on_worker(lambda worker: worker.submit(
+                lambda segmenter: segmenter.propose_batch(encodings, images, labels, options, exemplars),
+                Priority.BACKGROUND))
+            segmentations = [proposal.finish() for proposal in proposals]
+            self.observe(len(images), time.perf_counter() - start)
+            yield tag, segmentations
 
-    def _propose(self, segmenter: Segmenter, images: Sequence[np.ndarray], labels: Sequence[Label],
-                 options: SegmentOptions, exemplars: Exemplars | None) -> list:
-        start = time.perf_counter()
-        proposals = segmenter.propose_batch(segmenter.encode_many(images, len(images)), images, labels, options,
-                                            exemplars)
-        self.observe(len(images), time.perf_counter() - start)
-        return proposals
-
-    def _submit(self, work: Callable[[Segmenter], list]) -> Future[list]:
+    def _on_worker(self, submit: Callable[[InferenceWorker], Future[T]]) -> T:
+        """``submit``'s job's result; while the worker's queue is full, requests first: wait for room."""
         while True:
             try:
-                return self.worker.submit(work, Priority.BACKGROUND)
-            except QueueFullError:  # requests first: wait for room rather than fail the run
+                return submit(self.worker).result()
+            except QueueFullError:
                 time.sleep(FULL_QUEUE_WAIT_SECONDS)
 
 
@@ -130,8 +136,9 @@ class Background:
             start_queued(record, api, self.settings, self.registry)
         else:
             run = ProjectRun(api, context, overwrite=False)
-            self.local.start(LocalRun(record, run, WorkerSegmenter(self.worker, self.budget.observe), self.settings,
-                                      self.registry))
+            segmenter = WorkerSegmenter(self.worker, self.budget.observe, self.predictor.cache,
+                                        self.predictor.cache_writer.put)
+            self.local.start(LocalRun(record, run, segmenter, segmenter.encoder, self.settings, self.registry))
         return True
 
     @staticmethod
