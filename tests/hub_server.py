@@ -26,6 +26,7 @@ from tests.http_server import RecordingServer, send
 SD_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BLIP2_REPO = "Salesforce/blip2-opt-2.7b"
 BLIP_REPO = "Salesforce/blip-image-captioning-base"
+TAESD_REPO = "madebyollin/taesd"
 
 # Files nothing loads, beside the real ones (names as in the real repos).
 SD_EXTRAS = (
@@ -47,6 +48,8 @@ BLIP2_EXTRAS = (
     "README.md", ".gitattributes",
 )
 BLIP_EXTRAS = ("pytorch_model.bin", "tf_model.h5", "README.md", ".gitattributes")
+TAESD_EXTRAS = ("diffusion_pytorch_model.bin", "taesd_encoder.pth", "taesd_decoder.pth", "taesd_encoder.safetensors",
+                "taesd_decoder.safetensors", "README.md", ".gitattributes")
 DUMMY = b"not a model: nothing may load this file\n"
 
 
@@ -73,12 +76,13 @@ def _sharded(folder: Path, work: Path) -> dict[str, bytes]:
 
 
 def tiny_hub_repos(tiny_folder: Path, work: Path) -> dict[str, dict[str, bytes]]:
-    """The three repos, from the tiny profile's folder (``tiny_model_folder``)."""
+    """The four repos, from the tiny profile's folder (``tiny_model_folder``)."""
     work.mkdir(parents=True, exist_ok=True)
     return {
         SD_REPO: {**_files_of(tiny_folder / "stable-diffusion"), **dict.fromkeys(SD_EXTRAS, DUMMY)},
         BLIP2_REPO: {**_sharded(tiny_folder / "blip2", work), **dict.fromkeys(BLIP2_EXTRAS, DUMMY)},
         BLIP_REPO: {**_files_of(tiny_folder / "blip"), **dict.fromkeys(BLIP_EXTRAS, DUMMY)},
+        TAESD_REPO: {**_files_of(tiny_folder / "taesd"), **dict.fromkeys(TAESD_EXTRAS, DUMMY)},
     }
 
 

@@ -85,3 +85,17 @@ def test_bench_compares_image_sizes_side_by_side(tiny_settings, tmp_path):
     assert big["megapixels"] == 0.96 and big["latency_p50_ms"] > 0 and big["peak_rss_mb"] > 0
     assert figures["sizes"]["320x240"]["latency_ratio"] == 1.0
     assert json.loads((tmp_path / "sizes.json").read_text())["sizes"]["1200x800"]["cpu_ratio"] == big["cpu_ratio"]
+
+
+@pytest.mark.slow
+def test_bench_times_each_encoder_side_by_side(tiny_settings, tmp_path, capsys):
+    config = BenchConfig(profile="tiny", device="cpu", images=2, batch=1, naive=False, encoders=("vae", "taesd"),
+                         json_path=tmp_path / "encoders.json")
+    figures = run_bench(config, tiny_settings)
+    blocks = json.loads((tmp_path / "encoders.json").read_text())["encoders"]
+    assert set(blocks) == {"vae", "taesd"} and blocks == figures["encoders"]
+    for block in blocks.values():
+        assert block["latency_p50_ms"] > 0 and block["peak_rss_mb"] > 0 and block["stages_ms"]["features"] > 0
+    assert blocks["taesd"]["model_version"].endswith("-taesd-tiny-random-weights")
+    assert blocks["vae"]["model_version"] == figures["model_version"]  # the settings' own encoder: the VAE
+    assert "encoder taesd" in capsys.readouterr().out

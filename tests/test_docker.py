@@ -82,5 +82,6 @@ def test_compose_downloads_on_first_start_and_offline_users_can_turn_the_hub_off
 
     online = environment()
     assert (online["FREESEG_ALLOW_DOWNLOADS"], online["HF_HUB_OFFLINE"]) == ("true", "0")
+    assert online["FREESEG_CAPTIONER"] == "auto"  # on a CPU the first start downloads BLIP base, not BLIP-2
     assert float(online["FREESEG_LOAD_WAIT_SECONDS"]) < 100  # under Label Studio's ML_TIMEOUT_PREDICT
     assert environment(HF_HUB_OFFLINE="1")["HF_HUB_OFFLINE"] == "1"

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from huggingface_hub import HfApi
 
+from backend.models.assembly import resolve_captioner
 from backend.models.download import plan, repo_requests
 from backend.models.tiny import tiny_model_folder
 from backend.settings import Settings
 from tests.app_client import image_tasks, predict
-from tests.hub_server import BLIP2_REPO, BLIP_REPO, SD_REPO, StandInHub, tiny_hub_repos
+from tests.hub_server import BLIP2_REPO, BLIP_REPO, SD_REPO, TAESD_REPO, StandInHub, tiny_hub_repos
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """<View><Image name="image" value="$image"/>
@@ -40,6 +42,8 @@ CAPTIONER_FILES = {"config.json", "generation_config.json", "processor_config.js
 BLIP2 = {(BLIP2_REPO, p) for p in CAPTIONER_FILES | {"model.safetensors.index.json", "model-00001-of-00002.safetensors",
                                                       "model-00002-of-00002.safetensors"}}
 BLIP = {(BLIP_REPO, p) for p in CAPTIONER_FILES | {"model.safetensors"}}
+SD_WITHOUT_VAE = {(repo, p) for repo, p in SD_FP32 if not p.startswith("vae/")}  # FREESEG_ENCODER=taesd
+TAESD = {(TAESD_REPO, "config.json"), (TAESD_REPO, "diffusion_pytorch_model.safetensors")}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +62,7 @@ def _settings(tiny_folder: Path, **changes) -> Settings:
 
 
 def _planned(hub: StandInHub, settings: Settings, half: bool) -> set[tuple[str, str]]:
-    requests = repo_requests(settings, half=half, captioner_half=half)
+    requests = repo_requests(settings, half=half, captioner_half=half, captioner=resolve_captioner(settings))
     return {(f.repo_id, f.path) for f in plan(requests, HfApi(endpoint=hub.url, token=False))}
 
 
@@ -67,9 +71,14 @@ def test_the_selection_takes_one_weight_set_per_component_from_the_listing(hub, 
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets it; only the stand-in is asked
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    assert _planned(hub, _settings(tiny_folder), half=False) == SD_FP32 | BLIP2
-    assert _planned(hub, _settings(tiny_folder), half=True) == SD_FP16 | BLIP2  # BLIP-2's repo has no fp16 files
+    assert _planned(hub, _settings(tiny_folder, captioner="blip2"), half=False) == SD_FP32 | BLIP2
+    # BLIP-2's repo has no fp16 files
+    assert _planned(hub, _settings(tiny_folder, captioner="blip2"), half=True) == SD_FP16 | BLIP2
     assert _planned(hub, _settings(tiny_folder, captioner="blip"), half=False) == SD_FP32 | BLIP
+    assert _planned(hub, _settings(tiny_folder), half=False) == SD_FP32 | BLIP  # auto on a CPU: BLIP base
+    assert _planned(hub, _settings(tiny_folder, encoder="taesd"), half=False) == SD_WITHOUT_VAE | TAESD | BLIP
+    assert _planned(hub, _settings(tiny_folder, encoder="taesd"), half=True) == (  # TAESD's repo has no fp16 files
+        {(r, p) for r, p in SD_FP16 if not p.startswith("vae/")} | TAESD | BLIP)
 
 
 def _env(hub: StandInHub, hf_home: Path, tiny_folder: Path, **extra: str) -> dict[str, str]:
@@ -93,10 +102,10 @@ def test_download_fetches_exactly_what_the_models_load_and_a_second_run_nothing(
     before = len(hub.requests)
     first = _download(env)
     assert first.returncode == 0, first.stderr
-    assert hub.files_fetched(since=before) == SD_FP32 | BLIP2
-    for repo, path in SD_FP32 | BLIP2:
+    assert hub.files_fetched(since=before) == SD_FP32 | BLIP  # on a CPU, FREESEG_CAPTIONER=auto is BLIP base
+    for repo, path in SD_FP32 | BLIP:
         assert f"{repo}/{path} (" in first.stdout
-    assert "18 files" in first.stdout
+    assert "16 files" in first.stdout
     middle = len(hub.requests)
     second = _download(env)
     assert second.returncode == 0, second.stderr
@@ -157,7 +166,7 @@ def test_the_server_downloads_then_predicts_and_restarts_offline_without_a_reque
         assert server.states(until="downloading")[-1] == "downloading"
         hub.downloads_allowed.set()
         assert server.states(until="ready")[-1] == "ready"
-        assert hub.files_fetched(since=before) == SD_FP32 | BLIP2
+        assert hub.files_fetched(since=before) == SD_FP32 | BLIP
         response = predict(server.url, image_tasks(f"{image_server}/china.jpg"), CONFIG, timeout=120)
         assert response.status_code == 200 and response.json()["results"][0]["result"]
     finally:
@@ -172,3 +181,22 @@ def test_the_server_downloads_then_predicts_and_restarts_offline_without_a_reque
     finally:
         offline.stop()
     assert hub.requests[requests_so_far:] == []  # not one request to the hub
+
+
+@pytest.mark.slow
+def test_taesd_is_downloaded_in_the_vaes_place_and_loaded_from_the_cache(hub, tiny_folder, tmp_path, china):
+    env = _env(hub, tmp_path / "hf", tiny_folder, FREESEG_ENCODER="taesd")
+    before = len(hub.requests)
+    download = _download(env)
+    assert download.returncode == 0, download.stderr
+    assert hub.files_fetched(since=before) == SD_WITHOUT_VAE | TAESD | BLIP
+    image = tmp_path / "china.png"
+    Image.fromarray(china).save(image)
+    after = len(hub.requests)
+    segment = subprocess.run(  # the pretrained profile's loading code, offline, from what was fetched
+        [sys.executable, "-m", "backend.cli", "segment", str(image), "--labels", "building,tree", "--out",
+         str(tmp_path / "out"), "--refine", "none"], env={**env, "HF_HUB_OFFLINE": "1"}, cwd=ROOT,
+        capture_output=True, text=True, timeout=300)
+    assert segment.returncode == 0, segment.stderr
+    assert hub.requests[after:] == []
+    assert any((tmp_path / "out").iterdir())

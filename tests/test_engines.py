@@ -126,3 +126,32 @@ def test_a_compile_that_fails_leaves_the_network_in_the_layout_eager_runs(networ
     convolution = next(m for m in network.modules() if isinstance(m, torch.nn.Conv2d))
     assert convolution.weight.is_contiguous()  # not channels-last
     np.testing.assert_array_equal(extractor(photos), expected)
+
+
+@pytest.mark.parametrize("engine", ["openvino", "compile"])
+def test_an_engine_that_fails_for_taesd_falls_back_to_torch(tiny_settings, photos, tmp_path, monkeypatch, caplog,
+                                                            engine):
+    parts = load_model_parts(tiny_settings.model_copy(update={"encoder": "taesd"}))
+    taesd = FeatureNetwork(parts.stable_diffusion, feature_settings(tiny_settings),
+                           StableDiffusionText(parts.stable_diffusion, torch.device("cpu")))
+
+    def broken(*args):
+        raise RuntimeError(f"{engine} cannot run TAESD here")
+
+    monkeypatch.setitem(engines._BUILDERS, engine, broken)
+    caplog.set_level(logging.WARNING, logger="backend.models.engines")
+    extractor = feature_extractor(taesd, engine, tmp_path, "fingerprint")
+    assert extractor.engine == "torch" and f"FREESEG_ENGINE={engine}" in caplog.text and "TAESD" in caplog.text
+    np.testing.assert_array_equal(extractor(photos), feature_extractor(taesd, "torch", tmp_path, "x")(photos))
+
+
+@pytest.mark.slow
+def test_openvino_runs_taesd_as_torch_does(tiny_settings, photos, tmp_path):
+    parts = load_model_parts(tiny_settings.model_copy(update={"encoder": "taesd"}))
+    taesd = FeatureNetwork(parts.stable_diffusion, feature_settings(tiny_settings),
+                           StableDiffusionText(parts.stable_diffusion, torch.device("cpu")))
+    expected = feature_extractor(taesd, "torch", tmp_path, "x")(photos)
+    converted = feature_extractor(taesd, "openvino", tmp_path, "taesd")
+    assert converted.engine == "openvino"
+    actual = converted(photos)
+    assert np.linalg.norm(actual.astype(np.float32) - expected) / np.linalg.norm(expected.astype(np.float32)) < 1e-2

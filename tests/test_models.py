@@ -1,13 +1,22 @@
 """Model loading: real loading code, failing fast and clearly when weights are absent."""
 
+import shutil
 import time
 
 import pytest
 import torch
+from diffusers import AutoencoderTiny
 from safetensors.torch import load_file
 
 from backend.models.assembly import load_model_parts
-from backend.models.loading import ModelUnavailableError, load_captioner, load_clip, load_spacy, load_stable_diffusion
+from backend.models.loading import (
+    ModelUnavailableError,
+    load_captioner,
+    load_clip,
+    load_spacy,
+    load_stable_diffusion,
+    load_taesd,
+)
 from backend.models.random_full import build_captioner, build_clip, build_stable_diffusion
 from backend.models.tiny import build_tiny_models, tiny_model_folder
 from backend.models.identity import model_version
@@ -24,8 +33,9 @@ CPU = {"device": torch.device("cpu"), "dtype": torch.float32}
         (lambda: load_clip("ViT-B-32", "openai", **CPU), "FREESEG_CLIP_PRETRAINED"),
         (lambda: load_clip("ViT-B-32", "no-such-tag", **CPU), "FREESEG_CLIP_PRETRAINED"),
         (lambda: load_spacy("xx_no_such_model"), "FREESEG_SPACY_MODEL"),
+        (lambda: load_taesd("nobody/no-such-taesd", torch.float32), "FREESEG_TAESD_MODEL"),
     ],
-    ids=["stable-diffusion", "captioner", "clip-weights", "clip-tag", "spacy"],
+    ids=["stable-diffusion", "captioner", "clip-weights", "clip-tag", "spacy", "taesd"],
 )
 def test_missing_weights_fail_at_once_naming_the_setting(load, setting):
     start = time.perf_counter()
@@ -59,6 +69,20 @@ def test_random_full_has_the_real_sizes(tmp_path):
     assert round(count(build_captioner("blip2", meta, torch.float16).model) / 1e9, 2) == 3.74
     assert round(count(build_captioner("blip", meta, torch.float16).model) / 1e6) == 224
     assert 150e6 < count(build_clip(meta, torch.float16).model) < 152e6  # ViT-B/32
+    taesd = build_stable_diffusion(tmp_path / "tokenizer", meta, torch.float16, encoder="taesd")
+    assert type(taesd.vae) is AutoencoderTiny and round(count(taesd.vae) / 1e6, 1) == 2.4  # madebyollin/taesd's
+    assert round(count(taesd.unet) / 1e6, 1) == 859.5
+
+
+def test_taesd_loads_in_the_vaes_place_and_the_vae_is_not_read(tiny_settings, tmp_path):
+    tiny = tiny_model_folder(tiny_settings.model_dir)
+    shutil.copytree(tiny / "stable-diffusion", tmp_path / "sd", ignore=shutil.ignore_patterns("vae"))
+    parts = load_stable_diffusion(str(tmp_path / "sd"), taesd=str(tiny / "taesd"), **CPU)  # no vae/ folder at all
+    assert type(parts.vae) is AutoencoderTiny and parts.vae.config.encoder_block_out_channels == [8, 8, 8, 8]
+    with pytest.raises(ModelUnavailableError, match="FREESEG_SD_MODEL"):
+        load_stable_diffusion(str(tmp_path / "sd"), **CPU)  # the VAE's weights are what is missing
+    profile = load_model_parts(tiny_settings.model_copy(update={"encoder": "taesd"}))
+    assert type(profile.stable_diffusion.vae) is AutoencoderTiny
 
 
 def test_model_version_says_when_weights_are_random(tmp_path):
@@ -70,6 +94,8 @@ def test_model_version_says_when_weights_are_random(tmp_path):
     assert model_version(Settings(models="tiny", device="cpu", feature_grid=16, model_dir=tmp_path)) != model_version(
         Settings(models="tiny", device="cpu", model_dir=tmp_path)
     )
+    taesd = model_version(Settings(models="pretrained", device="cpu", encoder="taesd", model_dir=tmp_path))
+    assert taesd.endswith("-taesd") and taesd != model_version(Settings(models="pretrained", device="cpu"))
 
 
 def test_the_captioner_can_be_kept_on_the_cpu(tiny_settings):
@@ -78,7 +104,8 @@ def test_the_captioner_can_be_kept_on_the_cpu(tiny_settings):
 
 
 def test_attention_uses_torch_scaled_dot_product_attention(tiny_settings):
-    parts = load_model_parts(tiny_settings)
+    # BLIP-2, auto's captioner on a GPU that holds it (transformers' BLIP base has no sdpa attention)
+    parts = load_model_parts(tiny_settings.model_copy(update={"captioner": "blip2"}))
     processors = {type(p).__name__ for p in parts.stable_diffusion.unet.attn_processors.values()}
     assert processors == {"AttnProcessor2_0"}  # diffusers' F.scaled_dot_product_attention processor
     assert parts.captioner.model.config._attn_implementation == "sdpa"

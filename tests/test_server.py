@@ -243,3 +243,22 @@ def test_annotation_webhook_records_feedback_against_our_prediction(tiny_setting
     (record,) = FileFeedbackStore(tmp_path / "feedback").records("3")
     assert record.task == 5 and [(f.label, f.outcome, f.iou) for f in record.labels] == [("Sky", "edited", 0.5)]
     assert 'freeseg_feedback_regions_total{label="Sky",outcome="edited"} 1.0' in metrics
+
+
+@pytest.mark.slow
+def test_the_encoder_setting_reaches_predict_the_cache_key_and_model_version(tiny_settings, tiny_segmenter,
+                                                                             image_server):
+    from backend.models.identity import model_version
+    from backend.models.process import process_segmenter
+    from backend.storage.feature_cache import cache_key
+
+    taesd_settings = tiny_settings.model_copy(update={"encoder": "taesd"})
+    tasks = [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]
+    with _client(taesd_settings, None) as client:  # the app loads its own models, as a server does
+        wait_until_ready(client)
+        [prediction] = _predict(client, tasks).json()["results"]
+    taesd = process_segmenter(taesd_settings)
+    assert type(taesd.features.network.encoder).__name__ == "EncoderTiny"  # TAESD's, not the VAE's
+    assert prediction["result"] and prediction["model_version"].endswith("-taesd-tiny-random-weights")
+    assert prediction["model_version"] != model_version(tiny_settings)
+    assert cache_key(b"one photo", taesd.fingerprint) != cache_key(b"one photo", tiny_segmenter.fingerprint)

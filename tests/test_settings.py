@@ -23,13 +23,14 @@ def test_environment_names_operators_rely_on(monkeypatch):
         "blip", 5, "pamr", "cpu", "tiny"
     )
     assert settings.model_dir == Path("/data/models")
-    assert captioner_source(settings) == "Salesforce/blip-image-captioning-base"
+    assert captioner_source(settings, settings.captioner) == "Salesforce/blip-image-captioning-base"
 
 
 def test_defaults_follow_the_paper():
     settings = Settings()
-    assert (settings.k, settings.refine, settings.captioner, settings.feature_grid) == (4, "crf", "blip2", 32)
-    assert captioner_source(settings) == "Salesforce/blip2-opt-2.7b"
+    assert (settings.k, settings.refine, settings.captioner, settings.feature_grid) == (4, "crf", "auto", 32)
+    assert captioner_source(settings, "blip2") == "Salesforce/blip2-opt-2.7b"  # the paper's, where a GPU holds it
+    assert settings.encoder == "vae"  # the paper's; taesd is the faster choice
 
 
 @pytest.mark.parametrize("name, value", [("FREESEG_REFINE", "fancy"), ("FREESEG_K", "1"), ("FREESEG_IMAGE_SIZE", "500")])

@@ -7,6 +7,7 @@ time, scikit-learn K-means, the CPU CRF for each cluster, CLIP called once per c
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -17,7 +18,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
-from backend.pipeline.vocabulary import labels_from_names
+from backend.pipeline.vocabulary import Label, labels_from_names
 from backend.options import RefineMethod
 from backend.settings import Settings
 
@@ -59,6 +60,7 @@ class BenchConfig:
     compare_dtype: str | None = None  # measure only the features stage and the cluster maps against this dtype
     engine: str | None = None  # FREESEG_ENGINE for this run; None: the settings' own
     compare_engines: tuple[str, ...] = ()  # measure only the features stage of these engines against float32 torch
+    encoders: tuple[str, ...] = ()  # also time one image at a time with each of these FREESEG_ENCODERs, side by side
 
 
 def synthetic_images(count: int, seed: int = 0, size: tuple[int, int] = (375, 500)) -> list[np.ndarray]:
@@ -335,61 +337,67 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         return compare_features(config, settings)
     if config.compare_sizes:
         return compare_sizes(config, settings)
-    settings = _bench_settings(config, settings)
+    figures = measure_predictions(config, _bench_settings(config, settings))
+    if config.encoders:
+        figures["encoders"] = compare_encoders(config, settings)
+    _print(figures)
+    _write(figures, config.json_path)
+    return figures
+
+
+@dataclass
+class _Predictions:
+    """Predictions of whole batches with their brush results, as /predict makes them; results' seconds recorded."""
+
+    labels: list[Label]
+    options: SegmentOptions
+    device: torch.device  # the features' device, whichever segmenter runs: waited for before a time is read
+    stages: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def __call__(self, segmenter: Segmenter, batches: Sequence[Sequence[np.ndarray]]) -> None:
+        """Predictions for every image, results included; batches overlap as ``segment_batches`` allows."""
+        for _, segmentations in segmenter.segment_batches(enumerate(batches), self.labels, self.options):
+            for segmentation in segmentations:
+                start = time.perf_counter()
+                brush_results(segmentation, "tag", "image")
+                self.stages["results"].append(time.perf_counter() - start)
+        _sync(self.device)
+
+    def observing(self, segmenter: Segmenter) -> Segmenter:
+        """``segmenter`` reporting each stage's seconds into ``stages``."""
+        return segmenter.observed_by(lambda stage, seconds: self.stages[stage].append(seconds))
+
+    def stage_medians_ms(self) -> dict[str, float]:
+        return {stage: 1000 * statistics.median(values) for stage, values in sorted(self.stages.items())}
+
+
+def measure_predictions(config: BenchConfig, settings: Settings) -> dict:
+    """Throughput in batches, latency one image at a time, re-prompts, decoding and the naive mode's time."""
     load_start = time.perf_counter()
     fast = process_segmenter(settings)
     load_seconds = time.perf_counter() - load_start
     models_gpu_mb = torch.cuda.memory_allocated() / 2**20 if fast.device.type == "cuda" else None
-    device = fast.device
     images = _bench_images(config)
-    labels = labels_from_names(VOC_LABELS)
     options = SegmentOptions.from_settings(settings)
-    stages: dict[str, list[float]] = defaultdict(list)
-
-    def predict(segmenter: Segmenter, batches: Sequence[Sequence[np.ndarray]]) -> None:
-        """Predictions for every image, results included; batches overlap as ``segment_batches`` allows."""
-        for _, segmentations in segmenter.segment_batches(enumerate(batches), labels, options):
-            for segmentation in segmentations:
-                start = time.perf_counter()
-                brush_results(segmentation, "tag", "image")
-                stages["results"].append(time.perf_counter() - start)
-        _sync(device)
-
+    predict = _Predictions(labels_from_names(VOC_LABELS), options, fast.device)
     predict(fast, [images[:1]])  # warm-up: first calls allocate, compile kernels, fill caches, start the CRF pool
-    if device.type == "cuda":
+    if fast.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    stages.clear()
-    observed = fast.observed_by(lambda stage, seconds: stages[stage].append(seconds))
+    predict.stages.clear()
     batches = [images[i : i + config.batch] for i in range(0, len(images), config.batch)]
     cpu_start = _cpu_seconds(fast)
-    throughput_seconds = _timed(lambda: predict(observed, batches))
+    throughput_seconds = _timed(lambda: predict(predict.observing(fast), batches))
     cpu_seconds = _cpu_seconds(fast) - cpu_start
-    stage_medians = {stage: 1000 * statistics.median(values) for stage, values in sorted(stages.items())}
+    stage_medians = predict.stage_medians_ms()
     latencies = [_timed(lambda image=image: predict(fast, [[image]])) for image in images]
-
-    cache = ProcessCache(max_bytes=2**34)
-    for index, image in enumerate(images):
-        cache.put(str(index), fast.encode(image))
-    reprompt_options = SegmentOptions(k=options.k + 1, refine=options.refine, seed=options.seed)
-    reprompts = [
-        _timed(lambda i=index, image=image: fast.segment(cache.get(str(i)), image, labels, reprompt_options))
-        for index, image in enumerate(images)
-    ]
-
+    reprompts = _reprompt_seconds(fast, images, predict.labels, options)
     jpegs = [_jpeg(image) for image in images]
     decodes = [_timed(lambda data=data: decode_image(data, settings.image_limits)) for data in jpegs]
-
-    naive_seconds = naive_cpu_seconds = None
-    if config.naive:
-        naive = naive_segmenter(fast)
-        naive_cpu_start = _cpu_seconds(naive)
-        naive_seconds = _timed(lambda: predict(naive, [[image] for image in images]))
-        naive_cpu_seconds = _cpu_seconds(naive) - naive_cpu_start
-
-    figures = {
+    naive_seconds, naive_cpu_seconds = _naive_seconds(fast, images, predict) if config.naive else (None, None)
+    return {
         "profile": config.profile,
         "model_version": model_version(settings),
-        "device": str(device),
+        "device": str(fast.device),
         "dtype": _dtype_name(fast),
         "engine": _engine_name(fast),
         "nouns": settings.nouns,  # "words" where spaCy is not installed (the GPU kit)
@@ -409,21 +417,71 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         "cpu_cores_busy": cpu_seconds / throughput_seconds,
         "baseline_cpu_cores_busy": None if naive_seconds is None else naive_cpu_seconds / naive_seconds,
         "decode_p50_ms": 1000 * _percentile(decodes, 50),  # the images as JPEG files (quality 90)
-        "latency_p50_ms": 1000 * _percentile(latencies, 50),
-        "latency_p95_ms": 1000 * _percentile(latencies, 95),
+        **_latency_figures(latencies),
         "reprompt_p50_ms": 1000 * _percentile(reprompts, 50),
         "reprompt_to_cold_ratio": _percentile(reprompts, 50) / max(_percentile(latencies, 50), 1e-9),
         "stages_ms": stage_medians,  # per call: caption and features are called once per batch
         "model_load_s": load_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "models_gpu_mb": models_gpu_mb,  # all models loaded, before any image
-        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
-        "hardware": _hardware(device),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if fast.device.type == "cuda" else None,
+        "hardware": _hardware(fast.device),
         "date": time.strftime("%Y-%m-%d"),
     }
-    _print(figures)
-    _write(figures, config.json_path)
-    return figures
+
+
+def _latency_figures(latencies: Sequence[float]) -> dict[str, float]:
+    return {"latency_p50_ms": 1000 * _percentile(latencies, 50), "latency_p95_ms": 1000 * _percentile(latencies, 95)}
+
+
+def _reprompt_seconds(fast: Segmenter, images: Sequence[np.ndarray], labels: list[Label],
+                      options: SegmentOptions) -> list[float]:
+    """Each image segmented again from its cached encoding, with another K: what a re-prompt costs."""
+    cache = ProcessCache(max_bytes=2**34)
+    for index, image in enumerate(images):
+        cache.put(str(index), fast.encode(image))
+    reprompt_options = SegmentOptions(k=options.k + 1, refine=options.refine, seed=options.seed)
+    return [_timed(lambda i=index, image=image: fast.segment(cache.get(str(i)), image, labels, reprompt_options))
+            for index, image in enumerate(images)]
+
+
+def _naive_seconds(fast: Segmenter, images: Sequence[np.ndarray], predict: _Predictions) -> tuple[float, float]:
+    """The naive mode's wall and CPU seconds for every image, one at a time."""
+    naive = naive_segmenter(fast)
+    cpu_start = _cpu_seconds(naive)
+    seconds = _timed(lambda: predict(naive, [[image] for image in images]))
+    return seconds, _cpu_seconds(naive) - cpu_start
+
+
+def compare_encoders(config: BenchConfig, settings: Settings) -> dict[str, dict]:
+    """One image at a time with each FREESEG_ENCODER of ``config.encoders``, on the same images: latency, each
+    stage's median and the peak resident memory, per encoder. Each encoder's models are loaded alone (those of the
+    run before released), so its peak is what a process serving with it holds."""
+    images = _bench_images(config)
+    blocks = {}
+    for encoder in config.encoders:
+        _release_models()
+        blocks[encoder] = _encoder_figures(_bench_settings(config, settings).model_copy(update={"encoder": encoder}),
+                                           images)
+    _release_models()
+    return blocks
+
+
+def _release_models() -> None:
+    process_segmenter.cache_clear()
+    gc.collect()
+
+
+def _encoder_figures(settings: Settings, images: Sequence[np.ndarray]) -> dict:
+    segmenter = process_segmenter(settings)
+    predict = _Predictions(labels_from_names(VOC_LABELS), SegmentOptions.from_settings(settings), segmenter.device)
+    predict(segmenter, [images[:1]])  # warm-up
+    predict.stages.clear()
+    observed = predict.observing(segmenter)
+    with _PeakMemory() as memory:
+        latencies = [_timed(lambda image=image: predict(observed, [[image]])) for image in images]
+    return {"model_version": model_version(settings), **_latency_figures(latencies),
+            "stages_ms": predict.stage_medians_ms(), "peak_rss_mb": memory.peak_mb}
 
 
 def _jpeg(image: np.ndarray) -> bytes:
@@ -463,3 +521,7 @@ def _print(figures: dict) -> None:
     gpu = (f", GPU {figures['models_gpu_mb']:.0f} MB with the models loaded, peak {figures['peak_gpu_mb']:.0f} MB"
            if figures["peak_gpu_mb"] is not None else "")
     print(f"  memory          RSS peak {figures['peak_rss_mb']:.0f} MB{gpu}; models loaded in {figures['model_load_s']:.1f} s")
+    for encoder, block in figures.get("encoders", {}).items():
+        print(f"  encoder {encoder:7} p50 {block['latency_p50_ms']:8.1f} ms   features "
+              f"{block['stages_ms'].get('features', 0.0):.1f} ms   RSS peak {block['peak_rss_mb']:.0f} MB"
+              f"   ({block['model_version']})")

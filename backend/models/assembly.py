@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import HfApi, constants
 
 from backend.models import download, random_full
-from backend.models.captioners import captioner_source
+from backend.models.captioners import auto_captioner, captioner_source
 from backend.models.loading import (
     CaptionerParts,
     ClipParts,
@@ -22,8 +22,8 @@ from backend.models.loading import (
     load_spacy,
     load_stable_diffusion,
 )
-from backend.models.tiny import tiny_model_folder
-from backend.settings import Settings
+from backend.models.tiny import TINY_TAESD, tiny_model_folder
+from backend.settings import CaptionerKind, Settings
 
 if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
     from spacy.language import Language
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelParts", "ModelUnavailableError", "cpu_has_native_bfloat16", "download_models", "load_model_parts",
-           "resolve_device"]
+           "resolve_captioner", "resolve_device"]
 
 
 @dataclass
@@ -95,6 +95,15 @@ def resolve_placement(settings: Settings) -> Placement:
     return Placement(device, dtype, captioner_device, captioner_dtype)
 
 
+def resolve_captioner(settings: Settings) -> CaptionerKind:
+    """FREESEG_CAPTIONER, with ``auto`` resolved for the captioner's device and dtype (``auto_captioner``): what
+    is loaded, downloaded and named in the fingerprint."""
+    if settings.captioner != "auto":
+        return settings.captioner
+    placement = resolve_placement(settings)
+    return auto_captioner(placement.captioner_device, placement.captioner_dtype)
+
+
 def is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
@@ -103,7 +112,8 @@ def download_models(settings: Settings, echo: download.Echo = print) -> int:
     """Fetch the files the pretrained models load (the fp16 variants when they run in half
     precision) into the Hugging Face cache; the bytes fetched (0 when all were there)."""
     placement = resolve_placement(settings)
-    requests = download.repo_requests(settings, is_half(placement.dtype), is_half(placement.captioner_dtype))
+    requests = download.repo_requests(settings, is_half(placement.dtype), is_half(placement.captioner_dtype),
+                                      resolve_captioner(settings))
     return download.fetch(download.plan(requests, HfApi()), echo)
 
 
@@ -122,29 +132,32 @@ def load_model_parts(settings: Settings) -> ModelParts:
     placement = resolve_placement(settings)
     device, dtype = placement.device, placement.dtype
     captioner_device, captioner_dtype = placement.captioner_device, placement.captioner_dtype
+    captioner = resolve_captioner(settings)
     nlp = load_spacy(settings.spacy_model) if settings.nouns == "spacy" else None
     if settings.models == "random-full":
         tokenizer_folder = settings.model_dir / "random-full-clip-tokenizer"
         return ModelParts(
-            stable_diffusion=random_full.build_stable_diffusion(tokenizer_folder, device, dtype),
+            stable_diffusion=random_full.build_stable_diffusion(tokenizer_folder, device, dtype, settings.encoder),
             clip=random_full.build_clip(device, dtype),
-            captioner=random_full.build_captioner(settings.captioner, captioner_device, captioner_dtype),
+            captioner=random_full.build_captioner(captioner, captioner_device, captioner_dtype),
             nlp=nlp, placement=placement,
         )
     if settings.models == "tiny":
         folder = tiny_model_folder(settings.model_dir)
         sd_source, clip_name, clip_weights = str(folder / "stable-diffusion"), str(folder / "clip"), ""
-        captioner_location = str(folder / settings.captioner)
+        captioner_location, taesd_location = str(folder / captioner), str(folder / TINY_TAESD)
         checkpoint = None
     else:
         if downloads_wanted(settings):
             ensure_downloaded(settings)
         sd_source, clip_name, clip_weights = settings.sd_model, settings.clip_model, settings.clip_pretrained
-        captioner_location, checkpoint = captioner_source(settings), settings.clip_checkpoint
+        captioner_location, checkpoint = captioner_source(settings, captioner), settings.clip_checkpoint
+        taesd_location = settings.taesd_model
+    taesd = taesd_location if settings.encoder == "taesd" else None
     return ModelParts(
-        stable_diffusion=load_stable_diffusion(sd_source, device=device, dtype=dtype),
+        stable_diffusion=load_stable_diffusion(sd_source, device=device, dtype=dtype, taesd=taesd),
         clip=load_clip(clip_name, clip_weights, checkpoint, device=device, dtype=dtype),
-        captioner=load_captioner(settings.captioner, captioner_location, device=captioner_device, dtype=captioner_dtype),
+        captioner=load_captioner(captioner, captioner_location, device=captioner_device, dtype=captioner_dtype),
         nlp=nlp, placement=placement,
     )
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from transformers import (
     Blip2Config,
@@ -32,9 +33,10 @@ from transformers import (
 from backend.models.selection import CAPTIONER, Component
 from backend.models.tokenizers import build_caption_tokenizer, caption_token_ids
 from backend.pipeline.caption import CaptionGeneration
-from backend.settings import Settings
+from backend.settings import CaptionerKind, Settings
 
 TINY_IMAGE_SIZE = 64
+AUTO_HEADROOM = 2.0  # auto's rule: a GPU holds BLIP-2 when its memory is this many times BLIP-2's weights
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class CaptionerSpec:
     generation: CaptionGeneration
     save_tiny: Callable[[Path], None]  # writes the small model and its processor into a folder
     build_random: Callable[[], tuple[PreTrainedModel, ProcessorMixin]]  # full size, on torch's default device
+    parameters: int  # of the pretrained model: what its weights weigh in a dtype (auto's rule)
     components: tuple[Component, ...] = CAPTIONER  # what `freesegdiff download` fetches and the loader reads
 
 
@@ -126,16 +129,31 @@ CAPTIONERS: dict[str, CaptionerSpec] = {
         CaptionerSpec(
             kind="blip", hub_id="Salesforce/blip-image-captioning-base", model_class=BlipForConditionalGeneration,
             generation=CaptionGeneration(prompt="a picture of", min_length=10),
-            save_tiny=_save_tiny_blip, build_random=_random_blip,
+            save_tiny=_save_tiny_blip, build_random=_random_blip, parameters=224_000_000,
         ),
         CaptionerSpec(
             kind="blip2", hub_id="Salesforce/blip2-opt-2.7b", model_class=Blip2ForConditionalGeneration,
             generation=CaptionGeneration(), save_tiny=_save_tiny_blip2, build_random=_random_blip2,
+            parameters=3_740_000_000,
         ),
     )
 }
 
 
-def captioner_source(settings: Settings) -> str:
-    """The captioner's hub id or folder: FREESEG_CAPTIONER_MODEL, else the kind's hub id."""
-    return settings.captioner_model or CAPTIONERS[settings.captioner].hub_id
+def auto_captioner(device: torch.device, dtype: torch.dtype) -> CaptionerKind:
+    """FREESEG_CAPTIONER=auto on the captioner's device: BLIP-2 on a CUDA device whose memory holds its weights
+    in ``dtype`` AUTO_HEADROOM times over (the rest: the feature models, activations, CUDA's own), else BLIP base.
+
+    On a CPU BLIP-2 costs about 70 s and 20 GB of RAM per image, past Label Studio's 100 s with the rest.
+    """
+    if device.type != "cuda":
+        return "blip"
+    weights = CAPTIONERS["blip2"].parameters * dtype.itemsize
+    fits = weights * AUTO_HEADROOM <= torch.cuda.get_device_properties(device).total_memory
+    return "blip2" if fits else "blip"
+
+
+def captioner_source(settings: Settings, kind: CaptionerKind) -> str:
+    """The captioner's hub id or folder: FREESEG_CAPTIONER_MODEL, else the hub id of ``kind`` (FREESEG_CAPTIONER,
+    resolved)."""
+    return settings.captioner_model or CAPTIONERS[kind].hub_id

@@ -17,8 +17,8 @@ from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.utils import enable_progress_bars
 
 from backend.models.captioners import CAPTIONERS, captioner_source
-from backend.models.selection import OPEN_CLIP, STABLE_DIFFUSION, Component, select_files
-from backend.settings import Settings
+from backend.models.selection import OPEN_CLIP, TAESD, Component, select_files, stable_diffusion_components
+from backend.settings import CaptionerKind, Settings
 
 Echo = Callable[[str], None]
 
@@ -47,22 +47,25 @@ def clip_repo(model_name: str, tag: str) -> str | None:
     return config["hf_hub"].strip("/") if config and config.get("hf_hub") else None
 
 
-def repo_requests(settings: Settings, half: bool, captioner_half: bool) -> list[RepoRequest]:
-    """The hub repos the pretrained profile loads with these settings (local sources left out)."""
+def repo_requests(settings: Settings, half: bool, captioner_half: bool, captioner: CaptionerKind) -> list[RepoRequest]:
+    """The hub repos the pretrained profile loads with these settings and ``captioner`` (FREESEG_CAPTIONER,
+    resolved), local sources left out: TAESD's and not the VAE's files with FREESEG_ENCODER=taesd."""
     def is_local(source: str | Path | None) -> bool:
         return source is not None and Path(source).expanduser().exists()
 
     requests = []
     if not is_local(settings.sd_model):
-        requests.append(RepoRequest(settings.sd_model, STABLE_DIFFUSION, half, "FREESEG_SD_MODEL"))
+        requests.append(RepoRequest(settings.sd_model, stable_diffusion_components(settings.encoder), half,
+                                    "FREESEG_SD_MODEL"))
+    if settings.encoder == "taesd" and not is_local(settings.taesd_model):
+        requests.append(RepoRequest(settings.taesd_model, TAESD, half, "FREESEG_TAESD_MODEL"))
     if not is_local(settings.clip_model) and not settings.clip_checkpoint:
         repo = clip_repo(settings.clip_model, settings.clip_pretrained)
         if repo:
             requests.append(RepoRequest(repo, OPEN_CLIP, False, "FREESEG_CLIP_PRETRAINED"))
-    captioner = captioner_source(settings)
-    if not is_local(captioner):
-        components = CAPTIONERS[settings.captioner].components
-        requests.append(RepoRequest(captioner, components, captioner_half, "FREESEG_CAPTIONER_MODEL"))
+    source = captioner_source(settings, captioner)
+    if not is_local(source):
+        requests.append(RepoRequest(source, CAPTIONERS[captioner].components, captioner_half, "FREESEG_CAPTIONER_MODEL"))
     return requests
 
 

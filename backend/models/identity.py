@@ -14,7 +14,7 @@ import json
 import torch
 
 from backend import __version__
-from backend.models.assembly import resolve_device
+from backend.models.assembly import resolve_captioner, resolve_device
 from backend.models.captioners import captioner_source
 from backend.pipeline.encoding import FORMAT_VERSION
 from backend.pipeline.features import FeatureSettings
@@ -27,20 +27,26 @@ def feature_settings(settings: Settings) -> FeatureSettings:
 
 
 def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
-    """A hash of everything an Encoding depends on: models, feature settings, precision, format."""
+    """A hash of everything an Encoding depends on: models (the captioner as ``auto`` resolved), feature settings,
+    precision, format."""
+    captioner = resolve_captioner(settings)
     described = {
         "format": FORMAT_VERSION,
         "profile": settings.models,
         "dtype": str(dtype),
         "working_max_side": settings.refine_max_side,  # images above it are encoded from a shrunk copy
         "features": feature_settings(settings).__dict__,
-        "captioner": [settings.captioner, settings.captioner_device],
+        "captioner": [captioner, settings.captioner_device],
     }
     if settings.fidelity != "default":  # the release's captions are shorter; default fingerprints stay as they were
         described["fidelity"] = settings.fidelity
+    if settings.encoder != "vae":  # the VAE's fingerprints stay as they were
+        described["encoder"] = settings.encoder
     if settings.models == "pretrained":
         described.update(sd=settings.sd_model, clip=[settings.clip_model, settings.clip_pretrained],
-                         captioner_model=captioner_source(settings))
+                         captioner_model=captioner_source(settings, captioner))
+        if settings.encoder == "taesd":
+            described["taesd"] = settings.taesd_model
         if settings.clip_checkpoint:
             described["clip_checkpoint"] = str(settings.clip_checkpoint)
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
@@ -52,6 +58,9 @@ def settings_fingerprint(settings: Settings) -> str:
 
 
 def model_version(settings: Settings) -> str:
-    """The ``model_version`` of every prediction; non-pretrained profiles say so in it."""
+    """The ``model_version`` of every prediction; a faster encoder than the paper's VAE and the non-pretrained
+    profiles say so in it."""
     version = f"freesegdiff-{__version__}-{settings_fingerprint(settings)[:8]}"
+    if settings.encoder != "vae":
+        version = f"{version}-{settings.encoder}"
     return version if settings.models == "pretrained" else f"{version}-{settings.models}-random-weights"

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from huggingface_hub import snapshot_download
 from transformers import AutoProcessor, CLIPTextModel, CLIPTokenizer, PreTrainedModel, ProcessorMixin
 
 from backend.models.captioners import CAPTIONERS
-from backend.models.selection import OPEN_CLIP, STABLE_DIFFUSION, Component, Weights, select_weights
+from backend.models.selection import OPEN_CLIP, TAESD, Component, Weights, select_weights, stable_diffusion_components
 
 if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
     from spacy.language import Language
@@ -34,7 +34,7 @@ class ModelUnavailableError(RuntimeError):
 
 @dataclass
 class StableDiffusionParts:
-    vae: AutoencoderKL
+    vae: AutoencoderKL | AutoencoderTiny  # TAESD with FREESEG_ENCODER=taesd, in the VAE's place as in diffusers' pipelines
     unet: UNet2DConditionModel
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
@@ -88,13 +88,14 @@ def local_weights(folder: Path, component: Component, dtype: torch.dtype, *, wha
     return weights
 
 
-def load_stable_diffusion(source: str, *, device: torch.device, dtype: torch.dtype) -> StableDiffusionParts:
-    """The VAE, U-Net, text encoder and tokenizer of an SD1.x pipeline folder or hub id."""
+def load_stable_diffusion(source: str, *, device: torch.device, dtype: torch.dtype,
+                          taesd: str | None = None) -> StableDiffusionParts:
+    """The VAE, U-Net, text encoder and tokenizer of an SD1.x pipeline folder or hub id; with ``taesd`` (a folder
+    or hub id), TAESD in the VAE's place, and the VAE not read at all."""
     what, setting = "Stable Diffusion", "FREESEG_SD_MODEL"
     folder = resolve_folder(source, what=what, setting=setting)
-    unet_part, vae_part, text_part, _ = STABLE_DIFFUSION
     chosen = {part.folder: local_weights(folder, part, dtype, what=what, source=source, setting=setting)
-              for part in (unet_part, vae_part, text_part)}
+              for part in stable_diffusion_components("vae" if taesd is None else "taesd") if part.weight_stems}
 
     def options(subfolder: str) -> dict:
         weights = chosen[subfolder]
@@ -103,7 +104,7 @@ def load_stable_diffusion(source: str, *, device: torch.device, dtype: torch.dty
 
     try:
         parts = StableDiffusionParts(
-            vae=AutoencoderKL.from_pretrained(folder, **options("vae")),
+            vae=AutoencoderKL.from_pretrained(folder, **options("vae")) if taesd is None else load_taesd(taesd, dtype),
             unet=UNet2DConditionModel.from_pretrained(folder, **options("unet")),
             text_encoder=CLIPTextModel.from_pretrained(folder, **options("text_encoder")),
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
@@ -113,6 +114,19 @@ def load_stable_diffusion(source: str, *, device: torch.device, dtype: torch.dty
     for module in (parts.vae, parts.unet, parts.text_encoder):
         module.to(device).eval().requires_grad_(False)
     return parts
+
+
+def load_taesd(source: str, dtype: torch.dtype) -> AutoencoderTiny:
+    """TAESD (diffusers' ``AutoencoderTiny``, as ``madebyollin/taesd`` holds it) from a folder or hub id."""
+    what, setting = "TAESD", "FREESEG_TAESD_MODEL"
+    folder = resolve_folder(source, what=what, setting=setting)
+    (component,) = TAESD
+    weights = local_weights(folder, component, dtype, what=what, source=source, setting=setting)
+    try:
+        return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, variant=weights.variant,
+                                               use_safetensors=weights.use_safetensors)
+    except (OSError, ValueError) as error:
+        raise _unavailable(what, source, setting, error) from error
 
 
 def _open_clip_tag(model_name: str, tag: str) -> dict:

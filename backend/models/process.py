@@ -38,7 +38,7 @@ def process_segmenter(settings: Settings) -> Segmenter:
     clip = ClipEmbedder(parts.clip, device, dtype)
     rules = stage_rules(settings.fidelity, clip, stable_diffusion_text, settings.nouns)
     return Segmenter(
-        captioner=Captioner(parts.captioner, CAPTIONERS[settings.captioner].generation, placement.captioner_device,
+        captioner=Captioner(parts.captioner, CAPTIONERS[parts.captioner.kind].generation, placement.captioner_device,
                             placement.captioner_dtype, rules.caption_length),
         features=feature_extractor(network, settings.engine, settings.model_dir / "engines", fingerprint),
         clip=clip,

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import open_clip
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from backend.models.captioners import CAPTIONERS
 from backend.models.loading import CaptionerParts, ClipParts, StableDiffusionParts
 from backend.models.tokenizers import write_clip_tokenizer
+from backend.settings import EncoderKind
 
 SEED = 20240102
 
@@ -26,8 +27,10 @@ def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) 
     return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def build_stable_diffusion(tokenizer_folder, device: torch.device, dtype: torch.dtype) -> StableDiffusionParts:
-    """SD1.5's U-Net (859.5 M parameters), VAE and text encoder, randomly initialised."""
+def build_stable_diffusion(tokenizer_folder, device: torch.device, dtype: torch.dtype,
+                           encoder: EncoderKind = "vae") -> StableDiffusionParts:
+    """SD1.5's U-Net (859.5 M parameters), VAE and text encoder, randomly initialised; with ``encoder="taesd"``,
+    TAESD (``madebyollin/taesd``'s configuration, 2.4 M parameters) in the VAE's place, and no VAE."""
     torch.manual_seed(SEED)
     with torch.device(device):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
@@ -37,7 +40,7 @@ def build_stable_diffusion(tokenizer_folder, device: torch.device, dtype: torch.
             block_out_channels=(128, 256, 512, 512),
             layers_per_block=2,
             sample_size=512,
-        )
+        ) if encoder == "vae" else AutoencoderTiny()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,

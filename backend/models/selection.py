@@ -73,7 +73,13 @@ STABLE_DIFFUSION = (
     Component("tokenizer"),
 )
 CAPTIONER = (Component("", TRANSFORMERS_STEMS),)
+TAESD = (Component("", DIFFUSERS_STEMS),)  # madebyollin/taesd: diffusers' files at the root, beside .pth twins
 OPEN_CLIP = (Component("", OPEN_CLIP_STEMS, with_configs=False),)
+
+
+def stable_diffusion_components(encoder: str) -> tuple[Component, ...]:
+    """The Stable Diffusion folders read for FREESEG_ENCODER=``encoder``: the VAE's only when it encodes."""
+    return tuple(part for part in STABLE_DIFFUSION if encoder == "vae" or part.folder != "vae")
 
 
 def _in_folder(paths: Iterable[str], folder: str) -> dict[str, str]:

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import open_clip
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from backend.models.captioners import CAPTIONERS
 from backend.models.tokenizers import write_clip_tokenizer
 
-TINY_FORMAT = "tiny-v1"  # bump when the architectures below change
+TINY_FORMAT = "tiny-v2"  # bump when the architectures below change (v2: TAESD)
+TINY_TAESD = "taesd"  # the folder of the small TAESD, in madebyollin/taesd's layout
 SEED = 20240101
 CLIP_TOKEN_IDS = {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
 
@@ -53,12 +54,16 @@ def _build_atomically(folder: Path) -> None:
 
 
 def build_tiny_models(folder: Path) -> None:
-    """Write every tiny model under ``folder``: stable-diffusion/, clip/, and each captioner's kind (blip/, ...)."""
+    """Write every tiny model under ``folder``: stable-diffusion/, clip/, each captioner's kind (blip/, ...), taesd/.
+
+    One seeded stream runs through them in this order: a new model goes last, so the others stay as they were.
+    """
     torch.manual_seed(SEED)
     _save_stable_diffusion(folder / "stable-diffusion")
     _save_clip(folder / "clip")
     for captioner in CAPTIONERS.values():
         captioner.save_tiny(folder / captioner.kind)
+    _save_taesd(folder / TINY_TAESD)
 
 
 def _save_stable_diffusion(folder: Path) -> None:
@@ -115,3 +120,9 @@ def _save_clip(folder: Path) -> None:
     }
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     save_file(model.state_dict(), str(folder / "open_clip_model.safetensors"))
+
+
+def _save_taesd(folder: Path) -> None:
+    """TAESD's layout (an encoder and decoder of four levels, latents at 1/8 of the image) at a tiny width."""
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(folder)

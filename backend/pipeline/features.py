@@ -5,6 +5,10 @@ code), scaled to [-1, 1] and encoded by the VAE; its mean latent (deterministic,
 released code sampled it) times the VAE's scaling factor goes through the U-Net once at
 timestep 0, conditioned on the empty prompt's embedding (both computed once).
 
+With FREESEG_ENCODER=taesd, TAESD (diffusers' ``AutoencoderTiny``) encodes the image instead: its
+encoder's output is distilled to stand in for the VAE's scaled latents (its config's scaling factor is
+1.0, and diffusers' pipelines multiply by it just the same), at a small fraction of the VAE's cost.
+
 Which tensors are taken is a setting:
 
 * ``attention-query`` (default, the released code): the cross-attention query
@@ -16,7 +20,7 @@ Which tensors are taken is a setting:
 Each tensor is resized bilinearly to ``grid`` x ``grid`` and the channels concatenated.
 
 :class:`FeatureNetwork` is that computation as one module, pixels in, grids out, and only
-what it needs: the VAE's encoder (not its decoder) and the U-Net up to the up block of the
+what it needs: the VAE's (or TAESD's) encoder, not its decoder, and the U-Net up to the up block of the
 feature level (not the higher-resolution decoder blocks after it, nor that block's
 upsampler). It traces as one graph, so an engine (``backend.models.engines``) can compile it.
 """
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 
 from backend.models.loading import StableDiffusionParts
@@ -56,7 +60,9 @@ class FeatureNetwork(torch.nn.Module):
         vae, unet = parts.vae, parts.unet
         _require_plain_unet(unet)
         self.settings = settings
-        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+        self.encoder = vae.encoder
+        # the VAE's encoder gives the latent distribution's moments; TAESD's the latents themselves
+        self.quant_conv = vae.quant_conv if isinstance(vae, AutoencoderKL) else torch.nn.Identity()
         self.latent_channels, self.scaling_factor = vae.config.latent_channels, vae.config.scaling_factor
         self.conv_in, self.down_blocks, self.mid_block = unet.conv_in, unet.down_blocks, unet.mid_block
         self.up_blocks = _up_blocks_to_level(unet, settings.level)
@@ -72,7 +78,7 @@ class FeatureNetwork(torch.nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         self._tapped.clear()
         moments = self.quant_conv(self.encoder(pixels))
-        latents = moments[:, : self.latent_channels] * self.scaling_factor  # the latent distribution's mean
+        latents = moments[:, : self.latent_channels] * self.scaling_factor  # the VAE's distribution's mean
         batch = pixels.shape[0]
         time, context = self.time_embedding.expand(batch, -1), self.context.expand(batch, -1, -1)
 
