@@ -321,11 +321,12 @@ def _report_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from backend.storage.feedback_log import create_feedback_store, summarize
+    from backend.labelstudio.corrections import summarize
+    from backend.storage.backing import feedback_store
     from backend.evaluation.report import format_over_time, format_table, render_chart
 
     settings = get_settings()
-    records = create_feedback_store(settings.redis_url, settings.model_dir / "feedback").records(args.project)
+    records = feedback_store(settings).records(args.project)
     if not records:
         log.error("no feedback recorded for project %s yet (annotations of tasks with our predictions)", args.project)
         return 1
@@ -339,12 +340,12 @@ def run_report(args: argparse.Namespace) -> int:
 
 def _taught_regions(settings: Settings, project: str) -> dict[str, int] | None:
     """Each label the project's memory (of these models) was taught, with its regions; None when unreadable."""
-    from backend.storage.memory_store import ProjectMemories
+    from backend.storage.backing import project_memories
     from backend.models.identity import settings_fingerprint
     from backend.pipeline.memory import UNLABELED
 
     try:
-        memory = ProjectMemories.from_settings(settings).load(project, settings_fingerprint(settings))
+        memory = project_memories(settings).load(project, settings_fingerprint(settings))
     except Exception as error:  # StoreError, an unreadable memory: the report goes on without it
         log.warning("project %s: its memory could not be read: %s", project, error)
         return None
@@ -422,7 +423,7 @@ def run_annotate_project(args: argparse.Namespace) -> int:
     from backend.jobs.project import annotate_project, annotate_project_queued
     from backend.labelstudio.project_context import open_project
     from backend.labelstudio.projects import ProjectStore
-    from backend.storage.memory_store import shared_store
+    from backend.storage.backing import shared_store
 
     settings = _with_access_flags(args, get_settings())
     try:
@@ -472,13 +473,13 @@ def run_learn(args: argparse.Namespace) -> int:
     from backend.labelstudio.teacher import ProjectTeacher
     from backend.labelstudio.project_context import label_studio_access
     from backend.labelstudio.projects import ProjectStore
-    from backend.storage.memory_store import ProjectMemories
+    from backend.storage.backing import project_memories
     from backend.models.identity import settings_fingerprint
     from backend.storage.shared_store import StoreError
 
     settings = _with_access_flags(args, get_settings())
     project = str(args.project)
-    memories = ProjectMemories.from_settings(settings)
+    memories = project_memories(settings)
     try:
         if args.show:
             return _show_memory(memories, project, settings)
@@ -525,11 +526,12 @@ def _learning_encoder(settings: Settings, segmenter: Segmenter) -> Callable[[Tas
 
     Without Redis there is no cache: an in-process one would only hold memory for the one pass a rebuild makes.
     """
-    if not settings.redis_url:
-        return lambda image: segmenter.encode(image.pixels)
-    from backend.storage.feature_cache import cache_key, create_cache, through_cache
+    from backend.storage.backing import shared_feature_cache
+    from backend.storage.feature_cache import cache_key, through_cache
 
-    cache = create_cache(settings)
+    cache = shared_feature_cache(settings)
+    if cache is None:
+        return lambda image: segmenter.encode(image.pixels)
     return lambda image: through_cache(cache, cache_key(image.data, segmenter.fingerprint),
                                        lambda: segmenter.encode(image.pixels), cache.put)
 
@@ -556,11 +558,11 @@ def _jobs_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    from backend.jobs.queue import redis_connection
+    from backend.storage.backing import runs_redis
     from backend.jobs.status import describe_recent_runs, describe_run
 
     try:
-        connection = redis_connection(get_settings())
+        connection = runs_redis(get_settings())
         print(describe_run(connection, args.run) if args.run else describe_recent_runs(connection))
     except ValueError as error:  # no REDIS_URL
         log.error("%s", error)

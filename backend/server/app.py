@@ -19,8 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from backend.storage.feature_cache import create_cache
-from backend.storage.feedback_log import create_feedback_store
+from backend.storage.backing import feature_cache, feedback_store, project_memories
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.backoff import Backoff
 from backend.labelstudio.config import LabelConfigError, parse_label_config
@@ -28,7 +27,6 @@ from backend.labelstudio.interaction import ContextError, parse_context
 from backend.labelstudio.teacher import ProjectTeacher
 from backend.labelstudio.project_context import label_studio_access, project_context
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
-from backend.storage.memory_store import ProjectMemories, SharedMemoryStore, memory_bounds, shared_store
 from backend.storage.memory_summary import MemorySummary
 from backend.models.assembly import downloads_wanted, ensure_downloaded
 from backend.options import OptionError, option_changes
@@ -60,9 +58,9 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
     settings = settings or get_settings()
     metrics = Metrics()
     version = model_version(settings)
-    shared = shared_store(settings)
+    memories = project_memories(settings)
+    shared = memories.store.store
     projects = ProjectStore(shared)
-    memories = ProjectMemories(SharedMemoryStore(shared), memory_bounds(settings), settings.memory_cache_bytes)
 
     def load() -> Segmenter:
         return (load_segmenter or (lambda: process_segmenter(settings)))().observed_by(metrics.observe_stage)
@@ -72,8 +70,8 @@ def create_app(settings: Settings | None = None, load_segmenter: Callable[[], Se
                              on_depth=metrics.queue_depth.set, max_batch=settings.max_batch,
                              max_wait_seconds=settings.max_wait_ms / 1000, download=download,
                              load_wait_seconds=settings.load_wait_seconds)
-    cache = create_cache(settings, metrics.cache_metrics())
-    feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"), metrics,
+    cache = feature_cache(settings, metrics.cache_metrics())
+    feedback = FeedbackRecorder(feedback_store(settings), metrics,
                                 Backoff.from_settings(settings), settings.max_image_pixels)
     cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=metrics.cache_skipped_writes.inc)
     predictor = Predictor(settings, worker, metrics, cache, cache_writer)
