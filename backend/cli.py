@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
@@ -329,11 +329,12 @@ def _report_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from backend.storage.feedback_log import create_feedback_store, summarize
+    from backend.labelstudio.corrections import summarize
+    from backend.storage.backing import feedback_store
     from backend.evaluation.report import format_over_time, format_table, render_chart
 
     settings = get_settings()
-    records = create_feedback_store(settings.redis_url, settings.model_dir / "feedback").records(args.project)
+    records = feedback_store(settings).records(args.project)
     if not records:
         log.error("no feedback recorded for project %s yet (annotations of tasks with our predictions)", args.project)
         return 1
@@ -347,12 +348,12 @@ def run_report(args: argparse.Namespace) -> int:
 
 def _taught_regions(settings: Settings, project: str) -> dict[str, int] | None:
     """Each label the project's memory (of these models) was taught, with its regions; None when unreadable."""
-    from backend.storage.memory_store import ProjectMemories
+    from backend.storage.backing import project_memories
     from backend.models.identity import settings_fingerprint
     from backend.pipeline.memory import UNLABELED
 
     try:
-        memory = ProjectMemories.from_settings(settings).load(project, settings_fingerprint(settings))
+        memory = project_memories(settings).load(project, settings_fingerprint(settings))
     except Exception as error:  # StoreError, an unreadable memory: the report goes on without it
         log.warning("project %s: its memory could not be read: %s", project, error)
         return None
@@ -431,7 +432,7 @@ def run_annotate_project(args: argparse.Namespace) -> int:
     from backend.jobs.project import annotate_project, annotate_project_queued
     from backend.labelstudio.project_context import open_project
     from backend.labelstudio.projects import ProjectStore
-    from backend.storage.memory_store import shared_store
+    from backend.storage.backing import shared_store
 
     settings = _with_access_flags(args, get_settings())
     try:
@@ -481,14 +482,14 @@ def run_learn(args: argparse.Namespace) -> int:
     from backend.labelstudio.teacher import ProjectTeacher
     from backend.labelstudio.project_context import label_studio_access
     from backend.labelstudio.projects import ProjectStore
+    from backend.storage.backing import project_memories
     from backend.storage.cached_encoder import one_pass_cache, segmenter_encoder
-    from backend.storage.memory_store import ProjectMemories
     from backend.models.identity import settings_fingerprint
     from backend.storage.shared_store import StoreError
 
     settings = _with_access_flags(args, get_settings())
     project = str(args.project)
-    memories = ProjectMemories.from_settings(settings)
+    memories = project_memories(settings)
     try:
         if args.show:
             return _show_memory(memories, project, settings)
@@ -555,13 +556,12 @@ def _jobs_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_jobs(args: argparse.Namespace) -> int:
     from backend.jobs.background_runs import cancel
-    from backend.jobs.queue import redis_connection
     from backend.jobs.status import describe_background_run, describe_background_runs, describe_recent_runs, describe_run
-    from backend.storage.memory_store import shared_store
+    from backend.storage.backing import runs_redis, shared_store
     from backend.storage.run_registry import RunRegistry
 
     settings = get_settings()
-    connection = redis_connection(settings) if settings.redis_url else None
+    connection = runs_redis(settings) if settings.redis_url else None
     registry = RunRegistry(shared_store(settings))
     if args.cancel:
         record = cancel(registry, args.cancel, connection)
@@ -574,7 +574,7 @@ def run_jobs(args: argparse.Namespace) -> int:
         print(describe_background_runs(registry, None))
         return 0
     try:
-        connection = connection or redis_connection(settings)
+        connection = connection or runs_redis(settings)
         print(describe_run(connection, args.run) if args.run else
               describe_background_runs(registry, connection) + "\n" + describe_recent_runs(connection))
     except ValueError as error:  # no REDIS_URL

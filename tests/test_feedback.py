@@ -11,16 +11,15 @@ import pytest
 from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
+from backend.labelstudio.corrections import LabelSummary, compare, summarize
+from backend.settings import Settings
+from backend.storage.backing import feedback_store
 from backend.storage.feedback_log import (
     FeedbackRecord,
     FeedbackStoreError,
     FileFeedbackStore,
     LabelFeedback,
-    LabelSummary,
     RedisFeedbackStore,
-    compare,
-    create_feedback_store,
-    summarize,
 )
 from backend.evaluation.report import format_table, render_chart
 from tests.redis_server import RedisServer, free_port
@@ -109,7 +108,7 @@ def test_a_region_whose_rle_does_not_decode_to_the_image_is_skipped(rle: list[in
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     prediction = [brush("sky", square(0, 0)), rle_result("road", rle)]
     annotation = [brush("sky", square(0, 0)), brush("road", square(15, 20))]
-    with caplog.at_level(logging.WARNING, logger="backend.storage.feedback_log"):
+    with caplog.at_level(logging.WARNING, logger="backend.labelstudio.corrections"):
         feedback = compare(prediction, annotation)
     assert feedback == [LabelFeedback("road", 0.0, "added"), LabelFeedback("sky", 1.0, "kept")]
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
@@ -252,10 +251,11 @@ def test_the_file_store_skips_a_torn_last_line(tmp_path: Path) -> None:
     assert store.records("torn") == [good]
 
 
-def test_create_feedback_store_picks_redis_only_with_a_url(tmp_path: Path) -> None:
-    assert isinstance(create_feedback_store(None, tmp_path), FileFeedbackStore)
-    assert isinstance(create_feedback_store("", tmp_path), FileFeedbackStore)
-    assert isinstance(create_feedback_store("redis://127.0.0.1:1/0", tmp_path), RedisFeedbackStore)
+def test_the_feedback_store_is_redis_only_with_a_url(tmp_path: Path) -> None:
+    assert isinstance(feedback_store(Settings(redis_url=None, model_dir=tmp_path)), FileFeedbackStore)
+    assert isinstance(feedback_store(Settings(redis_url="", model_dir=tmp_path)), FileFeedbackStore)
+    assert isinstance(feedback_store(Settings(redis_url="redis://127.0.0.1:1/0", model_dir=tmp_path)),
+                      RedisFeedbackStore)
 
 
 # --- report -------------------------------------------------------------------------------------

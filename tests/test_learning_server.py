@@ -350,13 +350,13 @@ def test_a_learn_racing_the_delete_of_its_annotation_never_brings_it_back(settin
     from backend.labelstudio.task_images import TaskImageLoader
     from backend.labelstudio.teacher import ProjectTeacher
     from backend.labelstudio.projects import ProjectStore
-    from backend.storage.memory_store import ProjectMemories
+    from backend.storage.backing import project_memories
     from backend.labelstudio.access import LabelStudioAccess
 
     access = LabelStudioAccess(fake.url, TOKEN)
 
     def teacher(encode) -> ProjectTeacher:  # each a process of its own, on the same MODEL_DIR
-        memories = ProjectMemories.from_settings(settings)
+        memories = project_memories(settings)
         return ProjectTeacher(memories, ProjectStore(memories.store.store), TaskImageLoader.from_settings(settings),
                               encode, tiny_segmenter.fingerprint, Backoff.from_settings(settings))
 
@@ -368,7 +368,7 @@ def test_a_learn_racing_the_delete_of_its_annotation_never_brings_it_back(settin
         return tiny_segmenter.encode(image.pixels)
 
     teacher(encode_while_deleted).learn("1", 100, access)
-    assert ProjectMemories.from_settings(settings).load("1", tiny_segmenter.fingerprint).annotations == {}
+    assert project_memories(settings).load("1", tiny_segmenter.fingerprint).annotations == {}
 
 
 def test_the_memory_route_shows_what_was_taught_behind_basic_auth(settings, tiny_segmenter):

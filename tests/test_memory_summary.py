@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backend.cli import main
-from backend.storage.memory_store import ProjectMemories
+from backend.storage.backing import project_memories
 from backend.storage.memory_summary import MemorySummary
 from backend.models.identity import model_version, settings_fingerprint
 from backend.pipeline.memory import UNLABELED, LabelExamples, Memory, MemoryBounds, Source
@@ -55,11 +55,11 @@ def test_freesegdiff_learn_show_prints_the_memory_without_loading_models(tmp_pat
         assert main(["learn", "--project", "7", "--show"]) == 1
         assert "no memory" in capsys.readouterr().out
         fingerprint = settings_fingerprint(settings)
-        ProjectMemories.from_settings(settings).change("7", fingerprint, 8,
+        project_memories(settings).change("7", fingerprint, 8,
                                                        lambda memory: memory.replace(taught_memory(fingerprint)))
         assert main(["learn", "--project", "7", "--show"]) == 0
         out = capsys.readouterr().out
-        revision = ProjectMemories.from_settings(settings).load("7", fingerprint).revision
+        revision = project_memories(settings).load("7", fingerprint).revision
         assert f"model_version {model_version(settings)}-m{revision}" in out
         rust = next(line for line in out.splitlines() if line.startswith("rust"))
         assert rust.split() == ["rust", "3", "9", str(12 * 16), "100,", "101"]

@@ -13,7 +13,7 @@ from backend.models.identity import model_version
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
 from backend.options import OptionError
 from backend.settings import Settings
-from backend.storage.shared_store import create_store
+from backend.storage.shared_store import FileStore
 from tests.fake_labelstudio import TOKEN, FakeLabelStudio
 
 OURS = "freesegdiff-0.1.0-abc-tiny-random-weights"
@@ -72,7 +72,7 @@ def fake_labelstudio():
 
 def test_a_job_reads_the_connection_from_label_studio_when_the_store_has_none(tmp_path, fake_labelstudio):
     settings = Settings(model_dir=tmp_path, label_studio_url=fake_labelstudio.url, label_studio_api_key=TOKEN)
-    api, connection = open_project(settings, 4, ProjectStore(create_store(None, tmp_path)))
+    api, connection = open_project(settings, 4, ProjectStore(FileStore(tmp_path)))
     assert connection.options == {"k": 2}  # ours, not another backend's, not another project's
     assert any(path.startswith("/api/ml") and "project=4" in path for path in fake_labelstudio.requests)
     context = project_context(settings, parse_label_config(api.label_config()), connection, None)
@@ -80,7 +80,7 @@ def test_a_job_reads_the_connection_from_label_studio_when_the_store_has_none(tm
 
 
 def test_what_setup_kept_wins_over_label_studios_record(tmp_path, fake_labelstudio):
-    store = ProjectStore(create_store(None, tmp_path))
+    store = ProjectStore(FileStore(tmp_path))
     store.save(4, ProjectSetup(config(), {"k": 3}, LabelStudioAccess(fake_labelstudio.url, TOKEN)))
     api, connection = open_project(Settings(model_dir=tmp_path), 4, store)  # no LABEL_STUDIO_URL: /setup's
     assert connection.options == {"k": 3} and api.access == LabelStudioAccess(fake_labelstudio.url, TOKEN)
@@ -91,9 +91,9 @@ def test_a_bad_extra_param_in_label_studio_names_its_connection(tmp_path, fake_l
     fake_labelstudio.ml_backends[1]["extra_params"] = {"k": 100}
     settings = Settings(model_dir=tmp_path, label_studio_url=fake_labelstudio.url, label_studio_api_key=TOKEN)
     with pytest.raises(OptionError, match="extra_params.k of ML backend 1"):
-        open_project(settings, 4, ProjectStore(create_store(None, tmp_path)))
+        open_project(settings, 4, ProjectStore(FileStore(tmp_path)))
 
 
 def test_without_access_anywhere_the_error_names_the_setting(tmp_path):
     with pytest.raises(ValueError, match="LABEL_STUDIO_URL"):
-        open_project(Settings(model_dir=tmp_path), 4, ProjectStore(create_store(None, tmp_path)))
+        open_project(Settings(model_dir=tmp_path), 4, ProjectStore(FileStore(tmp_path)))

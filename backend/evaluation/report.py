@@ -18,7 +18,8 @@ matplotlib.use("Agg")  # render to files only: servers and CI have no display
 import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 
-from backend.storage.feedback_log import FeedbackRecord, LabelSummary
+from backend.labelstudio.corrections import LabelSummary
+from backend.storage.feedback_log import FeedbackRecord
 
 CHART_TITLE = "Pre-annotation IoU per label"
 CHART_SIZE_INCHES = (9.0, 5.0)

@@ -24,9 +24,10 @@ from urllib.parse import quote
 import numpy as np
 
 from backend.images import ImageError, ImageLimits, read_image_data
+from backend.storage.backing import runs_redis
 from backend.storage.job_ledger import ProcessLedger, Outcome, RedisLedger, RunProgress
 from backend.jobs.progress import RunBar
-from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
+from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, wait_for_run
 from backend.exports.coco import coco_annotations
 from backend.exports.brush_results import brush_results, prediction
 from backend.models.identity import model_version
@@ -256,7 +257,7 @@ def annotate_folder_queued(run: FolderRun, image_reference: Callable[[Path], str
     """
     run = dataclasses.replace(run, folder=run.folder.resolve(), out=run.out.resolve())
     relatives, references = _prepare(run, image_reference)
-    connection = redis_connection(settings)
+    connection = runs_redis(settings)
     queue = job_queue(connection, settings)
     ledger = RedisLedger.create(connection, "folder", str(run.out), len(relatives))
     enqueue_chunks(queue, ledger, "backend.jobs.folder.annotate_folder_chunk", relatives, {"run": run.to_json()},

@@ -30,13 +30,13 @@ from backend.labelstudio.client import LabelStudioProject
 from backend.storage.job_ledger import Ledger, ProcessLedger, Outcome, RedisLedger, RunProgress
 from backend.jobs.locks import NoLocks, RedisLocks, Refresh, WriteLocks
 from backend.jobs.progress import RunBar
-from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
+from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, wait_for_run
 from backend.labelstudio.config import ProjectVocabulary, parse_label_config
 from backend.labelstudio.task_images import TaskImage, TaskImageLoader
 from backend.labelstudio.project_context import ProjectContext, memory_of, open_project, project_context
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
 from backend.exports.brush_results import project_prediction
-from backend.storage.memory_store import ProjectMemories
+from backend.storage.backing import project_memories, runs_redis
 from backend.models.process import process_segmenter
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.memory import Memory
@@ -179,7 +179,7 @@ def annotate_project(project: LabelStudioProject, connection: ProjectSetup, sett
     segmenter = process_segmenter(settings)  # and before the run's clock starts
     task_ids = project.task_ids()
     ledger = ProcessLedger(len(task_ids))
-    memory = ProjectMemories.from_settings(settings).load(str(project.project), segmenter.fingerprint)
+    memory = project_memories(settings).load(str(project.project), segmenter.fingerprint)
     run = project_run(project, vocabulary, connection, settings, memory, overwrite)
     annotator = TaskAnnotator(run, segmenter, segmenter_encoder(segmenter, one_pass_cache(settings)), settings, ledger,
                               NoLocks())
@@ -199,7 +199,7 @@ def annotate_project_queued(project: LabelStudioProject, settings: Settings, ove
     """
     project_vocabulary(project, settings)
     task_ids = project.task_ids() if task_ids is None else list(task_ids)
-    connection = redis_connection(settings)
+    connection = runs_redis(settings)
     queue = job_queue(connection, settings)
     ledger = RedisLedger.create(connection, "project", f"{project.project} on {project.access.url}", len(task_ids))
     enqueue_chunks(queue, ledger, "backend.jobs.project.annotate_project_chunk", task_ids,
@@ -219,7 +219,7 @@ def annotate_project_chunk(run_id: str, task_ids: list[int], *, project: int, ov
     if all(context.ledger.settled(str(task_id)) for task_id in task_ids):
         return len(task_ids)  # run again after its tasks were settled: nothing to predict, no memory to read
     settings = context.settings
-    memories = ProjectMemories.from_settings(settings)
+    memories = project_memories(settings)
     labelstudio, connection = open_project(settings, project, ProjectStore(memories.store.store))
     vocabulary = project_vocabulary(labelstudio, settings)
     segmenter = process_segmenter(settings)

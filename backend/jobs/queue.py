@@ -29,12 +29,6 @@ POLL_SECONDS = 0.5
 STATE_CHECK_SECONDS = 5.0  # how often a waiting run also reads its jobs' states
 
 
-def redis_connection(settings: Settings) -> redis.Redis:
-    if not settings.redis_url:
-        raise ValueError("queued runs need Redis: set REDIS_URL (redis://host:6379/0)")
-    return redis.Redis.from_url(settings.redis_url)
-
-
 def job_queue(connection: redis.Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
 

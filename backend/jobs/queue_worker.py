@@ -30,7 +30,8 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from backend.jobs.queue import job_queue, redis_connection
+from backend.jobs.queue import job_queue
+from backend.storage.backing import runs_redis
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.settings import Settings
@@ -120,7 +121,7 @@ class ChunkWorker(SimpleWorker):
 
 def run_worker(settings: Settings, burst: bool) -> None:
     """Load the models, then work on ``FREESEG_QUEUE_NAME`` until stopped (``burst``: until no chunk is left)."""
-    connection = redis_connection(settings)
+    connection = runs_redis(settings)
     process_segmenter(settings)
     log.info("models loaded (%s); working on queue %s", model_version(settings), settings.queue_name)
     worker = ChunkWorker([job_queue(connection, settings)], settings.queue_lease_seconds, connection=connection)

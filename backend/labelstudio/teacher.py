@@ -23,15 +23,16 @@ from dataclasses import dataclass
 
 from label_studio_sdk.core.api_error import ApiError
 
-from backend.storage.feedback_log import KEPT, compare
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.annotations import BrushSizeError, annotation_regions
 from backend.labelstudio.backoff import Backoff, with_backoff
 from backend.labelstudio.client import MODEL_VERSION_PREFIX, LabelStudioProject
 from backend.inputs import MAX_LABELS
 from backend.labelstudio.config import ProjectVocabulary, parse_label_config
+from backend.labelstudio.corrections import compare
 from backend.labelstudio.task_images import TaskImage, TaskImageLoader
 from backend.labelstudio.projects import ProjectStore
+from backend.storage.feedback_log import KEPT
 from backend.storage.memory_store import ProjectMemories
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.memory import Memory, Source, Taught

@@ -23,7 +23,6 @@ import numpy as np
 
 from backend.jobs.background_runs import LocalRun, LocalRuns, active, cancel, current, described, start_queued
 from backend.jobs.project import ProjectRun
-from backend.jobs.queue import redis_connection
 from backend.labelstudio.backoff import Backoff
 from backend.labelstudio.client import LabelStudioProject
 from backend.labelstudio.interaction import Interaction
@@ -41,6 +40,7 @@ from backend.server.prometheus import Metrics
 from backend.server.protocol import Task
 from backend.server.request_bound import RequestBound
 from backend.settings import Settings
+from backend.storage.backing import runs_redis
 from backend.storage.cached_encoder import CachedEncoder
 from backend.storage.feature_cache import FeatureCache
 from backend.storage.run_registry import ACTIVE_STATES, RunRegistry
@@ -99,7 +99,7 @@ class Background:
         self.budget = PredictBudget(settings.predict_budget_seconds, resolve_device(settings.device)[0].type)
         self.registry = RunRegistry(shared)
         self.local = LocalRuns(self.registry)
-        self.connection = redis_connection(settings) if settings.redis_url else None
+        self.connection = runs_redis(settings) if settings.redis_url else None
         metrics.background_runs.set_function(lambda: self._active_count()[0])
         metrics.background_tasks_left.set_function(lambda: self._active_count()[1])
 

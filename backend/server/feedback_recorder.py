@@ -1,7 +1,7 @@
 """Feedback from annotators' corrections: how good was the pre-annotation, per label?
 
 When an annotation is created or updated on a task that carries this backend's
-prediction, the two are compared region by region (``backend.storage.feedback_log``), the
+prediction, the two are compared region by region (``backend.labelstudio.corrections``), the
 outcome is stored (Redis when configured, else a file under MODEL_DIR) and counted on
 ``/metrics``. ``freesegdiff report --project ID`` reads the store back.
 """
@@ -13,7 +13,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from backend.storage.feedback_log import FeedbackRecord, FeedbackStore, compare
+from backend.labelstudio.corrections import compare
+from backend.storage.feedback_log import FeedbackRecord, FeedbackStore
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.backoff import LABEL_STUDIO_ERRORS, Backoff, describe
 from backend.labelstudio.client import LabelStudioClient

@@ -41,9 +41,7 @@ from backend.server.prometheus import Metrics
 from backend.server.protocol import PredictRequest, SetupRequest, TrainRequest, WebhookRequest, listed_ids
 from backend.server.request_bound import RequestBound, RequestStopped
 from backend.settings import Settings
-from backend.storage.feature_cache import create_cache
-from backend.storage.feedback_log import create_feedback_store
-from backend.storage.memory_store import ProjectMemories, SharedMemoryStore, memory_bounds, shared_store
+from backend.storage.backing import feature_cache, feedback_store, project_memories
 from backend.storage.memory_summary import MemorySummary
 from backend.storage.shared_store import StoreError
 
@@ -94,17 +92,16 @@ class Backend:
 
     def __init__(self, settings: Settings, load_segmenter: Callable[[], Segmenter] | None = None) -> None:
         self.settings, self.metrics, self.version = settings, Metrics(), model_version(settings)
-        shared = shared_store(settings)
+        self.memories = project_memories(settings)
+        shared = self.memories.store.store
         self.projects = ProjectStore(shared)
-        self.memories = ProjectMemories(SharedMemoryStore(shared), memory_bounds(settings),
-                                        settings.memory_cache_bytes)
         self.worker = _inference_worker(settings, self.metrics, load_segmenter)
-        cache = create_cache(settings, self.metrics.cache_metrics())
+        cache = feature_cache(settings, self.metrics.cache_metrics())
         self.cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=self.metrics.cache_skipped_writes.inc)
         self.predictor = Predictor(settings, self.worker, self.metrics, cache, self.cache_writer)
         # requests over FREESEG_PREDICT_BUDGET_SECONDS are answered at once and predicted in a background run
         self.background = Background(settings, self.worker, self.predictor, shared, self.metrics)
-        self.feedback = FeedbackRecorder(create_feedback_store(settings.redis_url, settings.model_dir / "feedback"),
+        self.feedback = FeedbackRecorder(feedback_store(settings),
                                          self.metrics, Backoff.from_settings(settings), settings.max_image_pixels)
         self.label_configs = LabelConfigCache(lambda xml: parse_label_config(xml, settings.max_labels),
                                               settings.config_cache_bytes)

@@ -18,7 +18,8 @@ import numpy as np
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.segmenter import Segmenter
 from backend.settings import Settings
-from backend.storage.feature_cache import FeatureCache, cache_key, create_cache
+from backend.storage.backing import shared_feature_cache
+from backend.storage.feature_cache import FeatureCache, cache_key
 
 BatchEncode = Callable[[list[np.ndarray]], list[Encoding]]  # images to their encodings, in order
 
@@ -72,4 +73,4 @@ def one_pass_cache(settings: Settings) -> FeatureCache | None:
     """The feature cache of a process that encodes each image once (``learn``, the jobs): Redis's when REDIS_URL is
     set (the server's entries, and every worker's; one client per process), else none: an in-process cache would
     only hold memory and cost a serialization per image."""
-    return create_cache(settings) if settings.redis_url else None
+    return shared_feature_cache(settings)

@@ -30,18 +30,16 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from backend.pipeline.encoding import FORMAT_VERSION, Encoding, EncodingFormatError
 from backend.net.redact import without_credentials
-from backend.settings import Settings
+from backend.storage.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "freeseg:enc"
-# zlib level 1: float16 features are mostly incompressible mantissa bits, so levels 1-3
-# (and 6) all give within about 1-4% of each other, and level 1 is the fastest.
+# zlib level 1: float16 features are mostly incompressible mantissa bits, so higher levels
+# save next to nothing and cost time (measured: docs/benchmarks.md, "Feature cache compression").
 COMPRESSION_LEVEL = 1
 
 
@@ -54,9 +52,9 @@ def serialize(encoding: Encoding) -> bytes:
     """The Encoding's safetensors bytes, byte-shuffled and compressed with zlib.
 
     The bytes are split into two planes, the first and the second byte of every 16-bit word:
-    the sign-and-exponent bytes of float16 features repeat a lot, their mantissa bytes do not.
-    Shuffled, zlib level 1 keeps about 81% of the size in 0.2 s for the default 6400x32x32
-    grid; unshuffled it kept 92% in 0.3 s.
+    the sign-and-exponent bytes of float16 features repeat a lot, their mantissa bytes do not,
+    so zlib finds the repeats in one plane that it misses interleaved, in less time too
+    (docs/benchmarks.md, "Feature cache compression", has the figures).
     """
     raw = encoding.to_bytes()
     words = np.frombuffer(raw + b"\0" * (len(raw) % 2), dtype=np.uint8).reshape(-1, 2)
@@ -224,10 +222,7 @@ class RedisCache:
     ) -> None:
         if ttl_seconds < 1:
             raise ValueError(f"ttl_seconds must be at least 1, not {ttl_seconds}")
-        # Retries off: the back-off below is the retry policy (redis-py's would multiply the timeout).
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds, retry=Retry(NoBackoff(), 0)
-        )
+        self._client = redis_client(url, timeout_seconds)  # never retried: the back-off below is the retry policy
         self._ttl_seconds = ttl_seconds
         self._metrics = metrics or _NoMetrics()
         self._retry_after_seconds = retry_after_seconds
@@ -300,13 +295,3 @@ class RedisCache:
             log.info("feature cache is back (%s)", self._where)
 
 
-def create_cache(settings: Settings, metrics: CacheMetrics | None = None) -> FeatureCache:
-    """Redis when ``REDIS_URL`` is set, else the in-process cache bounded in bytes.
-
-    Both report to ``metrics``: Redis the bytes it writes, the in-process cache the bytes it holds.
-    """
-    if settings.redis_url:
-        return RedisCache(settings.redis_url, settings.cache_ttl_seconds, metrics,
-                          timeout_seconds=settings.cache_timeout_seconds,
-                          retry_after_seconds=settings.cache_retry_after_seconds)
-    return ProcessCache(settings.cache_max_bytes, metrics)

@@ -3,13 +3,13 @@
 A memory lives under ``memory:<project>.<fingerprint>`` as ``Memory.to_bytes()`` (Redis when
 REDIS_URL is set, else an owner-only file under MODEL_DIR), so every process and a restart
 see the same one. Beside it, ``memory-revision:<project>.<fingerprint>`` holds its revision
-as text: a prediction reads that small key and re-reads the memory (up to 64 MB) only when
-the revision changed. Changes are read-modify-writes under the store's lock for that key,
-so two processes learning at once do not lose each other's annotations; only a change is
-saved, and one of the examples takes a revision from the clock (``clock_revision``), so that
-revisions never repeat even after the store lost the memory. Memories unused for
-FREESEG_MEMORY_TTL_SECONDS expire, and each process caches the exemplars of the projects it
-predicted last within FREESEG_MEMORY_CACHE_BYTES.
+as text: a prediction reads that small key and re-reads the memory (up to
+FREESEG_MEMORY_PROJECT_BYTES) only when the revision changed. Changes are read-modify-writes
+under the store's lock for that key, so two processes learning at once do not lose each
+other's annotations; only a change is saved, and one of the examples takes a revision from
+the clock (``clock_revision``), so that revisions never repeat even after the store lost the
+memory. Memories unused for FREESEG_MEMORY_TTL_SECONDS expire, and each process caches the
+exemplars of the projects it predicted last within FREESEG_MEMORY_CACHE_BYTES.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory, MemoryBounds, memory_revision
 from backend.settings import Settings
-from backend.storage.shared_store import SharedStore, create_store
+from backend.storage.shared_store import SharedStore
 
 
 def memory_version(version: str, revision: int) -> str:
@@ -49,14 +49,7 @@ def clock_revision() -> int:
     return time.time_ns() // 1_000_000
 
 
-MEMORY_NAMESPACES = ("memory", "memory-revision")
-
-
-def shared_store(settings: Settings) -> SharedStore:
-    """The settings' shared store (REDIS_URL, else files under MODEL_DIR), memories expiring after
-    FREESEG_MEMORY_TTL_SECONDS unused (0: never)."""
-    ttl = settings.memory_ttl_seconds
-    return create_store(settings.redis_url, settings.model_dir, dict.fromkeys(MEMORY_NAMESPACES, ttl) if ttl else {})
+MEMORY_NAMESPACES = ("memory", "memory-revision")  # what FREESEG_MEMORY_TTL_SECONDS expires
 
 
 class SharedMemoryStore:
@@ -117,11 +110,6 @@ class ProjectMemories:
         self.store, self.bounds, self.cache_bytes = store, bounds, cache_bytes
         self._cached: OrderedDict[tuple[str, str], tuple[int, Exemplars]] = OrderedDict()
         self._lock = threading.Lock()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ProjectMemories:
-        """The memories of the settings' shared store (REDIS_URL, else files under MODEL_DIR)."""
-        return cls(SharedMemoryStore(shared_store(settings)), memory_bounds(settings), settings.memory_cache_bytes)
 
     @property
     def cached_bytes(self) -> int:

@@ -1,4 +1,4 @@
-"""State every process of the backend must agree on: in Redis when REDIS_URL is set, else in files.
+"""State every process of the backend must agree on: in Redis (``RedisStore``) or in files (``FileStore``).
 
 Label Studio tells a backend some things once (``/setup`` gives a project's label config,
 options, host and token) and never again with ``/predict``. With ``WORKERS=2``, several
@@ -27,18 +27,15 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
-import redis
-
-from backend.net.redact import without_credentials
+from backend.storage.redis_client import STORE_TIMEOUT_SECONDS, RedisCalls
 
 REDIS_KEY_PREFIX = "freeseg:"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
-_T = TypeVar("_T")
 LOCK_SECONDS = 60.0  # a lock a crashed holder left behind lapses after this long (Redis)
 _LOCK_POLL_SECONDS = 0.05
 
@@ -71,34 +68,21 @@ class SharedStore(Protocol):
         ...
 
 
+def safe_name(name: object) -> bool:
+    """Whether ``name`` may name a file or end a Redis key: ``[A-Za-z0-9._-]+``, not ``.`` or ``..``.
+
+    Project ids reach the stores as such names (the shared store's keys, the feedback log's files and
+    lists), so this is the one check of them: a project that one store takes, every store takes.
+    """
+    return isinstance(name, str) and bool(_NAME.fullmatch(name)) and name not in (".", "..")
+
+
 def checked_key(key: str) -> tuple[str, str]:
     """``(namespace, name)`` of a ``namespace:name`` key of safe names, else ``ValueError``."""
     namespace, colon, name = key.partition(":") if isinstance(key, str) else ("", "", "")
-    if not colon or not all(_NAME.fullmatch(part) and part not in (".", "..") for part in (namespace, name)):
+    if not colon or not (safe_name(namespace) and safe_name(name)):
         raise ValueError(f"store key must be 'namespace:name' of [A-Za-z0-9._-]+, not {key!r}")
     return namespace, name
-
-
-class RedisCalls:
-    """A Redis client whose failures raise ``error`` with a message naming ``what`` and the URL without credentials."""
-
-    def __init__(self, url: str, timeout_seconds: float, what: str, error: Callable[[str], Exception]) -> None:
-        self._where, self._what, self._error = without_credentials(url), what, error
-        try:
-            self.client = redis.Redis.from_url(url, socket_timeout=timeout_seconds,
-                                               socket_connect_timeout=timeout_seconds)
-        except ValueError as problem:
-            raise error(f"bad Redis URL {self._where} (REDIS_URL): {problem}") from problem
-
-    @property
-    def where(self) -> str:
-        return self._where
-
-    def __call__(self, method: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        try:
-            return method(*args, **kwargs)
-        except (redis.RedisError, OSError) as problem:
-            raise self._error(f"{self._what} at {self._where} (REDIS_URL): {problem}") from problem
 
 
 _RELEASE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
@@ -107,7 +91,8 @@ _RELEASE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.c
 class RedisStore:
     """One Redis string per key, ``freeseg:<namespace>:<name>``; ``expiring`` namespaces' keys with a TTL."""
 
-    def __init__(self, url: str, timeout_seconds: float = 2.0, expiring: Mapping[str, int] | None = None) -> None:
+    def __init__(self, url: str, timeout_seconds: float = STORE_TIMEOUT_SECONDS,
+                 expiring: Mapping[str, int] | None = None) -> None:
         self._redis = RedisCalls(url, timeout_seconds, "Redis store", StoreError)
         self._expiring = dict(expiring or {})
 
@@ -233,7 +218,3 @@ class FileStore:
         finally:
             os.close(handle)  # releases the lock
 
-
-def create_store(redis_url: str | None, folder: Path, expiring: Mapping[str, int] | None = None) -> SharedStore:
-    """Redis when a URL is given (shared by all workers and replicas), else files in ``folder``."""
-    return RedisStore(redis_url, expiring=expiring) if redis_url else FileStore(folder, expiring)
