@@ -20,7 +20,7 @@ from backend.jobs.folder import (
     url_prefix_reference,
 )
 from backend.exports.coco import coco_rle
-from backend.pipeline.segmenter import SegmentOptions
+from backend.options import SegmentOptions
 from backend.pipeline.vocabulary import Label
 
 SAMPLES = Path(sklearn.__file__).parent / "datasets" / "images"

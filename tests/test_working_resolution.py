@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from backend.pipeline.refine import Refiner, refine_masks
-from backend.pipeline.segmenter import Click, Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Click, Segmenter
 from backend.pipeline.upsampling import guided_upsample, nearest_upsample, working_image, working_size
 from backend.pipeline.vocabulary import labels_from_names
 

@@ -32,7 +32,8 @@ from backend.exports.brush_results import brush_results
 from backend.pipeline.clip_embeddings import TextImageEmbedder
 from backend.pipeline.clustering import canonical_order, cluster_feature_grid
 from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import labels_from_names
@@ -206,7 +207,7 @@ def compare_features(config: BenchConfig, settings: Settings) -> dict:
         extract(images[:1])  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in names}
     agreements: dict[str, list[float]] = {name: [] for name in names[1:]}
-    options = SegmentOptions.from_settings(settings)
+    options = settings.segment_options
     for image in images:
         grids = []
         for name, extract in zip(names, extractors):
@@ -282,7 +283,7 @@ def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
     settings = _bench_settings(config, settings)
     segmenter = process_segmenter(settings)
     labels = labels_from_names(VOC_LABELS)
-    options = SegmentOptions.from_settings(settings)
+    options = settings.segment_options
     jpegs = {size: [_jpeg(image) for image in synthetic_images(config.images, size=size[::-1])]
              for size in config.compare_sizes}
     figures: dict[tuple[int, int], dict] = {size: defaultdict(list) for size in config.compare_sizes}
@@ -343,7 +344,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
     device = fast.device
     images = _bench_images(config)
     labels = labels_from_names(VOC_LABELS)
-    options = SegmentOptions.from_settings(settings)
+    options = settings.segment_options
     stages: dict[str, list[float]] = defaultdict(list)
 
     def predict(segmenter: Segmenter, batches: Sequence[Sequence[np.ndarray]]) -> None:

@@ -31,7 +31,8 @@ from backend.exports.coco import coco_annotations
 from backend.exports.brush_results import brush_results, prediction
 from backend.models.identity import model_version
 from backend.exports.overlay import label_index_image
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.models.process import process_segmenter
 from backend.pipeline.vocabulary import Label
 from backend.settings import Settings

@@ -28,9 +28,8 @@ from backend.labelstudio.backoff import Backoff, with_backoff
 from backend.labelstudio.client import LabelStudioProject
 from backend.labelstudio.config import ProjectVocabulary
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
-from backend.options import option_changes
+from backend.options import SegmentOptions, option_changes
 from backend.pipeline.exemplars import Exemplars
-from backend.pipeline.segmenter import SegmentOptions
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ def project_context(settings: Settings, vocabulary: ProjectVocabulary, connectio
                     memory: tuple[str, Exemplars | None]) -> ProjectContext:
     """The context of a project whose config reads as ``vocabulary``, connected as ``connection`` says, with
     ``memory`` (its model_version and exemplars, as ``ProjectMemories.for_predictions`` gives them)."""
-    options = dataclasses.replace(SegmentOptions.from_settings(settings),
+    options = dataclasses.replace(settings.segment_options,
                                   **{**vocabulary.options, **connection.options})
     return ProjectContext(vocabulary, options, label_studio_access(settings, lambda: connection), *memory)
 

@@ -39,8 +39,7 @@ from backend.pipeline.labelling import ClusterLabel, assign_labels, cluster_labe
 from backend.pipeline.refine import PendingMasks, Refiner
 from backend.pipeline.upsampling import working_image
 from backend.pipeline.vocabulary import Label, label_embeddings
-from backend.options import RefineMethod
-from backend.settings import Settings
+from backend.options import SegmentOptions
 
 if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
     from spacy.language import Language
@@ -50,23 +49,6 @@ StageObserver = Callable[[str, float], None]
 Clustering = Callable[[np.ndarray, int, int], np.ndarray]  # (C, G, G) float32 features, K, seed -> (G, G) clusters
 Tag = TypeVar("Tag")  # what a caller of ``segment_batches`` knows a batch by
 NO_CONFIDENCE = Confidence((), 0.0)  # of an image no candidate label was found for: nothing labelled
-
-
-@dataclass(frozen=True)
-class SegmentOptions:
-    """What a caller may change per request; defaults come from the settings."""
-
-    k: int = 4
-    refine: RefineMethod = "crf"
-    use_caption: bool = True  # False: every label is a candidate (the paper's "no caption" ablation)
-    caption_fallback: bool = True  # no candidate from the caption: take CLIP's best labels for the image
-    seed: int = 0
-    prompt: str = ""  # words an annotator typed: they pick the candidate labels instead of the caption
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> SegmentOptions:
-        return cls(k=settings.k, refine=settings.refine, use_caption=settings.use_caption,
-                   caption_fallback=settings.caption_fallback, seed=settings.seed)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from backend.labelstudio.interaction import Interaction
 from backend.labelstudio.project_context import ProjectContext
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars
-from backend.pipeline.segmenter import Click, Proposal, Segmentation, Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Click, Proposal, Segmentation, Segmenter
 from backend.server.cache_writer import CacheWriter
 from backend.server.prometheus import Metrics
 from backend.server.protocol import Task
