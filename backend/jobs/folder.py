@@ -27,7 +27,7 @@ from backend.images import ImageError, ImageLimits, read_image_file
 from backend.storage.job_ledger import ProcessLedger, Outcome, RedisLedger, RunProgress
 from backend.jobs.progress import RunBar
 from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, redis_connection, wait_for_run
-from backend.exports.coco import coco_annotations
+from backend.exports.coco import coco_annotations, coco_categories
 from backend.exports.brush_results import brush_results, prediction
 from backend.models.identity import model_version
 from backend.exports.overlay import label_index_image
@@ -190,7 +190,7 @@ def write_dataset(out: Path, labels: Sequence[Label], records: Sequence[ImageRec
                         for index, annotation in enumerate(record.annotations)]
     coco = {
         "images": images,
-        "categories": [{"id": i, "name": label.name} for i, label in enumerate(labels, start=1)],
+        "categories": coco_categories(labels),
         "annotations": annotations,
     }
     _write_json_atomically(Path(out) / "tasks.json", tasks)

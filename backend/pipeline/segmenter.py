@@ -32,6 +32,7 @@ from backend.pipeline.candidates import match_candidates, prompt_words
 from backend.pipeline.clip_embeddings import LOGIT_SCALE, TextImageEmbedder
 from backend.pipeline.clustering import cluster_feature_grid
 from backend.pipeline.confidence import Confidence, clip_confidence
+from backend.pipeline.coordinates import to_frame
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars, label_with_exemplars
 from backend.pipeline.fidelity import StageRules, our_rules
@@ -67,14 +68,23 @@ class Region:
     score: float  # the region's confidence in [0, 1] (``backend.pipeline.confidence``)
 
 
+def map_value(label: int) -> int:
+    """The value of ``labels[label]`` in a label map, where 0 is unlabeled: the one place that convention lives."""
+    return label + 1
+
+
 @dataclass
 class Segmentation:
-    label_map: np.ndarray  # (H, W) uint16: 0 unlabeled, i for labels[i - 1]
+    label_map: np.ndarray  # (H, W) uint16: 0 unlabeled, map_value(i) for labels[i]
     regions: list[Region]
     caption: str
     candidates: list[str]
     used_fallback: bool = False
     score: float = 0.0  # the prediction's confidence in [0, 1], over the whole image (``backend.pipeline.confidence``)
+
+    def region_mask(self, region: Region) -> np.ndarray:
+        """(H, W) bool: the pixels of ``region``, as every export draws it."""
+        return self.label_map == map_value(region.label)
 
 
 @dataclass
@@ -98,7 +108,7 @@ class Proposal:
         regions = []
         for assignment, mask, confidence in zip(self.assigned, refined, self.confidence.regions, strict=True):
             if mask.any():
-                label_map[mask] = assignment.label + 1
+                label_map[mask] = map_value(assignment.label)
                 regions.append(Region(assignment.label, self.labels[assignment.label].name, confidence))
         return Segmentation(label_map=label_map, regions=regions, caption=self.caption,
                             candidates=self.candidates, used_fallback=self.used_fallback, score=self.confidence.image)
@@ -273,11 +283,11 @@ class Segmenter:
         _check_compatible(encoding, image, self.fingerprint)
         small = working_image(image, self.refine_max_side)
         _, masks = self._clusters(encoding, options, small.shape[:2])
-        scale_y, scale_x = small.shape[0] / encoding.height, small.shape[1] / encoding.width
         assigned: dict[int, ClusterLabel] = {}
         for click in clicks:
-            row = min(max(int(click.y * scale_y), 0), small.shape[0] - 1)
-            column = min(max(int(click.x * scale_x), 0), small.shape[1] - 1)
+            x, y = to_frame(click.x, click.y, (encoding.width, encoding.height), (small.shape[1], small.shape[0]))
+            row = min(max(int(y), 0), small.shape[0] - 1)
+            column = min(max(int(x), 0), small.shape[1] - 1)
             cluster = int(masks[:, row, column].argmax())
             assigned.setdefault(cluster, ClusterLabel(cluster=cluster, label=click.label, score=1.0))
         # the annotator named these regions: nothing to doubt

@@ -34,6 +34,7 @@ from backend.exports.brush_results import prediction, project_prediction
 from backend.storage.feature_cache import FeatureCache, cache_key, through_cache
 from backend.labelstudio.interaction import Interaction
 from backend.labelstudio.project_context import ProjectContext
+from backend.pipeline.coordinates import PERCENT, to_frame
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars
 from backend.options import SegmentOptions
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 def _pixel_clicks(interaction: Interaction, image: np.ndarray) -> list[Click]:
     height, width = image.shape[:2]
-    return [Click(c.x * width / 100.0, c.y * height / 100.0, c.label) for c in interaction.clicks]
+    return [Click(*to_frame(c.x, c.y, PERCENT, (width, height)), c.label) for c in interaction.clicks]
 
 
 @dataclass(frozen=True)
