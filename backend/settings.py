@@ -65,7 +65,8 @@ class Settings(BaseSettings):
     # Segmentation defaults (each can be changed per request)
     k: int = Field(REQUEST_DEFAULTS.k, ge=K_RANGE[0], le=K_RANGE[1])
     refine: RefineMethod = REQUEST_DEFAULTS.refine
-    refine_max_side: int = Field(640, ge=64)  # longest side (pixels) the clusters, CLIP crops and refinement run at
+    working_max_side: int = Field(  # longest side (pixels) the encoders, clusters, CLIP crops and refinement see
+        640, ge=64, validation_alias=AliasChoices("FREESEG_WORKING_MAX_SIDE", "FREESEG_REFINE_MAX_SIDE"))
     crf_processes: int | None = Field(None, ge=0)  # CRF pool size; None: from the cores (backend.threads), 0: in line
     torch_threads: int | None = Field(  # torch's intra-op threads; None: from the cores (backend.threads)
         None, ge=1, validation_alias=AliasChoices("OMP_NUM_THREADS", "FREESEG_TORCH_THREADS"))

@@ -116,7 +116,7 @@ class PerClusterRefiner(Refiner):
 def naive_segmenter(fast: Segmenter) -> Segmenter:
     """The baseline: scikit-learn K-means (10 inits, one after another), per-cluster CLIP, per-cluster CRFs in line."""
     return Segmenter(fast.captioner, fast.features, PerClusterClip(fast.clip), fast.nlp, fast.fingerprint, "cpu",
-                     refiner=PerClusterRefiner(), refine_max_side=fast.refine_max_side, clustering=scikit_learn_kmeans)
+                     refiner=PerClusterRefiner(), working_max_side=fast.working_max_side, clustering=scikit_learn_kmeans)
 
 
 def scikit_learn_kmeans(features: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -317,11 +317,11 @@ def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
         row["cpu_ratio"] = row["cpu_p50_ms"] / first["cpu_p50_ms"]
     result = {"profile": config.profile, "device": str(segmenter.device), "dtype": _dtype_name(segmenter),
               "engine": _engine_name(segmenter),
-              "images": config.images, "refine": options.refine, "refine_max_side": segmenter.refine_max_side,
+              "images": config.images, "refine": options.refine, "working_max_side": segmenter.working_max_side,
               "crf_processes": segmenter.refiner.crf_processes, "sizes": summary,
               "hardware": _hardware(segmenter.device), "date": time.strftime("%Y-%m-%d")}
     print(f"freesegdiff bench: one image at a time, {config.profile} on {result['device']} in {result['dtype']}, "
-          f"refine={options.refine} at most {segmenter.refine_max_side} px, {config.images} images per size")
+          f"refine={options.refine} at most {segmenter.working_max_side} px, {config.images} images per size")
     for name, row in summary.items():
         print(f"  {name:>11} ({row['megapixels']:5.1f} MP)  p50 {row['latency_p50_ms']:7.0f} ms (x{row['latency_ratio']:.2f})"
               f"  CPU {row['cpu_p50_ms']:7.0f} ms (x{row['cpu_ratio']:.2f})  decoding {row['decode_p50_ms']:5.0f} ms"
@@ -397,7 +397,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         "images": len(images),
         "image_size": list(images[0].shape[1::-1]),  # width, height
         "megapixels": images[0].shape[0] * images[0].shape[1] / 1e6,
-        "refine_max_side": fast.refine_max_side,
+        "working_max_side": fast.working_max_side,
         "batch": config.batch,
         "k": options.k,
         "refine": options.refine,

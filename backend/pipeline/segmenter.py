@@ -135,14 +135,14 @@ class Segmenter:
         device: torch.device | str = "cpu",
         refiner: Refiner | None = None,
         overlap_caption: bool = False,
-        refine_max_side: int | None = None,
+        working_max_side: int | None = None,
         clustering: Clustering | None = None,
         observer: StageObserver | None = None,
         rules: StageRules | None = None,
     ):
         self.captioner, self.features, self.clip, self.nlp = captioner, features, clip, nlp
         self.rules = rules or our_rules(clip)  # nouns, candidates and mask naming (FREESEG_FIDELITY)
-        self.refine_max_side = refine_max_side  # clusters, CLIP crops and refinement run at this size at most
+        self.working_max_side = working_max_side  # encoders, clusters, CLIP crops and refinement see this at most
         self.fingerprint = fingerprint
         self.device = torch.device(device)
         self.refiner = refiner or Refiner(self.device)
@@ -167,9 +167,9 @@ class Segmenter:
     def encode_batch(self, images: Sequence[np.ndarray]) -> list[Encoding]:
         """Caption, U-Net features and whole-image CLIP embedding of each (H, W, 3) uint8 image.
 
-        The models see at most ``refine_max_side`` pixels a side (they resize to far less anyway).
+        The models see at most ``working_max_side`` pixels a side (they resize to far less anyway).
         """
-        working = [working_image(image, self.refine_max_side) for image in images]
+        working = [working_image(image, self.working_max_side) for image in images]
         pending = self._caption_thread.submit(self._captions, working) if self._caption_thread else None
         with self._stage("features"):
             grids = self.features(working)
@@ -250,7 +250,7 @@ class Segmenter:
                 chosen = [(sorted(set(candidates) | set(taught)), fallback) for candidates, fallback in chosen]
             else:
                 exemplars = None  # no label of this request taught: the paper's labelling, exactly
-        working = [working_image(image, self.refine_max_side) for image in images]
+        working = [working_image(image, self.working_max_side) for image in images]
         clusters = [self._clusters(encoding, options, small.shape[:2]) for encoding, small in zip(encodings, working)]
         grids, masks = [grid for grid, _ in clusters], [image_masks for _, image_masks in clusters]
         with self._stage("labelling"):
@@ -281,7 +281,7 @@ class Segmenter:
     ) -> Proposal:
         """The cluster under each click, with the click's label (a second click on a cluster loses)."""
         _check_compatible(encoding, image, self.fingerprint)
-        small = working_image(image, self.refine_max_side)
+        small = working_image(image, self.working_max_side)
         _, masks = self._clusters(encoding, options, small.shape[:2])
         assigned: dict[int, ClusterLabel] = {}
         for click in clicks:
