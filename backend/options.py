@@ -1,9 +1,9 @@
 """Per-request pipeline options: their type and defaults, validated once, straight into typed values.
 
 ``SegmentOptions`` writes each option's default once; ``Settings`` takes them as the ``FREESEG_*``
-defaults (``Settings.segment_options``). A project may change some of the pipeline's defaults: in its label config (``model_k="5"``
-on the BrushLabels tag), in /setup's ``extra_params`` (``{"k": 5}``) or on the command line
-(``--k 5``). All three go through ``option_changes``, which returns the typed changes to
+defaults (``Settings.segment_options``). A project may change some of the pipeline's defaults: in
+its label config (``model_k="5"`` on the BrushLabels tag), in /setup's ``extra_params`` (``{"k": 5}``)
+or on the command line (``--k 5``). All three go through ``option_changes``, which returns the typed changes to
 apply to a ``SegmentOptions`` (``{"k": 5, "use_caption": False}``) and names the attribute
 of a value it refuses. Each option's range is written here once; ``Settings`` takes the
 same ranges for the ``FREESEG_*`` defaults.
