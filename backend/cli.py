@@ -21,9 +21,8 @@ from backend.evaluation.replay import ORDERS
 from backend.images import ImageError, read_image_file
 from backend.exports.brush_results import brush_results, prediction
 from backend.models.assembly import ModelUnavailableError
-from backend.options import FIDELITIES, OptionError, option_changes
+from backend.options import FIDELITIES, OptionError, SegmentOptions, option_changes
 from backend.exports.overlay import label_index_image, render_overlay
-from backend.pipeline.segmenter import SegmentOptions
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
@@ -82,7 +81,7 @@ def _options(args: argparse.Namespace, settings: Settings) -> SegmentOptions:
     except OptionError as error:
         print(f"freesegdiff: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    return dataclasses.replace(SegmentOptions.from_settings(settings), **changes)
+    return dataclasses.replace(settings.segment_options, **changes)
 
 
 def _output_stems(paths: Sequence[Path]) -> list[str]:

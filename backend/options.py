@@ -1,8 +1,9 @@
-"""Per-request pipeline options, validated once, straight into typed values.
+"""Per-request pipeline options: their type and defaults, validated once, straight into typed values.
 
-A project may change some of the pipeline's defaults: in its label config (``model_k="5"``
-on the BrushLabels tag), in /setup's ``extra_params`` (``{"k": 5}``) or on the command line
-(``--k 5``). All three go through ``option_changes``, which returns the typed changes to
+``SegmentOptions`` writes each option's default once; ``Settings`` takes them as the ``FREESEG_*``
+defaults (``Settings.segment_options``). A project may change some of the pipeline's defaults: in
+its label config (``model_k="5"`` on the BrushLabels tag), in /setup's ``extra_params`` (``{"k": 5}``)
+or on the command line (``--k 5``). All three go through ``option_changes``, which returns the typed changes to
 apply to a ``SegmentOptions`` (``{"k": 5, "use_caption": False}``) and names the attribute
 of a value it refuses. Each option's range is written here once; ``Settings`` takes the
 same ranges for the ``FREESEG_*`` defaults.
@@ -11,6 +12,7 @@ same ranges for the ``FREESEG_*`` defaults.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from backend.inputs import whole_number
@@ -25,6 +27,18 @@ FIDELITIES: tuple[str, ...] = get_args(Fidelity)
 NounSource = Literal["spacy", "words"]  # FREESEG_NOUNS: the caption's nouns tagged by spaCy, or its words
 K_RANGE = (2, 32)  # K-means clusters: fewer cannot separate anything, more make confetti of 32x32 cells
 OptionValue = int | str | bool
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """What a caller may change per request; these defaults are the ``FREESEG_*`` settings' defaults too."""
+
+    k: int = 4
+    refine: RefineMethod = "crf"
+    use_caption: bool = True  # False: every label is a candidate (the paper's "no caption" ablation)
+    caption_fallback: bool = True  # no candidate from the caption: take CLIP's best labels for the image
+    seed: int = 0
+    prompt: str = ""  # words an annotator typed: they pick the candidate labels instead of the caption
 
 
 class OptionError(ValueError):

@@ -17,13 +17,14 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.images import ImageLimits
 from backend.inputs import MAX_LABELS, PromptLimits
-from backend.options import K_RANGE, Fidelity, NounSource, RefineMethod
+from backend.options import K_RANGE, Fidelity, NounSource, RefineMethod, SegmentOptions
 
 Profile = Literal["pretrained", "tiny", "random-full"]
 CaptionerKind = Literal["blip2", "blip"]  # the kinds of backend.models.captioners (tests/test_captioners.py)
 CaptionerChoice = Literal["auto", CaptionerKind]  # auto: backend.models.assembly.resolve_captioner
 EncoderKind = Literal["vae", "taesd"]  # what encodes the image to SD's latents (backend.pipeline.features)
 FeatureKind = Literal["attention-query", "resnet"]
+REQUEST_DEFAULTS = SegmentOptions()  # options.py writes the per-request defaults; FREESEG_K etc. start from them
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 EngineChoice = Literal["auto", "torch", "compile", "openvino"]  # backend.models.engines says what each is
@@ -66,15 +67,16 @@ class Settings(BaseSettings):
     feature_grid: int = Field(32, ge=4, le=128)
 
     # Segmentation defaults (each can be changed per request)
-    k: int = Field(4, ge=K_RANGE[0], le=K_RANGE[1])
-    refine: RefineMethod = "crf"
-    refine_max_side: int = Field(640, ge=64)  # longest side (pixels) the clusters, CLIP crops and refinement run at
+    k: int = Field(REQUEST_DEFAULTS.k, ge=K_RANGE[0], le=K_RANGE[1])
+    refine: RefineMethod = REQUEST_DEFAULTS.refine
+    working_max_side: int = Field(  # longest side (pixels) the encoders, clusters, CLIP crops and refinement see
+        640, ge=64, validation_alias=AliasChoices("FREESEG_WORKING_MAX_SIDE", "FREESEG_REFINE_MAX_SIDE"))
     crf_processes: int | None = Field(None, ge=0)  # CRF pool size; None: from the cores (backend.threads), 0: in line
     torch_threads: int | None = Field(  # torch's intra-op threads; None: from the cores (backend.threads)
         None, ge=1, validation_alias=AliasChoices("OMP_NUM_THREADS", "FREESEG_TORCH_THREADS"))
-    use_caption: bool = True
-    caption_fallback: bool = True
-    seed: int = 0
+    use_caption: bool = REQUEST_DEFAULTS.use_caption
+    caption_fallback: bool = REQUEST_DEFAULTS.caption_fallback
+    seed: int = REQUEST_DEFAULTS.seed
 
     # Learning from corrections: a project's memory of feature exemplars, bounded in bytes
     memory_label_bytes: int = Field(4 * 1024**2, ge=0)
@@ -171,6 +173,13 @@ class Settings(BaseSettings):
         takes the defaults of that fidelity (``release``: BLIP base)."""
         explicit = {name: getattr(self, name) for name in self.model_fields_set if name != "fidelity"}
         return Settings(**explicit, fidelity=fidelity)
+
+    @property
+    def segment_options(self) -> SegmentOptions:
+        """FREESEG_K, FREESEG_REFINE, FREESEG_USE_CAPTION, FREESEG_CAPTION_FALLBACK and FREESEG_SEED: the options
+        of a request that changes none."""
+        return SegmentOptions(k=self.k, refine=self.refine, use_caption=self.use_caption,
+                              caption_fallback=self.caption_fallback, seed=self.seed)
 
     @property
     def image_limits(self) -> ImageLimits:

@@ -7,10 +7,9 @@ threads spin while they wait for each other. So everything is sized from the cor
 available to the process:
 
 - on the CPU, torch gets every core: the models are nearly all of a prediction's time
-  there (random-full on 2 cores: the VAE and U-Net about two thirds, the captioner most of
-  the rest, the CRF at the working resolution under 1%), and a prediction with 2 threads
-  took 0.69 of its time with 1. The CRF processes (half the cores) share the cores with
-  it only for the moments they run;
+  there and run faster with more threads, while the CRF at the working resolution is a
+  sliver of it. The CRF processes (half the cores) share the cores with torch only for
+  the moments they run (docs/benchmarks.md, "Big photos, precision, threads", has the figures);
 - on CUDA the models run on the GPU: torch keeps one core, the CRF takes the others.
 
 ``OMP_NUM_THREADS`` (or ``FREESEG_TORCH_THREADS``) and ``FREESEG_CRF_PROCESSES`` set

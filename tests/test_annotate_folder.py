@@ -21,7 +21,7 @@ from backend.jobs.folder import (
 )
 from backend.exports.coco import coco_rle
 from backend.storage.cached_encoder import one_pass_cache
-from backend.pipeline.segmenter import SegmentOptions
+from backend.options import SegmentOptions
 from backend.pipeline.vocabulary import Label
 
 SAMPLES = Path(sklearn.__file__).parent / "datasets" / "images"

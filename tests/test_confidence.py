@@ -75,7 +75,7 @@ def test_of_cells_averages_regions_and_image():
 
 
 def test_a_prediction_scores_its_confidence(tiny_segmenter, china):
-    from backend.pipeline.segmenter import SegmentOptions
+    from backend.options import SegmentOptions
     from backend.pipeline.vocabulary import labels_from_names
 
     segmentation = tiny_segmenter.segment_image(china, labels_from_names(["building", "tree", "sky"]),

@@ -102,7 +102,7 @@ def test_an_engine_that_fails_falls_back_to_torch_and_says_why(network, photos, 
 @pytest.mark.slow
 def test_the_segmenter_predicts_through_openvino(tiny_settings, china):
     from backend.models.process import process_segmenter
-    from backend.pipeline.segmenter import SegmentOptions
+    from backend.options import SegmentOptions
     from backend.pipeline.vocabulary import labels_from_names
 
     settings = tiny_settings.model_copy(update={"engine": "openvino"})

@@ -104,7 +104,8 @@ def test_exemplars_of_other_labels_leave_the_segmentation_exactly_as_without():
     from tests.test_oracle import LABELS as SCENE_LABELS, OracleClip, ground_truth, oracle_features, picture
 
     from backend.models.loading import load_spacy
-    from backend.pipeline.segmenter import Segmenter, SegmentOptions
+    from backend.options import SegmentOptions
+    from backend.pipeline.segmenter import Segmenter
 
     truth = ground_truth()
     segmenter = Segmenter(captioner=lambda images: ["a red ball on the grass under a blue sky"] * len(images),

@@ -18,7 +18,8 @@ from backend.images import read_image_file
 from backend.models.loading import load_spacy
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory, MemoryBounds
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.pipeline.teaching import teach
 from backend.pipeline.vocabulary import labels_from_names
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from backend.models.loading import load_spacy
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.pipeline.vocabulary import Label
 from tests.fakes import prompt_word
 

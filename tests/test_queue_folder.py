@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 
 from backend.jobs.folder import FolderRun, annotate_folder, url_prefix_reference
 from backend.storage.job_ledger import RedisLedger
-from backend.pipeline.segmenter import SegmentOptions
+from backend.options import SegmentOptions
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import labels_from_names
 from tests.queue_workers import REPO_ROOT, log_text, queue_env, start_worker, stop, wait_until

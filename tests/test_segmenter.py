@@ -13,7 +13,8 @@ from backend.images import decode_image
 from backend.exports.brush_results import brush_results
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.refine import Refiner
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.pipeline.vocabulary import labels_from_names
 
 LABELS = labels_from_names(["building", "tree", "sky", "person"])

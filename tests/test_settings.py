@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from backend.cli import main
 from backend.models.captioners import captioner_source
+from backend.options import SegmentOptions
 from backend.settings import Settings, settings_problems
 
 
@@ -24,6 +25,21 @@ def test_environment_names_operators_rely_on(monkeypatch):
     )
     assert settings.model_dir == Path("/data/models")
     assert captioner_source(settings, settings.captioner) == "Salesforce/blip-image-captioning-base"
+
+
+@pytest.mark.parametrize("name", ["FREESEG_WORKING_MAX_SIDE", "FREESEG_REFINE_MAX_SIDE"])
+def test_the_working_size_is_read_under_its_name_and_its_former_one(monkeypatch, name):
+    monkeypatch.setenv(name, "800")
+    assert Settings().working_max_side == 800
+    monkeypatch.setenv(name, "10")
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    # named as the setting is now called, whichever name was set (as OMP_NUM_THREADS is for FREESEG_TORCH_THREADS)
+    assert settings_problems(error.value) == ["FREESEG_WORKING_MAX_SIDE=10: expected greater than or equal to 64"]
+
+
+def test_the_per_request_defaults_are_the_settings_defaults():
+    assert Settings().segment_options == SegmentOptions()
 
 
 def test_defaults_follow_the_paper():

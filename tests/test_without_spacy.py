@@ -21,7 +21,7 @@ sys.modules["spacy"] = None
 import numpy as np
 from sklearn.datasets import load_sample_image
 from backend.models.process import process_segmenter
-from backend.pipeline.segmenter import SegmentOptions
+from backend.options import SegmentOptions
 from backend.pipeline.vocabulary import labels_from_names
 from backend.settings import Settings
 segmenter = process_segmenter(Settings(models="tiny", device="cpu", nouns="words", model_dir=sys.argv[1]))

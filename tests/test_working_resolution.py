@@ -1,4 +1,4 @@
-"""Refinement at a working resolution: today's masks at or below FREESEG_REFINE_MAX_SIDE, full-size masks above it."""
+"""Refinement at a working resolution: today's masks at or below FREESEG_WORKING_MAX_SIDE, full-size masks above it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from backend.pipeline.refine import Refiner, refine_masks
-from backend.pipeline.segmenter import Click, Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Click, Segmenter
 from backend.pipeline.upsampling import guided_upsample, nearest_upsample, working_image, working_size
 from backend.pipeline.vocabulary import labels_from_names
 
@@ -28,9 +29,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / (a | b).sum())
 
 
-def twin(segmenter: Segmenter, refine_max_side: int | None) -> Segmenter:
+def twin(segmenter: Segmenter, working_max_side: int | None) -> Segmenter:
     return Segmenter(segmenter.captioner, segmenter.features, segmenter.clip, segmenter.nlp, segmenter.fingerprint,
-                     segmenter.device, refiner=Refiner("cpu"), refine_max_side=refine_max_side)
+                     segmenter.device, refiner=Refiner("cpu"), working_max_side=working_max_side)
 
 
 def test_working_size_bounds_the_longest_side_and_keeps_the_aspect():

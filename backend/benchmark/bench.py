@@ -33,7 +33,8 @@ from backend.exports.brush_results import brush_results
 from backend.pipeline.clip_embeddings import TextImageEmbedder
 from backend.pipeline.clustering import canonical_order, cluster_feature_grid
 from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
@@ -117,7 +118,7 @@ class PerClusterRefiner(Refiner):
 def naive_segmenter(fast: Segmenter) -> Segmenter:
     """The baseline: scikit-learn K-means (10 inits, one after another), per-cluster CLIP, per-cluster CRFs in line."""
     return Segmenter(fast.captioner, fast.features, PerClusterClip(fast.clip), fast.nlp, fast.fingerprint, "cpu",
-                     refiner=PerClusterRefiner(), refine_max_side=fast.refine_max_side, clustering=scikit_learn_kmeans)
+                     refiner=PerClusterRefiner(), working_max_side=fast.working_max_side, clustering=scikit_learn_kmeans)
 
 
 def scikit_learn_kmeans(features: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -208,7 +209,7 @@ def compare_features(config: BenchConfig, settings: Settings) -> dict:
         extract(images[:1])  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in names}
     agreements: dict[str, list[float]] = {name: [] for name in names[1:]}
-    options = SegmentOptions.from_settings(settings)
+    options = settings.segment_options
     for image in images:
         grids = []
         for name, extract in zip(names, extractors):
@@ -284,7 +285,7 @@ def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
     settings = _bench_settings(config, settings)
     segmenter = process_segmenter(settings)
     labels = labels_from_names(VOC_LABELS)
-    options = SegmentOptions.from_settings(settings)
+    options = settings.segment_options
     jpegs = {size: [_jpeg(image) for image in synthetic_images(config.images, size=size[::-1])]
              for size in config.compare_sizes}
     figures: dict[tuple[int, int], dict] = {size: defaultdict(list) for size in config.compare_sizes}
@@ -318,11 +319,11 @@ def compare_sizes(config: BenchConfig, settings: Settings) -> dict:
         row["cpu_ratio"] = row["cpu_p50_ms"] / first["cpu_p50_ms"]
     result = {"profile": config.profile, "device": str(segmenter.device), "dtype": _dtype_name(segmenter),
               "engine": _engine_name(segmenter),
-              "images": config.images, "refine": options.refine, "refine_max_side": segmenter.refine_max_side,
+              "images": config.images, "refine": options.refine, "working_max_side": segmenter.working_max_side,
               "crf_processes": segmenter.refiner.crf_processes, "sizes": summary,
               "hardware": _hardware(segmenter.device), "date": time.strftime("%Y-%m-%d")}
     print(f"freesegdiff bench: one image at a time, {config.profile} on {result['device']} in {result['dtype']}, "
-          f"refine={options.refine} at most {segmenter.refine_max_side} px, {config.images} images per size")
+          f"refine={options.refine} at most {segmenter.working_max_side} px, {config.images} images per size")
     for name, row in summary.items():
         print(f"  {name:>11} ({row['megapixels']:5.1f} MP)  p50 {row['latency_p50_ms']:7.0f} ms (x{row['latency_ratio']:.2f})"
               f"  CPU {row['cpu_p50_ms']:7.0f} ms (x{row['cpu_ratio']:.2f})  decoding {row['decode_p50_ms']:5.0f} ms"
@@ -378,7 +379,7 @@ def measure_predictions(config: BenchConfig, settings: Settings) -> dict:
     load_seconds = time.perf_counter() - load_start
     models_gpu_mb = torch.cuda.memory_allocated() / 2**20 if fast.device.type == "cuda" else None
     images = _bench_images(config)
-    options = SegmentOptions.from_settings(settings)
+    options = settings.segment_options
     predict = _Predictions(labels_from_names(VOC_LABELS), options, fast.device)
     predict(fast, [images[:1]])  # warm-up: first calls allocate, compile kernels, fill caches, start the CRF pool
     if fast.device.type == "cuda":
@@ -404,7 +405,7 @@ def measure_predictions(config: BenchConfig, settings: Settings) -> dict:
         "images": len(images),
         "image_size": list(images[0].shape[1::-1]),  # width, height
         "megapixels": images[0].shape[0] * images[0].shape[1] / 1e6,
-        "refine_max_side": fast.refine_max_side,
+        "working_max_side": fast.working_max_side,
         "batch": config.batch,
         "k": options.k,
         "refine": options.refine,

@@ -27,7 +27,8 @@ from backend.evaluation.scores import IGNORE_INDEX, ConfusionMatrix
 from backend.images import read_image_file
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory, MemoryBounds
-from backend.pipeline.segmenter import Segmentation, Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Segmentation, Segmenter
 from backend.pipeline.teaching import AnnotatedRegion, teach
 from backend.pipeline.vocabulary import labels_from_names
 

@@ -1,4 +1,5 @@
-"""Label maps to Label Studio results: brush RLE regions and the prediction around them.
+"""Label maps to Label Studio results: brush RLE regions or polygons, each in the one result envelope
+(``labelled_result``), and the prediction around them.
 
 Translated here, at the edge, once. Each region carries a label taken from the
 project's config (an empty or unknown ``brushlabels`` renders as an unlabeled region)
@@ -14,7 +15,8 @@ import numpy as np
 
 from backend.labelstudio.config import ProjectVocabulary
 from backend.labelstudio.rle import brush_rle
-from backend.pipeline.segmenter import Segmentation
+from backend.pipeline.coordinates import PERCENT, to_frame
+from backend.pipeline.segmenter import Region, Segmentation
 
 
 def region_id(from_name: str, label: str) -> str:
@@ -22,24 +24,29 @@ def region_id(from_name: str, label: str) -> str:
     return hashlib.sha1(f"{from_name}\x00{label}".encode()).hexdigest()[:10]
 
 
+def labelled_result(result_type: str, result_id: str, region: Region, shape: tuple[int, int], from_name: str,
+                    to_name: str, value: dict) -> dict:
+    """The envelope every result shares: ``region``'s name and score around its ``value`` (an RLE, points),
+    on an image of ``shape`` (H, W)."""
+    height, width = shape
+    return {
+        "id": result_id,
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": result_type,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "score": round(region.score, 4),
+        "value": {**value, result_type: [region.name]},
+    }
+
+
 def brush_results(segmentation: Segmentation, from_name: str, to_name: str) -> list[dict]:
     """One ``brushlabels`` result per labelled region."""
-    height, width = segmentation.label_map.shape
-    results = []
-    for region in segmentation.regions:
-        rle = brush_rle(segmentation.label_map == region.label + 1)
-        results.append({
-            "id": region_id(from_name, region.name),
-            "from_name": from_name,
-            "to_name": to_name,
-            "type": "brushlabels",
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "score": round(region.score, 4),
-            "value": {"format": "rle", "rle": rle, "brushlabels": [region.name]},
-        })
-    return results
+    return [labelled_result("brushlabels", region_id(from_name, region.name), region, segmentation.label_map.shape,
+                            from_name, to_name, {"format": "rle", "rle": brush_rle(segmentation.region_mask(region))})
+            for region in segmentation.regions]
 
 
 MIN_POLYGON_AREA = 16  # pixels; smaller specks are noise, not regions a person would draw
@@ -51,23 +58,15 @@ def polygon_results(segmentation: Segmentation, from_name: str, to_name: str) ->
     height, width = segmentation.label_map.shape
     results = []
     for region in segmentation.regions:
-        mask = (segmentation.label_map == region.label + 1).astype(np.uint8)
+        mask = segmentation.region_mask(region).astype(np.uint8)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         outlines = [cv2.approxPolyDP(c, POLYGON_TOLERANCE, True)[:, 0] for c in contours
                     if cv2.contourArea(c) >= MIN_POLYGON_AREA]
         for index, outline in enumerate(o for o in outlines if len(o) >= 3):
-            points = [[round(100.0 * x / width, 3), round(100.0 * y / height, 3)] for x, y in outline.tolist()]
-            results.append({
-                "id": f"{region_id(from_name, region.name)}-{index}",
-                "from_name": from_name,
-                "to_name": to_name,
-                "type": "polygonlabels",
-                "original_width": width,
-                "original_height": height,
-                "image_rotation": 0,
-                "score": round(region.score, 4),
-                "value": {"points": points, "closed": True, "polygonlabels": [region.name]},
-            })
+            points = [[round(coordinate, 3) for coordinate in to_frame(x, y, (width, height), PERCENT)]
+                      for x, y in outline.tolist()]
+            results.append(labelled_result("polygonlabels", f"{region_id(from_name, region.name)}-{index}", region,
+                                           (height, width), from_name, to_name, {"points": points, "closed": True}))
     return results
 
 

@@ -6,9 +6,12 @@ uncompressed RLE mask; ``annotate-folder`` numbers them and writes ``coco.json``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from backend.pipeline.segmenter import Segmentation
+from backend.pipeline.segmenter import Segmentation, map_value
+from backend.pipeline.vocabulary import Label
 
 
 def coco_rle(mask: np.ndarray) -> dict:
@@ -29,16 +32,26 @@ def mask_bbox(mask: np.ndarray) -> list[int]:
     return [int(columns[0]), int(rows[0]), int(columns[-1] - columns[0] + 1), int(rows[-1] - rows[0] + 1)]
 
 
+def category_id(label: int) -> int:
+    """The COCO category of ``labels[label]``: its value in the label-index PNGs, so the two read alike."""
+    return map_value(label)
+
+
+def coco_categories(labels: Sequence[Label]) -> list[dict]:
+    """``coco.json``'s categories: one per label, numbered as the label-index PNGs number them."""
+    return [{"id": category_id(index), "name": label.name} for index, label in enumerate(labels)]
+
+
 def coco_annotations(segmentation: Segmentation) -> list[dict]:
     """One COCO annotation per labelled region that still has pixels, without ``id`` and ``image_id`` yet."""
     annotations = []
     for region in segmentation.regions:
-        mask = segmentation.label_map == region.label + 1
+        mask = segmentation.region_mask(region)
         area = int(mask.sum())
         if area == 0:
             continue
         annotations.append({
-            "category_id": region.label + 1,
+            "category_id": category_id(region.label),
             "segmentation": coco_rle(mask),
             "area": area,
             "bbox": mask_bbox(mask),

@@ -24,7 +24,7 @@ def render_overlay(image: np.ndarray, segmentation: Segmentation, warning: str |
     """The image with each region tinted in its label's colour, and a legend below it."""
     tinted = image.astype(np.float32)
     for region in segmentation.regions:
-        mask = segmentation.label_map == region.label + 1
+        mask = segmentation.region_mask(region)
         tinted[mask] = (1 - MASK_OPACITY) * tinted[mask] + MASK_OPACITY * PALETTE[region.label % len(PALETTE)]
     picture = Image.fromarray(tinted.round().astype(np.uint8))
     font = ImageFont.load_default(size=max(12, picture.width // 45))

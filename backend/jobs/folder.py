@@ -28,12 +28,13 @@ from backend.storage.backing import runs_redis
 from backend.storage.job_ledger import ProcessLedger, Outcome, RedisLedger, RunProgress
 from backend.jobs.progress import RunBar
 from backend.jobs.queue import chunk_context, enqueue_chunks, job_queue, wait_for_run
-from backend.exports.coco import coco_annotations
+from backend.exports.coco import coco_annotations, coco_categories
 from backend.exports.brush_results import brush_results, prediction
 from backend.models.identity import model_version
 from backend.exports.overlay import label_index_image
+from backend.options import SegmentOptions
 from backend.pipeline.encoding import Encoding
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.models.process import process_segmenter
 from backend.pipeline.vocabulary import Label
 from backend.settings import Settings
@@ -194,7 +195,7 @@ def write_dataset(out: Path, labels: Sequence[Label], records: Sequence[ImageRec
                         for index, annotation in enumerate(record.annotations)]
     coco = {
         "images": images,
-        "categories": [{"id": i, "name": label.name} for i, label in enumerate(labels, start=1)],
+        "categories": coco_categories(labels),
         "annotations": annotations,
     }
     _write_json_atomically(Path(out) / "tasks.json", tasks)

@@ -41,7 +41,8 @@ from backend.models.process import process_segmenter
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.memory import Memory
 from backend.pipeline.exemplars import Exemplars
-from backend.pipeline.segmenter import Segmentation, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Segmentation
 from backend.pipeline.vocabulary import Label
 from backend.settings import Settings
 from backend.storage.cached_encoder import CachedEncoder, one_pass_cache, segmenter_encoder

@@ -21,6 +21,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import decode_rle
 
 from backend.images import ImageLimits
+from backend.pipeline.coordinates import PERCENT, to_frame
 from backend.pipeline.teaching import AnnotatedRegion
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def _check_brush_size(height: int, width: int, max_pixels: int) -> None:
 
 def polygon_mask(points: Iterable[Iterable[float]], height: int, width: int) -> np.ndarray:
     """The (H, W) boolean mask of a polygon whose points are in percent of the width and height."""
-    pixels = np.array([[float(x) * width / 100.0, float(y) * height / 100.0] for x, y in points], np.float64)
+    pixels = np.array([to_frame(float(x), float(y), PERCENT, (width, height)) for x, y in points], np.float64)
     mask = np.zeros((height, width), np.uint8)
     if len(pixels) >= 3 and np.isfinite(pixels).all():
         cv2.fillPoly(mask, [np.round(pixels).astype(np.int32)], 1)

@@ -30,10 +30,9 @@ from backend.labelstudio.client import LabelStudioProject
 from backend.labelstudio.config import ProjectVocabulary
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
 from backend.models.identity import model_version
-from backend.options import option_changes
+from backend.options import SegmentOptions, option_changes
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.memory import Memory
-from backend.pipeline.segmenter import SegmentOptions
 from backend.settings import Settings
 from backend.storage.memory_store import memory_version
 
@@ -68,7 +67,7 @@ def project_context(settings: Settings, vocabulary: ProjectVocabulary, connectio
                     memory: ProjectMemory | None) -> ProjectContext:
     """The context of a project whose config reads as ``vocabulary``, connected as ``connection`` says, with
     ``memory`` (None: predict without one)."""
-    options = dataclasses.replace(SegmentOptions.from_settings(settings),
+    options = dataclasses.replace(settings.segment_options,
                                   **{**vocabulary.options, **connection.options})
     return ProjectContext(vocabulary, options, label_studio_access(settings, lambda: connection),
                           project_model_version(settings, memory), memory[1] if memory is not None else None)

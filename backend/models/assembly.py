@@ -12,17 +12,9 @@ from huggingface_hub import HfApi, constants
 
 from backend.models import download, random_full
 from backend.models.captioners import auto_captioner, captioner_source
-from backend.models.loading import (
-    CaptionerParts,
-    ClipParts,
-    ModelUnavailableError,
-    StableDiffusionParts,
-    load_captioner,
-    load_clip,
-    load_spacy,
-    load_stable_diffusion,
-)
+from backend.models.loading import ModelUnavailableError, load_captioner, load_clip, load_spacy, load_stable_diffusion
 from backend.models.tiny import TINY_TAESD, tiny_model_folder
+from backend.pipeline.parts import CaptionerParts, ClipParts, StableDiffusionParts
 from backend.settings import CaptionerKind, Settings
 
 if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy

@@ -41,9 +41,9 @@ PROGRESS_SECONDS = 15.0  # how often a long conversion says it is still working
 def resolve_engine(choice: EngineChoice, device: torch.device, dtype: torch.dtype) -> str:
     """The engine ``choice`` names; ``auto`` is openvino for bfloat16 on a CPU that has it installed, else torch.
 
-    OpenVINO's gain is its bfloat16 kernels (5.6x float32 eager on AVX-512 bf16). In float32, as on AVX2-only
-    CPUs, a prediction was only 1.14x faster (0.95x for the network alone) for twice the peak memory (13.3 GB
-    against 6.7), a 70 s conversion and 3 GB on disk: float32 stays on torch unless asked (docs/benchmarks.md).
+    OpenVINO's gain is its bfloat16 kernels. In float32, as on AVX2-only CPUs, it gained little on a whole
+    prediction for twice the peak memory, a long first conversion and gigabytes on disk: float32 stays on torch
+    unless asked (docs/benchmarks.md, "The inference engine on the CPU (`FREESEG_ENGINE`)", has the figures).
     """
     if choice != "auto":
         return choice

@@ -34,7 +34,7 @@ def models_fingerprint(settings: Settings, dtype: torch.dtype) -> str:
         "format": FORMAT_VERSION,
         "profile": settings.models,
         "dtype": str(dtype),
-        "working_max_side": settings.refine_max_side,  # images above it are encoded from a shrunk copy
+        "working_max_side": settings.working_max_side,  # images above it are encoded from a shrunk copy
         "features": feature_settings(settings).__dict__,
         "captioner": [captioner, settings.captioner_device],
     }

@@ -12,47 +12,24 @@ there, the same rule that chose what to download (the fp16 variant where that is
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from huggingface_hub import snapshot_download
-from transformers import AutoProcessor, CLIPTextModel, CLIPTokenizer, PreTrainedModel, ProcessorMixin
+from transformers import AutoProcessor, CLIPTextModel, CLIPTokenizer
 
 from backend.models.captioners import CAPTIONERS
 from backend.models.selection import OPEN_CLIP, TAESD, Component, Weights, select_weights, stable_diffusion_components
+from backend.pipeline.parts import CaptionerParts, ClipParts, StableDiffusionParts
 
 if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
     from spacy.language import Language
 
 class ModelUnavailableError(RuntimeError):
     """A model's weights are not on this machine; the message says which setting and how to fix."""
-
-
-@dataclass
-class StableDiffusionParts:
-    vae: AutoencoderKL | AutoencoderTiny  # TAESD with FREESEG_ENCODER=taesd, in the VAE's place as in diffusers' pipelines
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-
-
-@dataclass
-class ClipParts:
-    model: torch.nn.Module
-    tokenizer: Any
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-@dataclass
-class CaptionerParts:
-    kind: str
-    model: PreTrainedModel
-    processor: ProcessorMixin
 
 
 def _unavailable(what: str, source: str, setting: str, cause: Exception) -> ModelUnavailableError:

@@ -47,6 +47,6 @@ def process_segmenter(settings: Settings) -> Segmenter:
         device=device,
         refiner=Refiner(device, threads.crf_processes, rules.pamr_threshold),
         overlap_caption=device.type == "cuda",
-        refine_max_side=settings.refine_max_side,
+        working_max_side=settings.working_max_side,
         rules=rules,
     )

@@ -14,8 +14,8 @@ from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from backend.models.captioners import CAPTIONERS
-from backend.models.loading import CaptionerParts, ClipParts, StableDiffusionParts
 from backend.models.tokenizers import write_clip_tokenizer
+from backend.pipeline.parts import CaptionerParts, ClipParts, StableDiffusionParts
 from backend.settings import EncoderKind
 
 SEED = 20240102

@@ -15,14 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-if TYPE_CHECKING:  # a type only: the registry in backend.models imports this module's CaptionGeneration
-    from backend.models.loading import CaptionerParts
+from backend.pipeline.parts import CaptionerParts
 
 NUM_BEAMS = 3
 MAX_NEW_TOKENS = 30

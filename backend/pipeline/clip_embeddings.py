@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.models.loading import ClipParts
+from backend.pipeline.parts import ClipParts
 
 PROMPT_TEMPLATE = "a photo of a {}."
 LOGIT_SCALE = 100.0  # CLIP's trained temperature, fixed at 100 in OpenAI's weights

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 
-from backend.models.loading import StableDiffusionParts
+from backend.pipeline.parts import StableDiffusionParts
 from backend.pipeline.sd_text import StableDiffusionText
 
 FeatureRunner = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) pixels in [-1, 1] -> (B, C, G, G) grids

@@ -16,7 +16,7 @@ each edge onto the image's colour boundaries.
   (``above_half_of_peak``), so a thin region that PAMR fades below 0.5 everywhere survives.
 - ``"none"``: the masks as they are.
 
-Images above ``FREESEG_REFINE_MAX_SIDE`` are refined on a copy of bounded size and the
+Images above ``FREESEG_WORKING_MAX_SIDE`` are refined on a copy of bounded size and the
 masks are brought back to full size along the full image's edges (``upsampling``); the
 caller passes the working copy, masks of its size and the full image.
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from backend.models.loading import StableDiffusionParts
+from backend.pipeline.parts import StableDiffusionParts
 
 
 class TextPooler(Protocol):

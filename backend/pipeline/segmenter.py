@@ -32,6 +32,7 @@ from backend.pipeline.candidates import match_candidates, prompt_words
 from backend.pipeline.clip_embeddings import LOGIT_SCALE, TextImageEmbedder
 from backend.pipeline.clustering import cluster_feature_grid
 from backend.pipeline.confidence import Confidence, clip_confidence
+from backend.pipeline.coordinates import to_frame
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars, label_with_exemplars
 from backend.pipeline.fidelity import StageRules, our_rules
@@ -39,8 +40,7 @@ from backend.pipeline.labelling import ClusterLabel, assign_labels, cluster_labe
 from backend.pipeline.refine import PendingMasks, Refiner
 from backend.pipeline.upsampling import working_image
 from backend.pipeline.vocabulary import Label, label_embeddings
-from backend.options import RefineMethod
-from backend.settings import Settings
+from backend.options import SegmentOptions
 
 if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
     from spacy.language import Language
@@ -50,23 +50,6 @@ StageObserver = Callable[[str, float], None]
 Clustering = Callable[[np.ndarray, int, int], np.ndarray]  # (C, G, G) float32 features, K, seed -> (G, G) clusters
 Tag = TypeVar("Tag")  # what a caller of ``segment_batches`` knows a batch by
 NO_CONFIDENCE = Confidence((), 0.0)  # of an image no candidate label was found for: nothing labelled
-
-
-@dataclass(frozen=True)
-class SegmentOptions:
-    """What a caller may change per request; defaults come from the settings."""
-
-    k: int = 4
-    refine: RefineMethod = "crf"
-    use_caption: bool = True  # False: every label is a candidate (the paper's "no caption" ablation)
-    caption_fallback: bool = True  # no candidate from the caption: take CLIP's best labels for the image
-    seed: int = 0
-    prompt: str = ""  # words an annotator typed: they pick the candidate labels instead of the caption
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> SegmentOptions:
-        return cls(k=settings.k, refine=settings.refine, use_caption=settings.use_caption,
-                   caption_fallback=settings.caption_fallback, seed=settings.seed)
 
 
 @dataclass(frozen=True)
@@ -85,14 +68,23 @@ class Region:
     score: float  # the region's confidence in [0, 1] (``backend.pipeline.confidence``)
 
 
+def map_value(label: int) -> int:
+    """The value of ``labels[label]`` in a label map, where 0 is unlabeled: the one place that convention lives."""
+    return label + 1
+
+
 @dataclass
 class Segmentation:
-    label_map: np.ndarray  # (H, W) uint16: 0 unlabeled, i for labels[i - 1]
+    label_map: np.ndarray  # (H, W) uint16: 0 unlabeled, map_value(i) for labels[i]
     regions: list[Region]
     caption: str
     candidates: list[str]
     used_fallback: bool = False
     score: float = 0.0  # the prediction's confidence in [0, 1], over the whole image (``backend.pipeline.confidence``)
+
+    def region_mask(self, region: Region) -> np.ndarray:
+        """(H, W) bool: the pixels of ``region``, as every export draws it."""
+        return self.label_map == map_value(region.label)
 
 
 @dataclass
@@ -116,7 +108,7 @@ class Proposal:
         regions = []
         for assignment, mask, confidence in zip(self.assigned, refined, self.confidence.regions, strict=True):
             if mask.any():
-                label_map[mask] = assignment.label + 1
+                label_map[mask] = map_value(assignment.label)
                 regions.append(Region(assignment.label, self.labels[assignment.label].name, confidence))
         return Segmentation(label_map=label_map, regions=regions, caption=self.caption,
                             candidates=self.candidates, used_fallback=self.used_fallback, score=self.confidence.image)
@@ -143,14 +135,14 @@ class Segmenter:
         device: torch.device | str = "cpu",
         refiner: Refiner | None = None,
         overlap_caption: bool = False,
-        refine_max_side: int | None = None,
+        working_max_side: int | None = None,
         clustering: Clustering | None = None,
         observer: StageObserver | None = None,
         rules: StageRules | None = None,
     ):
         self.captioner, self.features, self.clip, self.nlp = captioner, features, clip, nlp
         self.rules = rules or our_rules(clip)  # nouns, candidates and mask naming (FREESEG_FIDELITY)
-        self.refine_max_side = refine_max_side  # clusters, CLIP crops and refinement run at this size at most
+        self.working_max_side = working_max_side  # encoders, clusters, CLIP crops and refinement see this at most
         self.fingerprint = fingerprint
         self.device = torch.device(device)
         self.refiner = refiner or Refiner(self.device)
@@ -175,9 +167,9 @@ class Segmenter:
     def encode_batch(self, images: Sequence[np.ndarray]) -> list[Encoding]:
         """Caption, U-Net features and whole-image CLIP embedding of each (H, W, 3) uint8 image.
 
-        The models see at most ``refine_max_side`` pixels a side (they resize to far less anyway).
+        The models see at most ``working_max_side`` pixels a side (they resize to far less anyway).
         """
-        working = [working_image(image, self.refine_max_side) for image in images]
+        working = [working_image(image, self.working_max_side) for image in images]
         pending = self._caption_thread.submit(self._captions, working) if self._caption_thread else None
         with self._stage("features"):
             grids = self.features(working)
@@ -266,7 +258,7 @@ class Segmenter:
                 chosen = [(sorted(set(candidates) | set(taught)), fallback) for candidates, fallback in chosen]
             else:
                 exemplars = None  # no label of this request taught: the paper's labelling, exactly
-        working = [working_image(image, self.refine_max_side) for image in images]
+        working = [working_image(image, self.working_max_side) for image in images]
         clusters = [self._clusters(encoding, options, small.shape[:2]) for encoding, small in zip(encodings, working)]
         grids, masks = [grid for grid, _ in clusters], [image_masks for _, image_masks in clusters]
         with self._stage("labelling"):
@@ -297,13 +289,13 @@ class Segmenter:
     ) -> Proposal:
         """The cluster under each click, with the click's label (a second click on a cluster loses)."""
         _check_compatible(encoding, image, self.fingerprint)
-        small = working_image(image, self.refine_max_side)
+        small = working_image(image, self.working_max_side)
         _, masks = self._clusters(encoding, options, small.shape[:2])
-        scale_y, scale_x = small.shape[0] / encoding.height, small.shape[1] / encoding.width
         assigned: dict[int, ClusterLabel] = {}
         for click in clicks:
-            row = min(max(int(click.y * scale_y), 0), small.shape[0] - 1)
-            column = min(max(int(click.x * scale_x), 0), small.shape[1] - 1)
+            x, y = to_frame(click.x, click.y, (encoding.width, encoding.height), (small.shape[1], small.shape[0]))
+            row = min(max(int(y), 0), small.shape[0] - 1)
+            column = min(max(int(x), 0), small.shape[1] - 1)
             cluster = int(masks[:, row, column].argmax())
             assigned.setdefault(cluster, ClusterLabel(cluster=cluster, label=click.label, score=1.0))
         # the annotator named these regions: nothing to doubt

@@ -2,7 +2,7 @@
 
 The dense CRF's kernels are in pixels (tuned on Pascal VOC's 500x375 images): on a
 24-megapixel photo it costs seconds per mask and barely moves an edge. So images whose
-longest side is above ``FREESEG_REFINE_MAX_SIDE`` are refined on a copy of that size,
+longest side is above ``FREESEG_WORKING_MAX_SIDE`` are refined on a copy of that size,
 and the refined masks are brought to full size by a guided filter (He, Sun and Tang,
 "Guided Image Filtering", 2013) whose linear coefficients are computed at the working
 size and applied to the full-resolution image ("Fast Guided Filter", He and Sun, 2015):

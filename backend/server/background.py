@@ -31,7 +31,8 @@ from backend.labelstudio.projects import project_id
 from backend.models.assembly import resolve_device
 from backend.pipeline.exemplars import Exemplars
 from backend.pipeline.encoding import Encoding
-from backend.pipeline.segmenter import Segmentation, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Segmentation
 from backend.pipeline.vocabulary import Label
 from backend.server.inference import InferenceWorker, Priority, QueueFullError
 from backend.server.predict_budget import PredictBudget

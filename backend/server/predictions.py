@@ -36,9 +36,11 @@ from backend.storage.cached_encoder import BatchEncode, CachedEncoder
 from backend.storage.feature_cache import FeatureCache
 from backend.labelstudio.interaction import Interaction
 from backend.labelstudio.project_context import ProjectContext
+from backend.pipeline.coordinates import PERCENT, to_frame
 from backend.pipeline.encoding import Encoding
 from backend.pipeline.exemplars import Exemplars
-from backend.pipeline.segmenter import Click, Proposal, Segmentation, Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Click, Proposal, Segmentation, Segmenter
 from backend.server.cache_writer import CacheWriter
 from backend.server.prometheus import Metrics
 from backend.server.protocol import Task
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 
 def _pixel_clicks(interaction: Interaction, image: np.ndarray) -> list[Click]:
     height, width = image.shape[:2]
-    return [Click(c.x * width / 100.0, c.y * height / 100.0, c.label) for c in interaction.clicks]
+    return [Click(*to_frame(c.x, c.y, PERCENT, (width, height)), c.label) for c in interaction.clicks]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from backend.images import read_image_file
 from backend.models.process import process_segmenter
 from backend.pipeline.candidates import ClipCandidates
 from backend.pipeline.clip_embeddings import TextImageEmbedder, prompts_for
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.options import SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.pipeline.vocabulary import Label, label_embeddings
 from backend.settings import Settings
 

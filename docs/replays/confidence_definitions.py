@@ -31,7 +31,6 @@ from backend.evaluation.datasets import dataset_at
 from backend.evaluation.replay import replay
 from backend.storage.memory_store import memory_bounds
 from backend.models.process import process_segmenter
-from backend.pipeline.segmenter import SegmentOptions
 from backend.settings import get_settings
 
 HOLDOUT = 8
@@ -90,7 +89,7 @@ def main(root: Path, runs: list[str]) -> None:
         name, order = run.split(":")
         use(name)
         start = time.time()
-        result = replay(segmenter, spec, samples, SegmentOptions.from_settings(settings), memory_bounds(settings),
+        result = replay(segmenter, spec, samples, settings.segment_options, memory_bounds(settings),
                         order, HOLDOUT).to_dict()
         result |= {"definition": name, "seconds": time.time() - start}
         (root / f"r-{name}-{order}.json").write_text(json.dumps(result, indent=1))

@@ -31,7 +31,7 @@ from backend.storage.memory_store import memory_bounds
 from backend.models.process import process_segmenter
 from backend.pipeline.exemplars import NEIGHBOURS, Exemplars
 from backend.pipeline.memory import Memory
-from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.pipeline.segmenter import Segmenter
 from backend.pipeline.teaching import teach
 from backend.pipeline.vocabulary import labels_from_names
 from backend.settings import Settings, get_settings
@@ -56,7 +56,7 @@ def scene_set(segmenter: Segmenter, settings: Settings, root: Path) -> list[dict
     spec = dataset_at("folder", root)
     samples = list(spec.samples(root, POOL + HOLDOUT))
     labels = labels_from_names(spec.label_names)
-    options = SegmentOptions.from_settings(settings)
+    options = settings.segment_options
     images = [read_image_file(sample.image_path) for sample in samples]
     encodings = segmenter.encode_many(images, 4)
     truths = [sample.label for sample in samples]
