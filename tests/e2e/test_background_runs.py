@@ -79,9 +79,6 @@ def check_one_prediction_each(label_studio, tasks: list[int], version: str) -> N
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(reason="issue 33 item 4 unfinished: the CRF process pool has no priority, so a single task's "
-                          "refinement waits behind the background batches' (seen: > 120 s at load 16 on 2 cores)",
-                   strict=False)
 def test_retrieve_predictions_answers_at_once_and_the_predictions_arrive_in_the_background(label_studio, tmp_path):
     project, tasks = project_with_photos(label_studio, TASKS)
     with run_backend(tmp_path / "server", label_studio, **BUDGET) as backend_url:
