@@ -193,6 +193,9 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--compare-engines", type=_engines, default=(), metavar="ENGINE[,ENGINE...]",
                         help="only time the features stage on each of these engines in --dtype, side by side with "
                              "float32 torch eager, and compare their cluster maps with its")
+    parser.add_argument("--caption-agreement", type=Path, metavar="FOLDER",
+                        help="also caption this folder's photos (VOC's JPEGImages/ inside it) with torch eager and "
+                             "with FREESEG_CAPTION_ENGINE's engine, and report how many get the same tokens")
 
 
 def _engines(text: str) -> tuple[str, ...]:
@@ -224,6 +227,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
                          image_dir=args.image_dir, json_path=args.json_path, dtype=args.dtype,
                          image_size=args.image_size[0], naive=args.naive, compare_dtype=args.compare_dtype,
                          engine=args.engine, compare_engines=args.compare_engines,
+                         caption_agreement=args.caption_agreement,
                          compare_sizes=tuple(args.image_size) if len(args.image_size) > 1 else ())
     run_bench(config, get_settings())
     return 0

@@ -26,6 +26,7 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
+from backend.benchmark.caption_agreement import folder_agreement
 from backend.storage.feature_cache import ProcessCache
 from backend.images import decode_image, read_image_file
 from backend.exports.brush_results import brush_results
@@ -33,6 +34,7 @@ from backend.pipeline.clip_embeddings import TextImageEmbedder
 from backend.pipeline.clustering import canonical_order, cluster_feature_grid
 from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
 from backend.pipeline.segmenter import Segmenter, SegmentOptions
+from backend.models.caption_engines import caption_engine
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import labels_from_names
@@ -59,6 +61,7 @@ class BenchConfig:
     compare_dtype: str | None = None  # measure only the features stage and the cluster maps against this dtype
     engine: str | None = None  # FREESEG_ENGINE for this run; None: the settings' own
     compare_engines: tuple[str, ...] = ()  # measure only the features stage of these engines against float32 torch
+    caption_agreement: Path | None = None  # photos to caption with torch eager and the captioner's engine
 
 
 def synthetic_images(count: int, seed: int = 0, size: tuple[int, int] = (375, 500)) -> list[np.ndarray]:
@@ -392,6 +395,7 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         "device": str(device),
         "dtype": _dtype_name(fast),
         "engine": _engine_name(fast),
+        "caption_engine": caption_engine(fast.captioner.model),
         "nouns": settings.nouns,  # "words" where spaCy is not installed (the GPU kit)
         "images": len(images),
         "image_size": list(images[0].shape[1::-1]),  # width, height
@@ -421,6 +425,8 @@ def run_bench(config: BenchConfig, settings: Settings) -> dict:
         "hardware": _hardware(device),
         "date": time.strftime("%Y-%m-%d"),
     }
+    if config.caption_agreement:
+        figures["caption_token_agreement"] = folder_agreement(fast.captioner, config.caption_agreement)
     _print(figures)
     _write(figures, config.json_path)
     return figures
@@ -462,4 +468,9 @@ def _print(figures: dict) -> None:
     print("  stages (median ms per call): " + ", ".join(f"{k} {v:.1f}" for k, v in figures["stages_ms"].items()))
     gpu = (f", GPU {figures['models_gpu_mb']:.0f} MB with the models loaded, peak {figures['peak_gpu_mb']:.0f} MB"
            if figures["peak_gpu_mb"] is not None else "")
+    if "caption_token_agreement" in figures:
+        agreement = figures["caption_token_agreement"]
+        print(f"  caption tokens  {agreement['same']} of {agreement['images']} photos as torch eager's on "
+              f"{agreement['engine']}; median per caption: " +
+              ", ".join(f"{name} {ms:.0f} ms" for name, ms in agreement["caption_ms"].items()))
     print(f"  memory          RSS peak {figures['peak_rss_mb']:.0f} MB{gpu}; models loaded in {figures['model_load_s']:.1f} s")
