@@ -194,6 +194,9 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--encoders", type=_names_of(EncoderKind, "encoders"), default=(), metavar="vae,taesd",
                         help="also time predictions one image at a time with each of these encoders "
                              "(FREESEG_ENCODER), side by side: a block per encoder in the figures")
+    parser.add_argument("--caption-agreement", type=Path, metavar="FOLDER",
+                        help="also caption this folder's photos (VOC's JPEGImages/ inside it) with torch eager and "
+                             "with FREESEG_CAPTION_ENGINE's engine, and report how many get the same tokens")
 
 
 def _names_of(choices: object, what: str) -> Callable[[str], tuple[str, ...]]:
@@ -231,6 +234,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
                          image_dir=args.image_dir, json_path=args.json_path, dtype=args.dtype,
                          image_size=args.image_size[0], naive=args.naive, compare_dtype=args.compare_dtype,
                          engine=args.engine, compare_engines=args.compare_engines, encoders=args.encoders,
+                         caption_agreement=args.caption_agreement,
                          compare_sizes=tuple(args.image_size) if len(args.image_size) > 1 else ())
     run_bench(config, get_settings())
     return 0

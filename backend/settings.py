@@ -28,6 +28,7 @@ REQUEST_DEFAULTS = SegmentOptions()  # options.py writes the per-request default
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 EngineChoice = Literal["auto", "torch", "compile", "openvino"]  # backend.models.engines says what each is
+CaptionEngineChoice = Literal["auto", "torch", "openvino"]  # backend.models.caption_engines says what each is
 
 
 class Settings(BaseSettings):
@@ -43,6 +44,7 @@ class Settings(BaseSettings):
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"  # of the VAE, U-Net, CLIP and captioner; auto: fp16 on CUDA, bf16 on CPUs that have it
     engine: EngineChoice = "auto"  # of the feature network; auto: openvino for bfloat16 on the CPU, else torch
+    caption_engine: CaptionEngineChoice = "auto"  # of the captioner; auto: openvino for BLIP on the CPU, else torch
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     encoder: EncoderKind = "vae"  # taesd: the tiny distilled autoencoder in the VAE's place, faster on CPUs
     taesd_model: str = "madebyollin/taesd"  # TAESD's hub id or folder, for FREESEG_ENCODER=taesd

@@ -27,6 +27,7 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
+from backend.benchmark.caption_agreement import folder_agreement
 from backend.storage.feature_cache import ProcessCache
 from backend.images import decode_image, read_image_file
 from backend.exports.brush_results import brush_results
@@ -35,6 +36,7 @@ from backend.pipeline.clustering import canonical_order, cluster_feature_grid
 from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
 from backend.options import SegmentOptions
 from backend.pipeline.segmenter import Segmenter
+from backend.models.caption_engines import caption_engine
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
@@ -62,6 +64,7 @@ class BenchConfig:
     engine: str | None = None  # FREESEG_ENGINE for this run; None: the settings' own
     compare_engines: tuple[str, ...] = ()  # measure only the features stage of these engines against float32 torch
     encoders: tuple[str, ...] = ()  # also time one image at a time with each of these FREESEG_ENCODERs, side by side
+    caption_agreement: Path | None = None  # photos to caption with torch eager and the captioner's engine
 
 
 def synthetic_images(count: int, seed: int = 0, size: tuple[int, int] = (375, 500)) -> list[np.ndarray]:
@@ -401,6 +404,7 @@ def measure_predictions(config: BenchConfig, settings: Settings) -> dict:
         "device": str(fast.device),
         "dtype": _dtype_name(fast),
         "engine": _engine_name(fast),
+        "caption_engine": caption_engine(fast.captioner.model),
         "nouns": settings.nouns,  # "words" where spaCy is not installed (the GPU kit)
         "images": len(images),
         "image_size": list(images[0].shape[1::-1]),  # width, height
@@ -428,6 +432,8 @@ def measure_predictions(config: BenchConfig, settings: Settings) -> dict:
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if fast.device.type == "cuda" else None,
         "hardware": _hardware(fast.device),
         "date": time.strftime("%Y-%m-%d"),
+        **({"caption_token_agreement": folder_agreement(fast.captioner, config.caption_agreement)}
+           if config.caption_agreement else {}),
     }
 
 
@@ -475,7 +481,7 @@ def _release_models() -> None:
 
 def _encoder_figures(settings: Settings, images: Sequence[np.ndarray]) -> dict:
     segmenter = process_segmenter(settings)
-    predict = _Predictions(labels_from_names(VOC_LABELS), SegmentOptions.from_settings(settings), segmenter.device)
+    predict = _Predictions(labels_from_names(VOC_LABELS), settings.segment_options, segmenter.device)
     predict(segmenter, [images[:1]])  # warm-up
     predict.stages.clear()
     observed = predict.observing(segmenter)
@@ -521,6 +527,11 @@ def _print(figures: dict) -> None:
     print("  stages (median ms per call): " + ", ".join(f"{k} {v:.1f}" for k, v in figures["stages_ms"].items()))
     gpu = (f", GPU {figures['models_gpu_mb']:.0f} MB with the models loaded, peak {figures['peak_gpu_mb']:.0f} MB"
            if figures["peak_gpu_mb"] is not None else "")
+    if "caption_token_agreement" in figures:
+        agreement = figures["caption_token_agreement"]
+        print(f"  caption tokens  {agreement['same']} of {agreement['images']} photos as torch eager's on "
+              f"{agreement['engine']}; median per caption: " +
+              ", ".join(f"{name} {ms:.0f} ms" for name, ms in agreement["caption_ms"].items()))
     print(f"  memory          RSS peak {figures['peak_rss_mb']:.0f} MB{gpu}; models loaded in {figures['model_load_s']:.1f} s")
     for encoder, block in figures.get("encoders", {}).items():
         print(f"  encoder {encoder:7} p50 {block['latency_p50_ms']:8.1f} ms   features "

@@ -94,14 +94,14 @@ def _openvino(network: FeatureNetwork, example: torch.Tensor, folder: Path) -> F
 
     path = folder / "features.xml"
     if not path.exists():
-        with _progress(f"converting the feature network to OpenVINO (once; kept in {folder})"), \
+        with progress_logged(f"converting the feature network to OpenVINO (once; kept in {folder})"), \
                 warnings.catch_warnings():
             # diffusers' shape tests (batches of 64 and more, tensors over 2**31 elements) pick memory layouts
             # only; the trace keeps the branch of the example, which computes the same values.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             model = openvino.convert_model(_Float32Boundary(network).eval(), example_input=example.float(),
                                            input=[openvino.PartialShape([-1, *example.shape[1:]])])
-        with _atomic_folder(folder) as staging:
+        with atomic_folder(folder) as staging:
             openvino.save_model(model, staging / path.name, compress_to_fp16=False)
     precision = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(network.context.dtype, "f32")
     compiled = openvino.Core().compile_model(str(path), "CPU", {
@@ -127,7 +127,7 @@ def _compile(network: FeatureNetwork, example: torch.Tensor) -> FeatureRunner:
         def run(pixels: torch.Tensor) -> torch.Tensor:
             return compiled(pixels.contiguous(memory_format=torch.channels_last))
 
-        with _progress("compiling the feature network with torch.compile (inductor caches the kernels)"):
+        with progress_logged("compiling the feature network with torch.compile (inductor caches the kernels)"):
             with torch.inference_mode():
                 run(example)
     except Exception:
@@ -153,7 +153,7 @@ _BUILDERS: dict[str, Callable[[FeatureNetwork, torch.Tensor, Path], FeatureRunne
 
 
 @contextmanager
-def _progress(what: str) -> Iterator[None]:
+def progress_logged(what: str) -> Iterator[None]:
     """Logs ``what`` at the start, every PROGRESS_SECONDS while it runs, and its duration at the end."""
     log.info("%s ...", what)
     start, done = time.perf_counter(), threading.Event()
@@ -173,7 +173,7 @@ def _progress(what: str) -> Iterator[None]:
 
 
 @contextmanager
-def _atomic_folder(folder: Path) -> Iterator[Path]:
+def atomic_folder(folder: Path) -> Iterator[Path]:
     """A staging folder beside ``folder`` that replaces it when the block succeeds: readers never see half a
     conversion, and two processes converting at once leave one whole result."""
     folder.parent.mkdir(parents=True, exist_ok=True)

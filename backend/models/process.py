@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from backend.models.assembly import load_model_parts, resolve_device
+from backend.models.caption_engines import captioner_on_engine
 from backend.models.captioners import CAPTIONERS
 from backend.models.engines import feature_extractor
 from backend.models.identity import feature_settings, models_fingerprint
@@ -37,10 +38,12 @@ def process_segmenter(settings: Settings) -> Segmenter:
     network = FeatureNetwork(parts.stable_diffusion, feature_settings(settings), stable_diffusion_text)
     clip = ClipEmbedder(parts.clip, device, dtype)
     rules = stage_rules(settings.fidelity, clip, stable_diffusion_text, settings.nouns)
+    engines_folder = settings.model_dir / "engines"
     return Segmenter(
-        captioner=Captioner(parts.captioner, CAPTIONERS[parts.captioner.kind].generation, placement.captioner_device,
+        captioner=Captioner(captioner_on_engine(parts.captioner, settings.caption_engine, engines_folder),
+                            CAPTIONERS[parts.captioner.kind].generation, placement.captioner_device,
                             placement.captioner_dtype, rules.caption_length),
-        features=feature_extractor(network, settings.engine, settings.model_dir / "engines", fingerprint),
+        features=feature_extractor(network, settings.engine, engines_folder, fingerprint),
         clip=clip,
         nlp=parts.nlp,
         fingerprint=fingerprint,

@@ -66,12 +66,16 @@ class Captioner:
         # Its own CUDA stream, so that it runs beside the U-Net when called from another thread.
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> list[str]:
-        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
-            return self._captions(images)
+        return [text.strip() for text in self.tokenizer.batch_decode(self.token_ids(images), skip_special_tokens=True)]
 
-    def _captions(self, images: Sequence[np.ndarray]) -> list[str]:
+    @torch.inference_mode()
+    def token_ids(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """The captions' token ids, one row per image (what engines are compared on)."""
+        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+            return self._generate(images)
+
+    def _generate(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         pixels = self.image_processor([Image.fromarray(image) for image in images], return_tensors="pt").pixel_values
         pixels = pixels.to(self.device, self.dtype)
         if self.generation.prompt is not None:
@@ -83,7 +87,7 @@ class Captioner:
             output = output[:, prompt.shape[1] - 1 :]  # generate() drops the prompt's final [SEP]
         else:
             output = self.model.generate(pixel_values=pixels, num_beams=NUM_BEAMS, max_new_tokens=MAX_NEW_TOKENS)
-        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+        return output
 
     def _prompt_ids(self, text: str, batch: int) -> torch.Tensor:
         """[BOS] prompt [SEP], the shape BLIP's generate() expects from its BERT tokenizer."""
