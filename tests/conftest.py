@@ -7,9 +7,11 @@ from collections.abc import Callable, Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any hub client is imported: never wait on a hub
 # The same on every machine, and in the processes tests start: float32 (on a CPU with bfloat16, auto picks it, and
-# its batched kernels round differently from one image's), the torch engine (tests of the others ask for them).
+# its batched kernels round differently from one image's), the torch engines (tests of the others ask for them;
+# the captioner's OpenVINO conversion would cost every fresh MODEL_DIR about 20 s).
 os.environ.setdefault("FREESEG_DTYPE", "float32")
 os.environ.setdefault("FREESEG_ENGINE", "torch")
+os.environ.setdefault("FREESEG_CAPTION_ENGINE", "torch")
 
 import numpy as np
 import pytest

@@ -112,7 +112,7 @@ def test_retrieve_predictions_answers_at_once_and_the_predictions_arrive_in_the_
 def kill_backend(backend_url: str) -> None:
     """SIGKILL to the backend serving on the URL's port (no shutdown: as a crash or an OOM kill)."""
     port = backend_url.rsplit(":", 1)[1]
-    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
     (pid,) = [int(line.split()[0]) for line in listing.splitlines() if f"--port {port}" in line and "serve" in line]
     os.kill(pid, signal.SIGKILL)
 
