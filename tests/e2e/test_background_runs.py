@@ -131,8 +131,9 @@ def test_after_the_backend_is_killed_mid_run_a_second_retrieve_completes_the_res
     assert predicted < TASKS, "the run ended before the backend was killed"
 
     with run_backend(server_dir, label_studio, **BUDGET) as backend_url:  # the same MODEL_DIR: the same store
-        ml = label_studio.api("GET", "/api/ml", params={"project": project}).json()
-        label_studio.api("PATCH", f"/api/ml/{ml[0]['id']}", json={"url": backend_url})
+        (ml,) = label_studio.api("GET", "/api/ml", params={"project": project}).json()
+        label_studio.api("DELETE", f"/api/ml/{ml['id']}")  # the restarted backend listens on another port
+        connect_ml_backend(label_studio, project, backend_url, extra_params={"k": 2})
         (killed,) = runs(backend_url)
         assert killed["state"] == "failed", killed
         retrieve_timed(label_studio, project)
