@@ -41,6 +41,7 @@ def test_the_budget_sends_only_many_tasks_over_it_to_the_background():
     assert not budget.too_big(1000, interactive=True)  # a click or a typed prompt: an annotator waits
     assert not PredictBudget(0.001, "cpu").too_big(1, interactive=False)  # one task: always answered now
     assert PredictBudget(60, "cuda").seconds_per_image == 2
+    assert PredictBudget(60, "cpu", tiny_models=True).seconds_per_image == 2  # not full-size models' 30 s
     budget.observe(10, 1.0)  # the first measurement replaces the prior
     assert budget.seconds_per_image == pytest.approx(0.1) and not budget.too_big(500, interactive=False)
     budget.observe(1, 1.1)  # later ones are weighed in

@@ -97,7 +97,8 @@ class Background:
     def __init__(self, settings: Settings, worker: InferenceWorker, predictor: Predictor, shared: SharedStore,
                  metrics: Metrics) -> None:
         self.settings, self.worker, self.predictor = settings, worker, predictor
-        self.budget = PredictBudget(settings.predict_budget_seconds, resolve_device(settings.device)[0].type)
+        self.budget = PredictBudget(settings.predict_budget_seconds, resolve_device(settings.device)[0].type,
+                                    tiny_models=settings.models == "tiny")
         self.registry = RunRegistry(shared)
         self.local = LocalRuns(self.registry)
         self.connection = runs_redis(settings) if settings.redis_url else None

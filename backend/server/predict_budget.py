@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import threading
 
-PRIOR_SECONDS_PER_IMAGE = {"cpu": 30.0, "cuda": 2.0}  # before any measurement, by torch device type
+PRIOR_SECONDS_PER_IMAGE = {"cpu": 30.0, "cuda": 2.0}  # full-size models, before any measurement, by device type
+TINY_PRIOR_SECONDS_PER_IMAGE = 2.0  # the tiny profile's small models (tests, smoke runs): full-size CRF dominates
 WEIGHT = 0.3  # of the newest measurement in the mean
 
 
 class PredictBudget:
     """FREESEG_PREDICT_BUDGET_SECONDS against the measured seconds per image of this process's models."""
 
-    def __init__(self, budget_seconds: float, device_type: str) -> None:
+    def __init__(self, budget_seconds: float, device_type: str, tiny_models: bool = False) -> None:
         self.budget_seconds = budget_seconds
-        self.seconds_per_image = PRIOR_SECONDS_PER_IMAGE.get(device_type, PRIOR_SECONDS_PER_IMAGE["cpu"])
+        self.seconds_per_image = (TINY_PRIOR_SECONDS_PER_IMAGE if tiny_models else
+                                  PRIOR_SECONDS_PER_IMAGE.get(device_type, PRIOR_SECONDS_PER_IMAGE["cpu"]))
         self.measured = False
         self._lock = threading.Lock()
 

@@ -35,7 +35,7 @@ from labelstudio import (
     predictions_by_version,
     retrieve_predictions,
 )
-from test_label_studio import run_backend
+from test_label_studio import E2E_CAPTIONER, run_backend
 from test_learning import latest, miou, scenes_in_projects, submit_truth
 
 from backend.cli import main
@@ -66,7 +66,7 @@ def cli_env(monkeypatch, label_studio: LabelStudioServer, tiny_settings):
     """The environment of an in-process ``freesegdiff`` run: tiny models, the test Label Studio, short backoff."""
     for name, value in {"FREESEG_MODELS": "tiny", "FREESEG_DEVICE": "cpu", "MODEL_DIR": str(tiny_settings.model_dir),
                         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
-                        "FREESEG_LABELSTUDIO_BACKOFF_SECONDS": "0.5"}.items():
+                        "FREESEG_LABELSTUDIO_BACKOFF_SECONDS": "0.5", "FREESEG_CAPTIONER": E2E_CAPTIONER}.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     yield
