@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import sklearn
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
@@ -146,6 +147,7 @@ def test_same_folder_twice_same_files(dataset: Path, tiny_segmenter, url_run, tm
 def test_a_second_run_with_redis_reads_the_encodings_from_the_feature_cache(
     dataset: Path, tiny_segmenter, tiny_settings, redis_server, url_run, tmp_path: Path, monkeypatch,
 ) -> None:
+    redis.Redis.from_url(redis_server.url).flushdb()  # earlier tests' runs on this server may have cached these photos
     cache = one_pass_cache(tiny_settings.model_copy(update={"redis_url": redis_server.url}))
     encoded: list[int] = []
     encode_many = tiny_segmenter.encode_many
