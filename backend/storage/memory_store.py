@@ -34,11 +34,6 @@ def memory_version(version: str, revision: int) -> str:
     return f"{version}-m{revision}" if revision else version
 
 
-def memory_for_predictions(version: str, memory: Memory | None) -> tuple[str, Exemplars | None]:
-    """``memory_version`` of ``version`` and the memory's exemplars; ``version`` and None without a memory."""
-    return (memory_version(version, memory.revision), Exemplars.from_memory(memory)) if memory else (version, None)
-
-
 def clock_revision() -> int:
     """The wall clock in milliseconds: the least revision a change saved now may take.
 
