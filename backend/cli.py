@@ -560,11 +560,11 @@ def _jobs_parser(commands: argparse._SubParsersAction) -> None:
 def run_jobs(args: argparse.Namespace) -> int:
     from backend.jobs.background_runs import cancel
     from backend.jobs.status import describe_background_run, describe_background_runs, describe_recent_runs, describe_run
-    from backend.storage.backing import runs_redis, shared_store
+    from backend.storage.backing import runs_redis, runs_redis_if_set, shared_store
     from backend.storage.run_registry import RunRegistry
 
     settings = get_settings()
-    connection = runs_redis(settings) if settings.redis_url else None
+    connection = runs_redis_if_set(settings)
     registry = RunRegistry(shared_store(settings))
     if args.cancel:
         record = cancel(registry, args.cancel, connection)

@@ -256,7 +256,7 @@ def test_the_encoder_setting_reaches_predict_the_cache_key_and_model_version(tin
     tasks = [{"id": 1, "data": {"image": f"{image_server}/china.jpg"}}]
     with _client(taesd_settings, None) as client:  # the app loads its own models, as a server does
         wait_until_ready(client)
-        [prediction] = _predict(client, tasks).json()["results"]
+        [prediction] = predict(client, tasks, BRUSH_CONFIG, project=PROJECT).json()["results"]
     taesd = process_segmenter(taesd_settings)
     assert type(taesd.features.network.encoder).__name__ == "EncoderTiny"  # TAESD's, not the VAE's
     assert prediction["result"] and prediction["model_version"].endswith("-taesd-tiny-random-weights")

@@ -41,7 +41,7 @@ from backend.server.prometheus import Metrics
 from backend.server.protocol import Task
 from backend.server.request_bound import RequestBound
 from backend.settings import Settings
-from backend.storage.backing import runs_redis
+from backend.storage.backing import runs_redis_if_set
 from backend.storage.cached_encoder import CachedEncoder
 from backend.storage.feature_cache import FeatureCache
 from backend.storage.run_registry import ACTIVE_STATES, RunRegistry
@@ -101,7 +101,7 @@ class Background:
                                     tiny_models=settings.models == "tiny")
         self.registry = RunRegistry(shared)
         self.local = LocalRuns(self.registry)
-        self.connection = runs_redis(settings) if settings.redis_url else None
+        self.connection = runs_redis_if_set(settings)
         metrics.background_runs.set_function(lambda: self._active_count()[0])
         metrics.background_tasks_left.set_function(lambda: self._active_count()[1])
 

@@ -60,6 +60,11 @@ def feedback_store(settings: Settings) -> FeedbackStore:
     return FileFeedbackStore(settings.model_dir / FEEDBACK_FOLDER)
 
 
+def runs_redis_if_set(settings: Settings) -> redis.Redis | None:
+    """The Redis of queued runs where REDIS_URL is set, else None (the runs are this process's)."""
+    return runs_redis(settings) if settings.redis_url else None
+
+
 def runs_redis(settings: Settings) -> redis.Redis:
     """The Redis of queued runs (RQ's queue, their ledger, the write locks); ``ValueError`` without REDIS_URL."""
     if not settings.redis_url:
