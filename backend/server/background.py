@@ -63,7 +63,7 @@ class WorkerSegmenter:
                  cache: FeatureCache | None = None, keep: Callable[[str, Encoding], None] | None = None) -> None:
         self.worker, self.observe = worker, observe
         self.encoder = CachedEncoder(cache, worker, lambda images: self._on_worker(
-            lambda submit: submit.submit_encode(images, Priority.BACKGROUND)), keep)
+            lambda worker: worker.submit_encode(images, Priority.BACKGROUND)), keep)
 
     def segment_encoded(self, batches: Iterable[tuple[Tag, Sequence[Encoding], Sequence[np.ndarray]]],
                         labels: Sequence[Label], options: SegmentOptions, exemplars: Exemplars | None = None,
