@@ -3,10 +3,12 @@ and a run on the server's own inference worker with the tiny models, writing thr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -24,7 +26,7 @@ from backend.server.app import create_app
 from backend.server.background import WorkerSegmenter
 from backend.server.inference import InferenceWorker
 from backend.server.predict_budget import PRIOR_SECONDS_PER_IMAGE, PredictBudget
-from backend.storage.run_registry import RunRecord, RunRegistry
+from backend.storage.run_registry import RunRecord, RunRegistry, this_process
 from backend.storage.shared_store import FileStore
 from tests.app_client import wait_until_ready
 from tests.fake_labelstudio import data_uri
@@ -181,3 +183,55 @@ def test_freesegdiff_jobs_lists_the_background_runs_and_cancels_one(tiny_environ
     assert main(["jobs", "--cancel", record.id]) == 0
     assert registry.get(record.id).cancel  # its owner stops after the current batch
     assert main(["jobs", "--cancel", "r-none"]) == 1
+
+
+def test_a_background_step_waits_while_a_request_is_answered(tiny_settings, worker, tmp_path):
+    project = StandInProject({task: np.full((32, 32, 3), task * 40, dtype=np.uint8) for task in range(1, 4)})
+    run = local_run(tiny_settings, worker, RunRegistry(FileStore(tmp_path)), project, [1, 2, 3])
+    with worker.requests.serving():  # an annotator's /predict in flight
+        thread = threading.Thread(target=run.run)
+        thread.start()
+        thread.join(timeout=1.5)
+        assert thread.is_alive() and run.observed == [] and not any(project.predictions.values())
+    thread.join(timeout=60)
+    assert not thread.is_alive() and run.observed == [2, 1]
+    assert all(len(found) == 1 for found in project.predictions.values())
+
+
+def lost_record(project: int, version: str) -> RunRecord:
+    """A local run whose server was killed: its process on this host is gone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    now = time.time()
+    return RunRecord("r" + str(dead.pid), project, version, "local", [1, 2], owner=f"{socket.gethostname()}:{dead.pid}",
+                     created=now, heartbeat=now, state="running", done=1)
+
+
+def test_a_lost_run_is_adopted_by_one_process_only(tmp_path):
+    registry = RunRegistry(FileStore(tmp_path))
+    lost = lost_record(7, "v1")
+    registry.put(lost)
+    adopted = registry.adopt(lost.id)
+    assert adopted.owner == this_process() and adopted.state == "running" and not adopted.lost(time.time())
+    assert registry.adopt(lost.id) is None  # taken: its heartbeat is fresh, its owner alive
+    cancelled = dataclasses.replace(lost_record(7, "v1"), cancel=True)
+    registry.put(cancelled)
+    assert registry.adopt(cancelled.id) is None and registry.adopt("r-none") is None
+
+
+def test_a_lost_run_a_server_cannot_take_up_is_marked_failed_with_why(tiny_settings, tiny_segmenter, tmp_path):
+    settings = tiny_settings.model_copy(update={"model_dir": tmp_path, "label_studio_url": None})
+    with TestClient(create_app(settings, load_segmenter=lambda: tiny_segmenter)) as client:
+        wait_until_ready(client)
+        background = client.app.state.backend.background
+        no_setup = lost_record(7, model_version(settings))
+        background.registry.put(no_setup)
+        client.post("/setup", json={"project": "8.1", "schema": CONFIG, "hostname": "http://label-studio.invalid",
+                                    "access_token": "key"})
+        other_models = lost_record(8, "another-version")
+        background.registry.put(other_models)
+        assert background.take_up_lost_runs() == []
+        runs = {run["id"]: run for run in client.get("/jobs").json()["jobs"]}
+    assert runs[no_setup.id]["state"] == "failed" and "/setup kept no label config" in runs[no_setup.id]["reason"]
+    assert runs[other_models.id]["state"] == "failed"
+    assert "this server predicts as" in runs[other_models.id]["reason"], runs[other_models.id]

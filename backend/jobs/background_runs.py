@@ -158,8 +158,8 @@ def current(record: RunRecord, connection: redis.Redis | None, local: LocalRuns 
     if live is not None:
         return dataclasses.replace(live.view(), cancel=record.cancel)
     if record.lost(time.time()):
-        return dataclasses.replace(record, state="failed", reason="its server stopped before the run ended "
-                                   "(a second Retrieve Predictions completes it)")
+        return dataclasses.replace(record, state="failed", reason="its server stopped before the run ended (a server "
+                                   "with the same model_version takes it up; a second Retrieve Predictions too)")
     if record.mode != "queued" or connection is None or not record.queue_run:
         return record
     ledger = RedisLedger(connection, record.queue_run)

@@ -13,6 +13,9 @@ right after connecting get predictions.
 The queue is ordered by ``Priority``: an annotator's request (one task, a click, a typed prompt)
 is taken before a request of many tasks, and both before a background run's batches, so an
 annotator waits at most for the job already running; jobs of one priority keep their order.
+Beyond the queue, ``requests`` counts the requests in flight: a background run takes its next
+step (a download, a job, a refinement) only when none is, so a request shares the cores with at
+most one background step, not with the run's downloads, CRF processes and writes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from enum import Enum, IntEnum
 from typing import Generic, TypeVar
@@ -64,6 +68,31 @@ class ModelsNotReadyError(RuntimeError):
     """The models are still loading, or failed to load (the message says which)."""
 
 
+class RequestsInFlight:
+    """The requests being answered: background work waits until there are none (annotators first)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around a request's work: background steps wait while it lasts."""
+        with self._changed:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._count -= 1
+                self._changed.notify_all()
+
+    def wait_until_none(self) -> None:
+        """Block while any request is being answered."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._count == 0)
+
+
 class _Job(Generic[T]):
     """Work for the segmenter; an encode job (``images`` set) may be batched with others."""
 
@@ -87,6 +116,7 @@ class InferenceWorker:
         self._on_state, self._on_depth = on_state, on_depth
         self._pending = 0
         self._lock = threading.Lock()
+        self.requests = RequestsInFlight()  # background runs yield to them
         self.state = ModelState.DOWNLOADING if download else ModelState.LOADING
         self.error: str | None = None
         self.fingerprint = ""  # of the loaded models: part of every feature cache key

@@ -77,8 +77,13 @@ class Predictor:
 
         Raises what ``bound`` raises when the client goes or the deadline passes: no later batch is started.
         """
-        vocabulary, options, access = context.vocabulary, context.options, context.access
         self.worker.ensure_accepting()  # before any download: a busy answer should be cheap
+        with self.worker.requests.serving():  # background runs wait meanwhile
+            return await self._predict(tasks, context, bound, interaction)
+
+    async def _predict(self, tasks: Sequence[Task], context: ProjectContext, bound: RequestBound,
+                       interaction: Interaction | None) -> list[dict]:
+        vocabulary, options, access = context.vocabulary, context.options, context.access
         budget = self.images.budget()  # shared by the request's downloads: N images are not N timeouts
         predictions: list[dict] = []
         building = 0.0

@@ -18,7 +18,7 @@ from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.backoff import Backoff
 from backend.labelstudio.config import LabelConfigError, parse_label_config
 from backend.labelstudio.interaction import parse_context
-from backend.labelstudio.project_context import (ProjectMemory, label_studio_access, project_context,
+from backend.labelstudio.project_context import (ProjectContext, ProjectMemory, label_studio_access, project_context,
                                                  project_model_version)
 from backend.labelstudio.projects import ProjectSetup, ProjectStore, project_id
 from backend.labelstudio.teacher import ProjectTeacher
@@ -100,7 +100,7 @@ class Backend:
         self.cache_writer = CacheWriter(cache, settings.cache_write_queue, on_skip=self.metrics.cache_skipped_writes.inc)
         self.predictor = Predictor(settings, self.worker, self.metrics, cache, self.cache_writer)
         # requests over FREESEG_PREDICT_BUDGET_SECONDS are answered at once and predicted in a background run
-        self.background = Background(settings, self.worker, self.predictor, shared, self.metrics)
+        self.background = Background(settings, self.worker, self.predictor, shared, self.metrics, self._kept_context)
         self.feedback = FeedbackRecorder(feedback_store(settings),
                                          self.metrics, Backoff.from_settings(settings), settings.max_image_pixels)
         self.label_configs = LabelConfigCache(lambda xml: parse_label_config(xml, settings.max_labels),
@@ -110,9 +110,10 @@ class Backend:
                                Backoff.from_settings(settings), self.metrics)
 
     def start(self) -> None:
-        """Start loading the models and learning what was left pending."""
+        """Start loading the models, learning what was left pending, and taking up the background runs left."""
         self.worker.start()
         self.learner.start()
+        self.background.start()
 
     def stop(self) -> None:
         """Finish learning and inference, and the cache writes; blocks."""
@@ -257,6 +258,13 @@ class Backend:
         """Label Studio's address and key for the project's annotations. Raises StoreError while the store is
         away (and LABEL_STUDIO_URL unset): the learner waits for it rather than go without."""
         return label_studio_access(self.settings, lambda: self.projects.read(project))
+
+    def _kept_context(self, project: int) -> ProjectContext:
+        """The project's context from what /setup kept: a background run taken up after a restart has no request."""
+        known = self.projects.load(project)
+        if not known.schema:
+            raise LabelConfigError(f"/setup kept no label config for project {project}")
+        return project_context(self.settings, self.label_configs(known.schema), known, self._project_memory(project))
 
     def _project_memory(self, project: object) -> ProjectMemory | None:
         """The project's memory for predictions; none before the models, nor when it cannot be read (logged)."""

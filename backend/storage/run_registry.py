@@ -7,8 +7,9 @@ a run begins: under the store's lock, it leaves out the tasks an active run of t
 and model_version already holds, so a second "Retrieve Predictions" adds no work.
 
 A local run's owner writes a heartbeat every few seconds; a run whose owner stopped writing for
-``STALE_SECONDS``, or whose owner process on this host is gone, is no longer active (it failed):
-it blocks nothing, and a second request predicts its tasks that still lack a prediction.
+``STALE_SECONDS``, or whose owner process on this host is gone, is lost: it blocks nothing until a
+server ``adopt``s it (backend.server.background), and a second request predicts its tasks that still
+lack a prediction.
 """
 
 from __future__ import annotations
@@ -143,6 +144,18 @@ class RunRegistry:
             changed = change(record)
             self.put(changed)
             return changed
+
+    def adopt(self, run_id: str) -> RunRecord | None:
+        """The lost run, now this process's (its heartbeat fresh), when it is still lost: of several processes
+        taking up the same run, one gets it. None for the others, or when there is no such run."""
+        with self.store.lock(f"{NAMESPACE}:{run_id}"):
+            record = self.get(run_id)
+            now = time.time()
+            if record is None or record.cancel or not record.lost(now):
+                return None
+            adopted = replace(record, owner=this_process(), heartbeat=now, state="running", reason="")
+            self.put(adopted)
+            return adopted
 
     def request_cancel(self, run_id: str) -> RunRecord | None:
         """Ask the run to stop (its owner stops after the current batch); None when there is no such run."""
