@@ -66,7 +66,7 @@ def test_a_second_request_for_tasks_of_an_active_run_adds_no_work(tmp_path):
     assert registry.get("not a run id") is None
 
 
-def test_a_run_whose_process_died_or_went_silent_blocks_nothing(tmp_path):
+def test_a_run_whose_process_died_or_went_silent_waits_to_be_taken_up(tmp_path):
     now = time.time()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -76,9 +76,13 @@ def test_a_run_whose_process_died_or_went_silent_blocks_nothing(tmp_path):
     alive = RunRecord("r2", 7, "v1", "local", [1], owner=f"elsewhere:{dead.pid}", created=now, heartbeat=now,
                       state="running")
     assert not alive.lost(now) and alive.lost(now + 31)
-    assert current(record, None).state == "failed"
+    shown = current(record, None)
+    assert shown.state == "queued" and "takes it up" in shown.reason
     registry = RunRegistry(FileStore(tmp_path))
     registry.put(record)
+    assert registry.claim(7, "v1", [1], "local", lambda found: active(found, None)) is None  # still held
+    assert current(dataclasses.replace(record, cancel=True), None).state == "cancelled"
+    registry.update(record.id, lambda found: dataclasses.replace(found, state="failed"))  # nobody could take it up
     assert registry.claim(7, "v1", [1], "local", lambda found: active(found, None)).task_ids == [1]
 
 

@@ -152,14 +152,16 @@ def start_queued(record: RunRecord, project: LabelStudioProject, settings: Setti
 
 
 def current(record: RunRecord, connection: redis.Redis | None, local: LocalRuns | None = None) -> RunRecord:
-    """The record as the run is now: a local run of this process from its ledger, a lost one failed, a queued
-    one from its ledger and chunks in Redis."""
+    """The record as the run is now: a local run of this process from its ledger, a lost one queued (for the
+    next server to take up), a queued one from its ledger and chunks in Redis."""
     live = local.live(record.id) if local is not None else None
     if live is not None:
         return dataclasses.replace(live.view(), cancel=record.cancel)
+    if record.lost(time.time()) and record.cancel:
+        return dataclasses.replace(record, state="cancelled")
     if record.lost(time.time()):
-        return dataclasses.replace(record, state="failed", reason="its server stopped before the run ended (a server "
-                                   "with the same model_version takes it up; a second Retrieve Predictions too)")
+        return dataclasses.replace(record, state="queued", reason="its server stopped before the run ended: the next "
+                                   "server with its model_version takes it up")
     if record.mode != "queued" or connection is None or not record.queue_run:
         return record
     ledger = RedisLedger(connection, record.queue_run)

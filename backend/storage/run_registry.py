@@ -7,9 +7,9 @@ a run begins: under the store's lock, it leaves out the tasks an active run of t
 and model_version already holds, so a second "Retrieve Predictions" adds no work.
 
 A local run's owner writes a heartbeat every few seconds; a run whose owner stopped writing for
-``STALE_SECONDS``, or whose owner process on this host is gone, is lost: it blocks nothing until a
-server ``adopt``s it (backend.server.background), and a second request predicts its tasks that still
-lack a prediction.
+``STALE_SECONDS``, or whose owner process on this host is gone, is lost: it waits, still holding its
+tasks, for a server to ``adopt`` it (backend.server.background); one that cannot marks it failed, and
+then a second request predicts its tasks that still lack a prediction.
 """
 
 from __future__ import annotations
