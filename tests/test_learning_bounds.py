@@ -105,13 +105,13 @@ def test_each_process_keeps_exemplars_within_its_bound_least_recently_used_first
     one = Exemplars.from_memory(Memory.from_bytes(store.load("1", "fp"), bounds)).nbytes  # 257 rows: 6.4 MiB
     memories = ProjectMemories(store, bounds, cache_bytes=2 * one + one // 2)
     for project in ("1", "2", "1", "3"):  # 2 is the least recently used when 3 comes
-        assert memories.for_predictions(project, "fp", "v")[1] is not None
+        assert memories.exemplars(project, "fp") is not None
     assert memories.cached_bytes == 2 * one
     reads = []
     original = store.load
     monkeypatched = lambda project, fingerprint: reads.append(project) or original(project, fingerprint)  # noqa: E731
     store.load = monkeypatched
     for project in ("1", "3", "2"):
-        memories.for_predictions(project, "fp", "v")
+        memories.exemplars(project, "fp")
     assert reads == ["2"] and memories.cached_bytes <= 2 * one + one // 2
-    assert ProjectMemories(store, bounds, cache_bytes=one - 1).for_predictions("1", "fp", "v")[1] is not None
+    assert ProjectMemories(store, bounds, cache_bytes=one - 1).exemplars("1", "fp") is not None

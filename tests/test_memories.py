@@ -7,7 +7,8 @@ import pytest
 
 from backend.labelstudio.access import LabelStudioAccess
 from backend.labelstudio.projects import ProjectSetup, ProjectStore
-from backend.storage.memory_store import MEMORY_NAMESPACES, ProjectMemories, SharedMemoryStore, clock_revision
+from backend.storage.memory_store import (MEMORY_NAMESPACES, ProjectMemories, SharedMemoryStore, clock_revision,
+                                          memory_version)
 from backend.pipeline.memory import LabelExamples, MemoryBounds
 from backend.storage.shared_store import FileStore, RedisStore
 from tests.redis_server import RedisServer
@@ -40,15 +41,15 @@ def test_predictions_reread_the_memory_only_when_its_revision_changed(tmp_path):
     store = CountingStore(tmp_path)  # the reader's: another process's view of the same folder
     writer = ProjectMemories(SharedMemoryStore(FileStore(tmp_path)), BOUNDS, CACHE)
     reader = ProjectMemories(SharedMemoryStore(store), BOUNDS, CACHE)
-    assert reader.for_predictions("1", "fp", "v") == ("v", None)
+    assert reader.exemplars("1", "fp") is None
     first = _teach(writer, "7", 1.0).revision
     for _ in range(3):
-        version, exemplars = reader.for_predictions("1", "fp", "v")
-    assert version == f"v-m{first}" and exemplars.regions == {"rust": 1}
+        revision, exemplars = reader.exemplars("1", "fp")
+    assert revision == first and exemplars.regions == {"rust": 1}
     assert store.reads["memory:1.fp"] == 1 and store.reads["memory-revision:1.fp"] == 4
     second = _teach(writer, "8", 2.0).revision
-    version, exemplars = reader.for_predictions("1", "fp", "v")
-    assert second > first and version == f"v-m{second}"
+    revision, exemplars = reader.exemplars("1", "fp")
+    assert second > first and revision == second
     assert exemplars.regions == {"rust": 2} and store.reads["memory:1.fp"] == 2
 
 
@@ -58,7 +59,7 @@ def test_an_update_that_changes_nothing_is_not_saved_and_keeps_the_version(tmp_p
     revision = _teach(memories, "7", 1.0).revision
     data = store.get("memory:1.fp")
     assert _teach(memories, "7", 1.0).revision == revision
-    assert store.get("memory:1.fp") == data and memories.for_predictions("1", "fp", "v")[0] == f"v-m{revision}"
+    assert store.get("memory:1.fp") == data and memories.exemplars("1", "fp")[0] == revision
 
 
 def test_clear_empties_the_memory_and_its_revision_still_grows(tmp_path):
@@ -67,7 +68,7 @@ def test_clear_empties_the_memory_and_its_revision_still_grows(tmp_path):
     taught = _teach(memories, "7", 1.0).revision
     cleared = memories.clear("1", "fp")
     assert cleared.annotations == {} and cleared.revision > taught
-    assert memories.for_predictions("1", "fp", "v")[0] == f"v-m{cleared.revision}"
+    assert memories.exemplars("1", "fp")[0] == cleared.revision
     assert memories.forget("1", "fp", "7") is False
     # an emptied memory takes the channels of the next encoding
     assert memories.change("1", "fp", 8, lambda memory: False).channels == 8
@@ -76,7 +77,7 @@ def test_clear_empties_the_memory_and_its_revision_still_grows(tmp_path):
 def test_a_deletion_before_any_learn_is_kept_without_changing_the_version(tmp_path):
     memories = ProjectMemories(SharedMemoryStore(FileStore(tmp_path)), BOUNDS, CACHE)
     assert memories.forget("1", "fp", "7", deleted=True)  # the delete's webhook came first
-    assert memories.for_predictions("1", "fp", "v")[0] == "v"  # nothing taught: the version is as before
+    assert memory_version("v", memories.exemplars("1", "fp")[0]) == "v"  # nothing taught: the version as before
     assert _teach(memories, "7", 1.0).annotations == {}  # the learn that read it before it was deleted
 
 
@@ -104,7 +105,7 @@ def test_memories_and_setups_survive_redis_killed_and_restarted_with_its_aof(sta
     kept = again.load("1", "fp")
     assert kept.revision == taught.revision and list(kept.annotations) == ["7"]
     np.testing.assert_array_equal(kept.vectors("rust"), taught.vectors("rust"))
-    assert again.for_predictions("1", "fp", "v")[0] == f"v-m{taught.revision}"
+    assert again.exemplars("1", "fp")[0] == taught.revision
     assert ProjectStore(RedisStore(server.url)).load("1") == setup
 
 
@@ -132,10 +133,10 @@ def test_an_unused_memory_expires_in_files_and_a_used_one_does_not(tmp_path):
         os.utime(path, (two_hours_ago, two_hours_ago))
     for path in (tmp_path / "memory-revision").iterdir():
         os.utime(path, (two_hours_ago, two_hours_ago))
-    assert memories.for_predictions("1", "fp", "v") == ("v", None)  # unused for two hours: gone
+    assert memories.exemplars("1", "fp") is None  # unused for two hours: gone
     assert memories.load("1", "fp") is None and not (tmp_path / "memory-revision" / "1.fp").exists()
     os.utime(tmp_path / "memory-revision" / "2.fp")  # ...unless the other key was just used
-    assert memories.for_predictions("2", "fp", "v")[1] is not None  # reading it marks the memory used
+    assert memories.exemplars("2", "fp") is not None  # reading it marks the memory used
     assert time.time() - (tmp_path / "memory" / "2.fp").stat().st_mtime < 60
 
 
@@ -150,11 +151,11 @@ def test_an_unused_memory_expires_in_redis_and_each_prediction_restarts_its_time
         assert all(90 < client.ttl(key) <= 100 for key in keys)
         for key in keys:
             client.expire(key, 5)
-        assert memories.for_predictions("5", "fp", "v")[1] is not None
+        assert memories.exemplars("5", "fp") is not None
         assert all(90 < client.ttl(key) <= 100 for key in keys)
         assert client.ttl("freeseg:projects:5") == -2  # other namespaces are not touched
     quick = RedisStore(redis_server.url, expiring={"memory-revision": 1})
     short = ProjectMemories(SharedMemoryStore(quick), BOUNDS, CACHE)
     _teach(short, "7", 1.0, "6")
     time.sleep(1.5)
-    assert short.for_predictions("6", "fp", "v") == ("v", None)
+    assert short.exemplars("6", "fp") is None

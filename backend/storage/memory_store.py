@@ -149,11 +149,6 @@ class ProjectMemories:
                 _, (_, dropped) = self._cached.popitem(last=False)
                 held -= dropped.nbytes
 
-    def for_predictions(self, project: str, fingerprint: str, version: str) -> tuple[str, Exemplars | None]:
-        """``memory_version`` of ``version`` and the memory's exemplars; ``version`` and None without a memory."""
-        current = self.exemplars(project, fingerprint)
-        return (memory_version(version, current[0]), current[1]) if current else (version, None)
-
     def change(self, project: str, fingerprint: str, channels: int, edit: Callable[[Memory], bool]) -> Memory:
         """Apply ``edit`` to the project's memory (a new one when none), saved when ``edit`` says it changed.
 
