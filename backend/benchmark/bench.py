@@ -37,6 +37,7 @@ from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
 from backend.options import SegmentOptions
 from backend.pipeline.segmenter import Segmenter
 from backend.models.caption_engines import caption_engine
+from backend.models.assembly import load_captioner_parts
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
@@ -432,7 +433,8 @@ def measure_predictions(config: BenchConfig, settings: Settings) -> dict:
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if fast.device.type == "cuda" else None,
         "hardware": _hardware(fast.device),
         "date": time.strftime("%Y-%m-%d"),
-        **({"caption_token_agreement": folder_agreement(fast.captioner, config.caption_agreement)}
+        **({"caption_token_agreement": folder_agreement(fast.captioner, load_captioner_parts(settings),
+                                                        config.caption_agreement)}
            if config.caption_agreement else {}),
     }
 
