@@ -237,8 +237,8 @@ class _DecoderForward:
                                                                     share_inputs=True).to_tuple()], dtype)
             heads, head_size = cross[0][0].shape[1], cross[0][0].shape[3]
             empty = torch.zeros(input_ids.shape[0], heads, 0, head_size, dtype=dtype)
-            cache = EncoderDecoderCache(_filled_cache(self.config, [(empty, empty)] * len(cross)),
-                                        _filled_cache(self.config, cross))
+            cache = _ImageCache(_filled_cache(self.config, [(empty, empty)] * len(cross)),
+                                _filled_cache(self.config, cross))
             for layer in range(len(cross)):
                 cache.is_updated[layer] = True
         past_kv = [_numpy(t) for c in (cache.self_attention_cache, cache.cross_attention_cache) for t in _flat(c)]
@@ -247,6 +247,15 @@ class _DecoderForward:
         for layer, (keys, values) in enumerate(_pairs([torch.from_numpy(t) for t in new], dtype)):
             cache.self_attention_cache.layers[layer].update(keys, values)
         return CausalLMOutputWithCrossAttentions(logits=torch.from_numpy(logits)[:, None, :], cache=cache)
+
+
+class _ImageCache(EncoderDecoderCache):
+    """generate's cache, whose beam search reorders the self-attention keys and values only: the cross-attention
+    ones are the same for every beam of an image (its embeddings repeated per beam), and beams are reordered among
+    one image's, so reordering them would copy tens of MB per step to the same values."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
