@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from backend.pipeline.caption import Captioner
 from backend.pipeline.features import FeatureExtractor
 from backend.pipeline.parts import CaptionerParts
 from backend.pipeline.segmenter import Segmenter
