@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 from backend.benchmark.caption_agreement import folder_agreement
-from backend.benchmark.floors import gemm_peak_gflops, stage_floors, stage_gflops
+from backend.benchmark.floors import gemm_peak_gflops, stage_floors, stage_gflops, synchronize
 from backend.storage.feature_cache import ProcessCache
 from backend.images import decode_image, read_image_file
 from backend.exports.brush_results import brush_results
@@ -159,11 +159,6 @@ def _cpu_seconds(segmenter: Segmenter) -> float:
     return total
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def cluster_agreement(first: np.ndarray, second: np.ndarray) -> float:
     """Share of pixels of two cluster maps that agree once clusters are matched one to one (Hungarian)."""
     size = int(max(first.max(), second.max())) + 1
@@ -221,7 +216,7 @@ def compare_features(config: BenchConfig, settings: Settings) -> dict:
         for name, extract in zip(names, extractors):
             start = time.perf_counter()
             features = extract([image])[0]
-            _sync(extract.device)
+            synchronize(extract.device)
             seconds[name].append(time.perf_counter() - start)
             grids.append(cluster_feature_grid(features.astype(np.float32), options.k, options.seed, extract.device))
         for name, grid in zip(names[1:], grids[1:]):
@@ -368,7 +363,7 @@ class _Predictions:
                 start = time.perf_counter()
                 brush_results(segmentation, "tag", "image")
                 self.stages["results"].append(time.perf_counter() - start)
-        _sync(self.device)
+        synchronize(self.device)
 
     def observing(self, segmenter: Segmenter) -> Segmenter:
         """``segmenter`` reporting each stage's seconds into ``stages``."""
@@ -443,7 +438,7 @@ def measure_predictions(config: BenchConfig, settings: Settings) -> dict:
         figures["caption_token_agreement"] = folder_agreement(fast.captioner, eager, config.caption_agreement)
     if config.floors:
         gflops = stage_gflops(fast, eager if on_engine else None, images[0], predict.labels, options)
-        peak = gemm_peak_gflops()
+        peak = gemm_peak_gflops(fast.device)
         figures["floors"] = {"gemm_peak_gflops": peak, "stages": stage_floors(gflops, peak, stage_medians)}
     return figures
 

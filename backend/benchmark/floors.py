@@ -29,17 +29,26 @@ GEMM_SIZE = 2048  # large enough to run at the peak, small enough to take well u
 GEMM_REPEATS = 5
 
 
-def gemm_peak_gflops(size: int = GEMM_SIZE, repeats: int = GEMM_REPEATS) -> float:
-    """The median speed, GFLOP/s, of ``torch.matmul`` on two float32 ``size`` x ``size`` matrices (one product
-    first as a warm-up), with this process's torch threads, on the CPU."""
-    first, second = torch.randn(size, size), torch.randn(size, size)
+def gemm_peak_gflops(device: torch.device = torch.device("cpu"), size: int = GEMM_SIZE,
+                     repeats: int = GEMM_REPEATS) -> float:
+    """The median speed, GFLOP/s, of ``torch.matmul`` on two float32 ``size`` x ``size`` matrices on ``device``
+    (one product first as a warm-up), with this process's torch threads on a CPU."""
+    first, second = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     torch.matmul(first, second)
     seconds = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         torch.matmul(first, second)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(seconds) / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a CUDA device's kernels run after the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def stage_gflops(segmenter: Segmenter, eager_captioner: CaptionerParts | None, image: np.ndarray,
