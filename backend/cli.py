@@ -197,6 +197,9 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--caption-agreement", type=Path, metavar="FOLDER",
                         help="also caption this folder's photos (VOC's JPEGImages/ inside it) with torch eager and "
                              "with FREESEG_CAPTION_ENGINE's engine, and report how many get the same tokens")
+    parser.add_argument("--no-floors", dest="floors", action="store_false",
+                        help="skip each stage's floor (its GFLOP counted over one more prediction on torch eager, "
+                             "over the measured float32 GEMM peak)")
 
 
 def _names_of(choices: object, what: str) -> Callable[[str], tuple[str, ...]]:
@@ -235,6 +238,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
                          image_size=args.image_size[0], naive=args.naive, compare_dtype=args.compare_dtype,
                          engine=args.engine, compare_engines=args.compare_engines, encoders=args.encoders,
                          caption_agreement=args.caption_agreement,
+                         floors=args.floors,
                          compare_sizes=tuple(args.image_size) if len(args.image_size) > 1 else ())
     run_bench(config, get_settings())
     return 0

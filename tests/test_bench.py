@@ -99,3 +99,22 @@ def test_bench_times_each_encoder_side_by_side(tiny_settings, tmp_path, capsys):
     assert blocks["taesd"]["model_version"].endswith("-taesd-tiny-random-weights")
     assert blocks["vae"]["model_version"] == figures["model_version"]  # the settings' own encoder: the VAE
     assert "encoder taesd" in capsys.readouterr().out
+
+
+def test_the_gemm_peak_is_a_positive_speed():
+    from backend.benchmark.floors import gemm_peak_gflops
+
+    assert gemm_peak_gflops(size=128, repeats=3) > 0
+
+
+@pytest.mark.slow
+def test_each_stages_floor_is_its_gflop_over_the_gemm_peak(tiny_settings, tmp_path, capsys):
+    config = BenchConfig(profile="tiny", device="cpu", images=1, batch=1, naive=False, json_path=tmp_path / "b.json")
+    run_bench(config, tiny_settings)
+    floors = json.loads((tmp_path / "b.json").read_text())["floors"]
+    peak, stages = floors["gemm_peak_gflops"], floors["stages"]
+    assert peak > 0 and {"features", "caption", "labelling"} <= set(stages)
+    for row in stages.values():
+        assert row["gflop"] > 0 and row["floor_s"] == pytest.approx(row["gflop"] / peak)
+        assert row["times_floor"] > 0
+    assert "GEMM peak" in capsys.readouterr().out

@@ -28,6 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 from backend.benchmark.caption_agreement import folder_agreement
+from backend.benchmark.floors import gemm_peak_gflops, stage_floors, stage_gflops, synchronize
 from backend.storage.feature_cache import ProcessCache
 from backend.images import decode_image, read_image_file
 from backend.exports.brush_results import brush_results
@@ -37,6 +38,7 @@ from backend.pipeline.refine import PendingMasks, Refiner, refine_masks
 from backend.options import SegmentOptions
 from backend.pipeline.segmenter import Segmenter
 from backend.models.caption_engines import caption_engine
+from backend.models.assembly import load_captioner_parts
 from backend.models.process import process_segmenter
 from backend.models.identity import model_version
 from backend.pipeline.vocabulary import Label, labels_from_names
@@ -65,6 +67,7 @@ class BenchConfig:
     compare_engines: tuple[str, ...] = ()  # measure only the features stage of these engines against float32 torch
     encoders: tuple[str, ...] = ()  # also time one image at a time with each of these FREESEG_ENCODERs, side by side
     caption_agreement: Path | None = None  # photos to caption with torch eager and the captioner's engine
+    floors: bool = True  # each stage's GFLOP and floor from the measured float32 GEMM peak (backend.benchmark.floors)
 
 
 def synthetic_images(count: int, seed: int = 0, size: tuple[int, int] = (375, 500)) -> list[np.ndarray]:
@@ -156,11 +159,6 @@ def _cpu_seconds(segmenter: Segmenter) -> float:
     return total
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def cluster_agreement(first: np.ndarray, second: np.ndarray) -> float:
     """Share of pixels of two cluster maps that agree once clusters are matched one to one (Hungarian)."""
     size = int(max(first.max(), second.max())) + 1
@@ -218,7 +216,7 @@ def compare_features(config: BenchConfig, settings: Settings) -> dict:
         for name, extract in zip(names, extractors):
             start = time.perf_counter()
             features = extract([image])[0]
-            _sync(extract.device)
+            synchronize(extract.device)
             seconds[name].append(time.perf_counter() - start)
             grids.append(cluster_feature_grid(features.astype(np.float32), options.k, options.seed, extract.device))
         for name, grid in zip(names[1:], grids[1:]):
@@ -365,7 +363,7 @@ class _Predictions:
                 start = time.perf_counter()
                 brush_results(segmentation, "tag", "image")
                 self.stages["results"].append(time.perf_counter() - start)
-        _sync(self.device)
+        synchronize(self.device)
 
     def observing(self, segmenter: Segmenter) -> Segmenter:
         """``segmenter`` reporting each stage's seconds into ``stages``."""
@@ -398,7 +396,7 @@ def measure_predictions(config: BenchConfig, settings: Settings) -> dict:
     jpegs = [_jpeg(image) for image in images]
     decodes = [_timed(lambda data=data: decode_image(data, settings.image_limits)) for data in jpegs]
     naive_seconds, naive_cpu_seconds = _naive_seconds(fast, images, predict) if config.naive else (None, None)
-    return {
+    figures = {
         "profile": config.profile,
         "model_version": model_version(settings),
         "device": str(fast.device),
@@ -432,9 +430,17 @@ def measure_predictions(config: BenchConfig, settings: Settings) -> dict:
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if fast.device.type == "cuda" else None,
         "hardware": _hardware(fast.device),
         "date": time.strftime("%Y-%m-%d"),
-        **({"caption_token_agreement": folder_agreement(fast.captioner, config.caption_agreement)}
-           if config.caption_agreement else {}),
     }
+    # after the peak is read: the torch copy of an engine's captioner is the bench's, not a prediction's
+    on_engine = caption_engine(fast.captioner.model) != "torch"
+    eager = load_captioner_parts(settings) if config.caption_agreement or (config.floors and on_engine) else None
+    if config.caption_agreement:
+        figures["caption_token_agreement"] = folder_agreement(fast.captioner, eager, config.caption_agreement)
+    if config.floors:
+        gflops = stage_gflops(fast, eager if on_engine else None, images[0], predict.labels, options)
+        peak = gemm_peak_gflops(fast.device)
+        figures["floors"] = {"gemm_peak_gflops": peak, "stages": stage_floors(gflops, peak, stage_medians)}
+    return figures
 
 
 def _latency_figures(latencies: Sequence[float]) -> dict[str, float]:
@@ -532,6 +538,13 @@ def _print(figures: dict) -> None:
         print(f"  caption tokens  {agreement['same']} of {agreement['images']} photos as torch eager's on "
               f"{agreement['engine']}; median per caption: " +
               ", ".join(f"{name} {ms:.0f} ms" for name, ms in agreement["caption_ms"].items()))
+    if "floors" in figures:
+        floors = figures["floors"]
+        print(f"  floors          float32 GEMM peak {floors['gemm_peak_gflops']:.0f} GFLOP/s; per stage GFLOP, floor, "
+              "measured/floor: " + ", ".join(
+                  f"{stage} {row['gflop']:.1f} / {1000 * row['floor_s']:.0f} ms / "
+                  + ("-" if row["times_floor"] is None else f"x{row['times_floor']:.1f}")
+                  for stage, row in floors["stages"].items()))
     print(f"  memory          RSS peak {figures['peak_rss_mb']:.0f} MB{gpu}; models loaded in {figures['model_load_s']:.1f} s")
     for encoder, block in figures.get("encoders", {}).items():
         print(f"  encoder {encoder:7} p50 {block['latency_p50_ms']:8.1f} ms   features "

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from backend.images import read_image_file
-from backend.models.caption_engines import caption_engine, eager_model
+from backend.models.caption_engines import caption_engine
 from backend.pipeline.caption import Captioner
+from backend.pipeline.parts import CaptionerParts
 
 SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -29,11 +30,12 @@ def photo_paths(folder: Path) -> list[Path]:
     return sorted(path for path in source.iterdir() if path.suffix.lower() in SUFFIXES)
 
 
-def caption_agreement(captioner: Captioner, photos: list[np.ndarray]) -> dict:
-    """How many photos get the same caption tokens from ``captioner`` as from its torch eager model, and each
-    engine's median time per caption (one photo at a time)."""
+def caption_agreement(captioner: Captioner, eager_parts: CaptionerParts, photos: list[np.ndarray]) -> dict:
+    """How many photos get the same caption tokens from ``captioner`` as from ``eager_parts`` (the same captioner
+    loaded on torch eager: an engine's model keeps no torch weights), and each engine's median time per caption
+    (one photo at a time, the engines taking turns)."""
     eager = copy.copy(captioner)
-    eager.model = eager_model(captioner.model)
+    eager.model = eager_parts.model
     captioners = {"torch": eager, caption_engine(captioner.model): captioner}
     for each in captioners.values():
         each.token_ids(photos[:1])  # warm-up: first calls allocate and tune
@@ -51,6 +53,6 @@ def caption_agreement(captioner: Captioner, photos: list[np.ndarray]) -> dict:
             "caption_ms": {name: 1000 * statistics.median(values) for name, values in seconds.items()}}
 
 
-def folder_agreement(captioner: Captioner, folder: Path) -> dict:
+def folder_agreement(captioner: Captioner, eager_parts: CaptionerParts, folder: Path) -> dict:
     """``caption_agreement`` on the photos of ``folder`` (``photo_paths``)."""
-    return caption_agreement(captioner, [read_image_file(path) for path in photo_paths(folder)])
+    return caption_agreement(captioner, eager_parts, [read_image_file(path) for path in photo_paths(folder)])

@@ -22,8 +22,8 @@ if TYPE_CHECKING:  # spaCy is needed only for FREESEG_NOUNS=spacy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelParts", "ModelUnavailableError", "cpu_has_native_bfloat16", "download_models", "load_model_parts",
-           "resolve_captioner", "resolve_device"]
+__all__ = ["ModelParts", "ModelUnavailableError", "cpu_has_native_bfloat16", "download_models",
+           "load_captioner_parts", "load_model_parts", "resolve_captioner", "resolve_device"]
 
 
 @dataclass
@@ -123,35 +123,47 @@ def load_model_parts(settings: Settings) -> ModelParts:
     """
     placement = resolve_placement(settings)
     device, dtype = placement.device, placement.dtype
-    captioner_device, captioner_dtype = placement.captioner_device, placement.captioner_dtype
-    captioner = resolve_captioner(settings)
     nlp = load_spacy(settings.spacy_model) if settings.nouns == "spacy" else None
     if settings.models == "random-full":
         tokenizer_folder = settings.model_dir / "random-full-clip-tokenizer"
         return ModelParts(
             stable_diffusion=random_full.build_stable_diffusion(tokenizer_folder, device, dtype, settings.encoder),
             clip=random_full.build_clip(device, dtype),
-            captioner=random_full.build_captioner(captioner, captioner_device, captioner_dtype),
+            captioner=load_captioner_parts(settings),
             nlp=nlp, placement=placement,
         )
     if settings.models == "tiny":
         folder = tiny_model_folder(settings.model_dir)
         sd_source, clip_name, clip_weights = str(folder / "stable-diffusion"), str(folder / "clip"), ""
-        captioner_location, taesd_location = str(folder / captioner), str(folder / TINY_TAESD)
-        checkpoint = None
+        taesd_location, checkpoint = str(folder / TINY_TAESD), None
     else:
         if downloads_wanted(settings):
             ensure_downloaded(settings)
         sd_source, clip_name, clip_weights = settings.sd_model, settings.clip_model, settings.clip_pretrained
-        captioner_location, checkpoint = captioner_source(settings, captioner), settings.clip_checkpoint
-        taesd_location = settings.taesd_model
+        checkpoint, taesd_location = settings.clip_checkpoint, settings.taesd_model
     taesd = taesd_location if settings.encoder == "taesd" else None
     return ModelParts(
         stable_diffusion=load_stable_diffusion(sd_source, device=device, dtype=dtype, taesd=taesd),
         clip=load_clip(clip_name, clip_weights, checkpoint, device=device, dtype=dtype),
-        captioner=load_captioner(captioner, captioner_location, device=captioner_device, dtype=captioner_dtype),
+        captioner=load_captioner_parts(settings),
         nlp=nlp, placement=placement,
     )
+
+
+def load_captioner_parts(settings: Settings) -> CaptionerParts:
+    """The captioner ``settings`` name, alone, on torch (``load_model_parts`` loads it with the rest; the bench's
+    caption agreement loads a torch copy to compare an engine's tokens with). Its files are those the whole
+    load fetches first."""
+    placement = resolve_placement(settings)
+    device, dtype = placement.captioner_device, placement.captioner_dtype
+    captioner = resolve_captioner(settings)
+    if settings.models == "random-full":
+        return random_full.build_captioner(captioner, device, dtype)
+    if settings.models == "tiny":
+        location = str(tiny_model_folder(settings.model_dir) / captioner)
+    else:
+        location = captioner_source(settings, captioner)
+    return load_captioner(captioner, location, device=device, dtype=dtype)
 
 
 def downloads_wanted(settings: Settings) -> bool:

@@ -2,10 +2,13 @@
 
 * ``torch``: PyTorch eager;
 * ``openvino``: BLIP's vision encoder and its text decoder converted once with ``openvino.convert_model`` and
-  compiled for this CPU. The decoder is two graphs over the same weights: the prompt's pass, which also projects
-  the image into each layer's cross-attention keys and values, and one step, which takes the past keys and values
-  and returns the new token's. transformers' own ``generate`` runs around them (beam search, lengths, every
-  setting of the model's generation config), so the tokens are torch's wherever the logits' order is;
+  compiled for this CPU. The decoder is two graphs that share no weights (each compiled graph holds its own
+  copy): ``cross`` projects the image into each layer's cross-attention keys and values, once per caption, and
+  ``step`` takes the new tokens, the past self-attention keys and values (none for the prompt's pass) and the
+  cross-attention ones, and returns the last token's logits and the new tokens' keys and values.
+  transformers' own ``generate`` runs around them (beam search, lengths, every setting of the model's generation
+  config), so the tokens are torch's wherever the logits' order is. The engine's model keeps none of torch's
+  weights (the converted graphs hold them): whoever compares with torch eager loads its own;
 * ``auto``: ``openvino`` for BLIP on the CPU where the package is installed, else ``torch``
   (docs/benchmarks.md has the figures that chose it).
 
@@ -32,7 +35,7 @@ from backend.settings import CaptionEngineChoice
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("vision", "prefill", "step")  # the converted files, one .xml and .bin each
+GRAPHS = ("vision", "cross", "step")  # the converted files, one .xml and .bin each
 
 
 def resolve_caption_engine(choice: CaptionEngineChoice, kind_converts: bool, device: torch.device) -> str:
@@ -68,18 +71,13 @@ def caption_engine(model: PreTrainedModel) -> str:
     return model.__dict__.get("engine", "torch")
 
 
-def eager_model(model: PreTrainedModel) -> PreTrainedModel:
-    """The torch model an engine's model stands in for (the model itself on torch)."""
-    return model.__dict__.get("eager", model)
-
-
 def _image_size(parts: CaptionerParts) -> int:
     return parts.processor.image_processor.size["height"]
 
 
 def _openvino_blip(model: BlipForConditionalGeneration, image_size: int, folder: Path) -> PreTrainedModel:
-    """A shallow copy of ``model`` whose vision model and text decoder's forward run the converted graphs; the
-    model itself is left as it was (torch eager), and kept as the copy's ``eager``."""
+    """A shallow copy of ``model`` whose vision model and text decoder's forward run the converted graphs, and
+    which holds none of its weights (so that they are freed with ``model``); ``model`` is left as it was."""
     import openvino
 
     if not all((folder / f"{name}.xml").exists() for name in GRAPHS):
@@ -88,31 +86,38 @@ def _openvino_blip(model: BlipForConditionalGeneration, image_size: int, folder:
     precision = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(model.dtype, "f32")
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-    vision, prefill, step = (core.compile_model(str(folder / f"{name}.xml"), "CPU", config) for name in GRAPHS)
-    decoder = copy.copy(model.text_decoder)
-    decoder.forward = _DecoderForward(prefill, step, decoder.config)
-    engine_model = copy.copy(model)
-    engine_model._modules = {**model._modules, "vision_model": _VisionOnEngine(vision, model.dtype),
-                             "text_decoder": decoder}
-    engine_model.__dict__.update(engine="openvino", eager=model)  # plain attributes: no submodule, no weights
+    vision, cross, step = (core.compile_model(str(folder / f"{name}.xml"), "CPU", config) for name in GRAPHS)
+    decoder = _weightless(model.text_decoder)
+    decoder.forward = _DecoderForward(cross, step, decoder.config)
+    engine_model = _weightless(model)
+    engine_model._modules = {"vision_model": _VisionOnEngine(vision, model.dtype), "text_decoder": decoder}
+    engine_model.__dict__.update(engine="openvino")  # a plain attribute: no submodule
     return engine_model
 
 
+def _weightless(module: PreTrainedModel) -> PreTrainedModel:
+    """A shallow copy of ``module`` with no submodules and, for ``generate``'s ``device`` and ``dtype``, one empty
+    parameter of the model's device and dtype in place of its own."""
+    shell = copy.copy(module)
+    marker = torch.nn.Parameter(torch.empty(0, device=module.device, dtype=module.dtype), requires_grad=False)
+    shell._modules, shell._parameters, shell._buffers = {}, {"device_marker": marker}, {}
+    return shell
+
+
 def _convert(model: BlipForConditionalGeneration, image_size: int, folder: Path) -> None:
-    """The three graphs, traced on small examples with every dimension but the channels left dynamic."""
+    """The three graphs, traced on small examples with every dimension but the channels left dynamic (the step's
+    on two new tokens, so that neither one token nor an empty past is built in)."""
     import openvino
 
     decoder, dtype = model.text_decoder, model.dtype
     config = decoder.config
     heads, layers = config.num_attention_heads, config.num_hidden_layers
     head_size, width = config.hidden_size // heads, model.config.vision_config.hidden_size
-    beams, prompt, past, patches = 2, 3, 4, 5
+    beams, new, past, patches = 2, 2, 4, 5
     pixels = torch.zeros(1, 3, image_size, image_size)
-    prefill_example = (torch.ones(beams, prompt, dtype=torch.long), torch.ones(beams, prompt, dtype=torch.long),
-                       torch.zeros(beams, patches, width))
     past_kv = [torch.zeros(beams, heads, past, head_size)] * (2 * layers)
     cross_kv = [torch.zeros(beams, heads, patches, head_size)] * (2 * layers)
-    step_example = (torch.ones(beams, 1, dtype=torch.long), torch.ones(beams, past + 1, dtype=torch.long),
+    step_example = (torch.ones(beams, new, dtype=torch.long), torch.ones(beams, past + new, dtype=torch.long),
                     *past_kv, *cross_kv)
     with progress_logged(f"converting the captioner to OpenVINO (once; kept in {folder})"), warnings.catch_warnings(), \
             torch.no_grad():
@@ -120,7 +125,8 @@ def _convert(model: BlipForConditionalGeneration, image_size: int, folder: Path)
         graphs = {
             "vision": openvino.convert_model(_VisionGraph(model.vision_model, dtype).eval(), example_input=pixels,
                                              input=[openvino.PartialShape([-1, 3, image_size, image_size])]),
-            "prefill": openvino.convert_model(_PrefillGraph(decoder, dtype).eval(), example_input=prefill_example),
+            "cross": openvino.convert_model(_CrossGraph(decoder, dtype).eval(),
+                                            example_input=torch.zeros(beams, patches, width)),
             "step": openvino.convert_model(_StepGraph(decoder, dtype).eval(), example_input=step_example),
         }
     with atomic_folder(folder) as staging:
@@ -138,6 +144,7 @@ def _filled_cache(config, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Dyn
 
 
 def _flat(cache: DynamicCache) -> list[torch.Tensor]:
+    """Each layer's keys then values, in float32 (a float32 cache's own tensors, not copies)."""
     return [tensor.float() for layer in cache.layers for tensor in (layer.keys, layer.values)]
 
 
@@ -156,28 +163,27 @@ class _VisionGraph(torch.nn.Module):
         return self.vision_model(pixel_values=pixels.to(self.dtype))[0].float()
 
 
-class _PrefillGraph(torch.nn.Module):
-    """The prompt's pass: (input ids, attention mask, image embeddings) -> the last position's logits, each
-    layer's self-attention keys and values, then each layer's cross-attention keys and values."""
+class _CrossGraph(torch.nn.Module):
+    """Image embeddings (float32) -> each layer's cross-attention keys and values (float32), (B, heads, P, head):
+    the projections BLIP's cross-attention makes of the image, made once per caption rather than per step."""
 
     def __init__(self, decoder: torch.nn.Module, dtype: torch.dtype):
         super().__init__()
-        self.decoder, self.dtype = decoder, dtype
+        attentions = [layer.crossattention.self for layer in decoder.bert.encoder.layer]
+        self.projections = torch.nn.ModuleList(
+            projection for attention in attentions for projection in (attention.key, attention.value))
+        self.head_size, self.dtype = attentions[0].attention_head_size, dtype
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image: torch.Tensor) -> tuple:
-        config = self.decoder.config
-        heads = config.num_attention_heads
-        empty = image.new_zeros((input_ids.shape[0], heads, 0, config.hidden_size // heads), dtype=self.dtype)
-        layers = [(empty, empty)] * config.num_hidden_layers
-        cache = EncoderDecoderCache(_filled_cache(config, layers), _filled_cache(config, layers))
-        output = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
-                              encoder_hidden_states=image.to(self.dtype), cache=cache, use_cache=True)
-        return (output.logits[:, -1].float(), *_flat(cache.self_attention_cache), *_flat(cache.cross_attention_cache))
+    def forward(self, image: torch.Tensor) -> tuple:
+        image = image.to(self.dtype)
+        shape = (*image.shape[:-1], -1, self.head_size)
+        return tuple(projection(image).view(shape).transpose(1, 2).float() for projection in self.projections)
 
 
 class _StepGraph(torch.nn.Module):
-    """One step: (input ids, attention mask over past and new, the self-attention keys and values so far, the
-    cross-attention ones) -> the last position's logits and the new positions' keys and values per layer."""
+    """One step: (input ids, attention mask over past and new, the self-attention keys and values so far (none
+    for the prompt's pass), the cross-attention ones) -> the last position's logits and the new positions' keys
+    and values per layer."""
 
     def __init__(self, decoder: torch.nn.Module, dtype: torch.dtype):
         super().__init__()
@@ -209,12 +215,14 @@ class _VisionOnEngine(torch.nn.Module):
 
 
 class _DecoderForward:
-    """Stands in for the text decoder's forward in transformers' ``generate``: the prefill graph on the first
-    call, then the step graph, with the keys and values kept in generate's own cache (which beam search reorders).
-    The image attention mask BLIP passes is all ones, so the graphs take none."""
+    """Stands in for the text decoder's forward in transformers' ``generate``: on the first call the cross graph
+    and the step graph over the prompt with no past, then the step graph alone, with the keys and values kept in
+    generate's own cache (which beam search reorders). The image attention mask BLIP passes is all ones, so the
+    graphs take none. Inputs are handed to OpenVINO without a copy (``share_inputs``): the cross-attention keys
+    and values alone are tens of MB per step."""
 
-    def __init__(self, prefill, step, config):
-        self.prefill, self.step, self.config = prefill, step, config
+    def __init__(self, cross, step, config):
+        self.cross, self.step, self.config = cross, step, config
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
@@ -222,24 +230,34 @@ class _DecoderForward:
         if attention_mask is None:
             past = cache.get_seq_length() if cache is not None else 0
             attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long)
-        ids, mask = input_ids.cpu().numpy(), attention_mask.long().cpu().numpy()
-        if isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(0):
-            past_kv = [_numpy(t) for c in (cache.self_attention_cache, cache.cross_attention_cache) for t in _flat(c)]
-            logits, *new = self.step([ids, mask, *past_kv]).to_tuple()
-            dtype = cache.self_attention_cache.layers[0].keys.dtype
-            for layer, (keys, values) in enumerate(_pairs([torch.from_numpy(t) for t in new], dtype)):
-                cache.self_attention_cache.layers[layer].update(keys, values)
-        else:
-            logits, *kv = self.prefill([ids, mask, _numpy(encoder_hidden_states)]).to_tuple()
+        ids, mask = _numpy(input_ids), _numpy(attention_mask.long())
+        if not (isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(0)):
             dtype = encoder_hidden_states.dtype
-            pairs = _pairs([torch.from_numpy(t) for t in kv], dtype)
-            half = len(pairs) // 2
-            cache = EncoderDecoderCache(_filled_cache(self.config, pairs[:half]),
-                                        _filled_cache(self.config, pairs[half:]))
-            for layer in range(half):
+            cross = _pairs([torch.from_numpy(t) for t in self.cross([_numpy(encoder_hidden_states.float())],
+                                                                    share_inputs=True).to_tuple()], dtype)
+            heads, head_size = cross[0][0].shape[1], cross[0][0].shape[3]
+            empty = torch.zeros(input_ids.shape[0], heads, 0, head_size, dtype=dtype)
+            cache = _ImageCache(_filled_cache(self.config, [(empty, empty)] * len(cross)),
+                                _filled_cache(self.config, cross))
+            for layer in range(len(cross)):
                 cache.is_updated[layer] = True
+        past_kv = [_numpy(t) for c in (cache.self_attention_cache, cache.cross_attention_cache) for t in _flat(c)]
+        logits, *new = self.step([ids, mask, *past_kv], share_inputs=True).to_tuple()
+        dtype = cache.self_attention_cache.layers[0].keys.dtype
+        for layer, (keys, values) in enumerate(_pairs([torch.from_numpy(t) for t in new], dtype)):
+            cache.self_attention_cache.layers[layer].update(keys, values)
         return CausalLMOutputWithCrossAttentions(logits=torch.from_numpy(logits)[:, None, :], cache=cache)
 
 
+class _ImageCache(EncoderDecoderCache):
+    """generate's cache, whose beam search reorders the self-attention keys and values only: the cross-attention
+    ones are the same for every beam of an image (its embeddings repeated per beam), and beams are reordered among
+    one image's, so reordering them would copy tens of MB per step to the same values."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.float().cpu().numpy()
+    """A C-contiguous numpy view of a CPU tensor (a copy only where it is not contiguous)."""
+    return np.ascontiguousarray(tensor.cpu().numpy())

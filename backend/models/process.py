@@ -7,6 +7,7 @@ available before the models load.
 
 from __future__ import annotations
 
+import gc
 from functools import lru_cache
 
 from backend.models.assembly import load_model_parts, resolve_device
@@ -39,13 +40,19 @@ def process_segmenter(settings: Settings) -> Segmenter:
     clip = ClipEmbedder(parts.clip, device, dtype)
     rules = stage_rules(settings.fidelity, clip, stable_diffusion_text, settings.nouns)
     engines_folder = settings.model_dir / "engines"
+    features = feature_extractor(network, settings.engine, engines_folder, fingerprint)
+    captioner, nlp = parts.captioner, parts.nlp
+    # what the feature network does not use (the U-Net's last blocks, the VAE's decoder: 0.6 GB of SD1.5 in
+    # float32, held in reference cycles) goes before the captioner's engine compiles: the process's peak memory
+    del parts
+    gc.collect()
     return Segmenter(
-        captioner=Captioner(captioner_on_engine(parts.captioner, settings.caption_engine, engines_folder),
-                            CAPTIONERS[parts.captioner.kind].generation, placement.captioner_device,
+        captioner=Captioner(captioner_on_engine(captioner, settings.caption_engine, engines_folder),
+                            CAPTIONERS[captioner.kind].generation, placement.captioner_device,
                             placement.captioner_dtype, rules.caption_length),
-        features=feature_extractor(network, settings.engine, engines_folder, fingerprint),
+        features=features,
         clip=clip,
-        nlp=parts.nlp,
+        nlp=nlp,
         fingerprint=fingerprint,
         device=device,
         refiner=Refiner(device, threads.crf_processes, rules.pamr_threshold),
