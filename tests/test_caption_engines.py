@@ -59,7 +59,7 @@ def test_openvino_writes_torchs_tokens_and_converts_only_once(blip, photos, tmp_
     assert caption_engine(converted.model) == "openvino" and caption_engine(blip.model) == "torch"
     assert sum(parameter.numel() for parameter in converted.model.parameters()) == 0  # torch's weights can go
     [folder] = tmp_path.iterdir()
-    assert folder.name.startswith("captioner-blip-") and folder.name.endswith("-float32-openvino")
+    assert folder.name.startswith("captioner-blip-") and folder.name.endswith("-float32-openvino-v2")
     assert {path.name for path in folder.iterdir()} == {f"{g}.{s}" for g in caption_engines.GRAPHS for s in ("xml", "bin")}
     eager, engine = _captioner(blip), _captioner(converted)
     expected = eager.token_ids(photos)  # a batch of three, with beam search over a key/value cache

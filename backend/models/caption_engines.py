@@ -13,7 +13,8 @@
   (docs/benchmarks.md has the figures that chose it).
 
 Only BLIP's classes are converted; other captioners (BLIP-2) run on torch. The converted graphs are kept under
-``MODEL_DIR/engines/captioner-<kind>-<weights>-<dtype>-openvino``, so only the first start pays for the conversion.
+``MODEL_DIR/engines/captioner-<kind>-<weights>-<dtype>-openvino-v<GRAPHS_VERSION>``, so only the first start pays
+for the conversion.
 Where the engine is missing or fails, the process logs why and captions on torch: a prediction never fails for it.
 """
 
@@ -36,6 +37,7 @@ from backend.settings import CaptionEngineChoice
 log = logging.getLogger(__name__)
 
 GRAPHS = ("vision", "cross", "step")  # the converted files, one .xml and .bin each
+GRAPHS_VERSION = 2  # in the cache folder's name: graphs converted by an earlier version are converted again
 
 
 def resolve_caption_engine(choice: CaptionEngineChoice, kind_converts: bool, device: torch.device) -> str:
@@ -57,7 +59,7 @@ def captioner_on_engine(parts: CaptionerParts, choice: CaptionEngineChoice, cach
         if not converts:
             raise TypeError(f"only BLIP's captioner converts, not {type(model).__name__}")
         dtype_name = str(model.dtype).removeprefix("torch.")
-        folder = cache_root / f"captioner-{parts.kind}-{weights_digest(model)}-{dtype_name}-{engine}"
+        folder = cache_root / f"captioner-{parts.kind}-{weights_digest(model)}-{dtype_name}-{engine}-v{GRAPHS_VERSION}"
         engine_model = _openvino_blip(model, _image_size(parts), folder)
     except Exception as error:  # noqa: BLE001: any failure of an optional engine falls back, with its reason
         log.warning("FREESEG_CAPTION_ENGINE=%s: the %s engine could not run the captioner (%s: %s); "
