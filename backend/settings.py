@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     device: DeviceChoice = "auto"
     dtype: DtypeChoice = "auto"  # of the VAE, U-Net, CLIP and captioner; auto: fp16 on CUDA, bf16 on CPUs that have it
     engine: EngineChoice = "auto"  # of the feature network; auto: openvino for bfloat16 on the CPU, else torch
-    caption_engine: CaptionEngineChoice = "auto"  # of the captioner; auto: openvino for BLIP on the CPU, else torch
+    caption_engine: CaptionEngineChoice = "auto"  # of the captioner; auto: torch (caption_engines says why)
     sd_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     encoder: EncoderKind = "vae"  # taesd: the tiny distilled autoencoder in the VAE's place, faster on CPUs
     taesd_model: str = "madebyollin/taesd"  # TAESD's hub id or folder, for FREESEG_ENCODER=taesd

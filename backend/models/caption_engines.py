@@ -9,8 +9,10 @@
   transformers' own ``generate`` runs around them (beam search, lengths, every setting of the model's generation
   config), so the tokens are torch's wherever the logits' order is. The engine's model keeps none of torch's
   weights (the converted graphs hold them): whoever compares with torch eager loads its own;
-* ``auto``: ``openvino`` for BLIP on the CPU where the package is installed, else ``torch``
-  (docs/benchmarks.md has the figures that chose it).
+* ``auto``: torch. On a quiet CPU without bfloat16 the converted captioner wrote the same tokens only 1.04x
+  faster (photo by photo) and held 1.6 GB more at the process's peak, past the 8 GB a laptop can give
+  (docs/benchmarks.md); ``openvino`` is the choice for a shared machine, where torch's threads suffer more from
+  other processes.
 
 Only BLIP's classes are converted; other captioners (BLIP-2) run on torch. The converted graphs are kept under
 ``MODEL_DIR/engines/captioner-<kind>-<weights>-<dtype>-openvino-v<GRAPHS_VERSION>``, so only the first start pays
@@ -30,7 +32,7 @@ from transformers import BlipForConditionalGeneration, PreTrainedModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from backend.models.engines import atomic_folder, openvino_installed, progress_logged, weights_digest
+from backend.models.engines import atomic_folder, progress_logged, weights_digest
 from backend.models.loading import CaptionerParts
 from backend.settings import CaptionEngineChoice
 
@@ -40,23 +42,20 @@ GRAPHS = ("vision", "cross", "step")  # the converted files, one .xml and .bin e
 GRAPHS_VERSION = 2  # in the cache folder's name: graphs converted by an earlier version are converted again
 
 
-def resolve_caption_engine(choice: CaptionEngineChoice, kind_converts: bool, device: torch.device) -> str:
-    """The engine ``choice`` names; ``auto`` is openvino for a convertible captioner on a CPU that has it."""
-    if choice != "auto":
-        return choice
-    return "openvino" if kind_converts and device.type == "cpu" and openvino_installed() else "torch"
+def resolve_caption_engine(choice: CaptionEngineChoice) -> str:
+    """The engine ``choice`` names; ``auto`` is torch (the module's docstring says why)."""
+    return "torch" if choice == "auto" else choice
 
 
 def captioner_on_engine(parts: CaptionerParts, choice: CaptionEngineChoice, cache_root: Path) -> CaptionerParts:
     """``parts`` with its model on the engine ``choice`` resolves to (its converted graphs cached under
     ``cache_root``); the parts as they were (with a logged reason) where that engine cannot run them."""
     model = parts.model
-    converts = isinstance(model, BlipForConditionalGeneration)
-    engine = resolve_caption_engine(choice, converts, model.device)
+    engine = resolve_caption_engine(choice)
     if engine == "torch":
         return parts
     try:
-        if not converts:
+        if not isinstance(model, BlipForConditionalGeneration):
             raise TypeError(f"only BLIP's captioner converts, not {type(model).__name__}")
         dtype_name = str(model.dtype).removeprefix("torch.")
         folder = cache_root / f"captioner-{parts.kind}-{weights_digest(model)}-{dtype_name}-{engine}-v{GRAPHS_VERSION}"

@@ -194,8 +194,9 @@ class Background:
                 log.warning("background run %s of project %s stopped with its server and cannot be taken up here "
                             "(%s): a second Retrieve Predictions predicts its tasks", record.id, record.project,
                             why_not)
-                self.registry.update(record.id, lambda found: dataclasses.replace(
-                    found, state="failed", reason=f"its server stopped; not taken up: {why_not}"))
+                self.registry.update(record.id, lambda found: dataclasses.replace(  # unless another took it up
+                    found, state="failed", reason=f"its server stopped; not taken up: {why_not}")
+                    if found.lost(time.time()) else found)
                 continue
             adopted = self.registry.adopt(record.id)
             if adopted is not None:
