@@ -196,7 +196,8 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
                              "(FREESEG_ENCODER), side by side: a block per encoder in the figures")
     parser.add_argument("--caption-agreement", type=Path, metavar="FOLDER",
                         help="also caption this folder's photos (VOC's JPEGImages/ inside it) with torch eager and "
-                             "with FREESEG_CAPTION_ENGINE's engine, and report how many get the same tokens")
+                             "with FREESEG_CAPTION_ENGINE's engine (openvino: set it; auto is torch), and report "
+                             "how many get the same tokens")
     parser.add_argument("--no-floors", dest="floors", action="store_false",
                         help="skip each stage's floor (its GFLOP counted over one more prediction on torch eager, "
                              "over the measured float32 GEMM peak)")

@@ -239,3 +239,31 @@ def test_a_lost_run_a_server_cannot_take_up_is_marked_failed_with_why(tiny_setti
     assert runs[no_setup.id]["state"] == "failed" and "/setup kept no label config" in runs[no_setup.id]["reason"]
     assert runs[other_models.id]["state"] == "failed"
     assert "this server predicts as" in runs[other_models.id]["reason"], runs[other_models.id]
+
+
+def test_cancelling_a_queued_run_cancels_its_waiting_chunks_on_redis(tiny_settings, redis_server):
+    import redis
+    from rq.job import Job, JobStatus
+    from rq.serializers import JSONSerializer
+
+    from backend.jobs.background_runs import cancel
+    from backend.jobs.queue import enqueue_chunks, job_queue
+    from backend.storage.job_ledger import RedisLedger
+    from backend.storage.shared_store import RedisStore
+
+    connection = redis.Redis.from_url(redis_server.url)
+    settings = tiny_settings.model_copy(update={"queue_name": f"test-cancel-{time.time_ns()}", "queue_chunk_size": 2})
+    ledger = RedisLedger.create(connection, "project", "7 on http://label-studio.invalid", 5)
+    chunks = enqueue_chunks(job_queue(connection, settings), ledger, "backend.jobs.project.annotate_project_chunk",
+                            [1, 2, 3, 4, 5], {"project": 7, "overwrite": False}, settings)  # no worker: they wait
+    registry = RunRegistry(RedisStore(redis_server.url))
+    record = registry.claim(7, "v1", [1, 2, 3, 4, 5], "queued", lambda found: active(found, connection))
+    registry.update(record.id, lambda found: dataclasses.replace(found, queue_run=ledger.run_id))
+    assert current(registry.get(record.id), connection).state == "queued"
+
+    cancelled = cancel(registry, record.id, connection)
+    assert cancelled.state == "cancelled" and not active(cancelled, connection)
+    jobs = Job.fetch_many(chunks, connection=connection, serializer=JSONSerializer)
+    assert len(jobs) == 3 and all(job.get_status() == JobStatus.CANCELED for job in jobs)
+    again = registry.claim(7, "v1", [1, 2, 3, 4, 5], "queued", lambda found: active(found, connection))
+    assert again is not None and again.task_ids == [1, 2, 3, 4, 5]  # a cancelled run holds its tasks no more
