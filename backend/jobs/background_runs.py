@@ -157,11 +157,10 @@ def current(record: RunRecord, connection: redis.Redis | None, local: LocalRuns 
     live = local.live(record.id) if local is not None else None
     if live is not None:
         return dataclasses.replace(live.view(), cancel=record.cancel)
-    if record.lost(time.time()) and record.cancel:
-        return dataclasses.replace(record, state="cancelled")
     if record.lost(time.time()):
-        return dataclasses.replace(record, state="queued", reason="its server stopped before the run ended: the next "
-                                   "server with its model_version takes it up")
+        return (dataclasses.replace(record, state="cancelled") if record.cancel else dataclasses.replace(
+            record, state="queued", reason="its server stopped before the run ended: the next server with its "
+            "model_version takes it up"))
     if record.mode != "queued" or connection is None or not record.queue_run:
         return record
     ledger = RedisLedger(connection, record.queue_run)

@@ -196,7 +196,7 @@ class Background:
                             why_not)
                 self.registry.update(record.id, lambda found: dataclasses.replace(  # unless another took it up
                     found, state="failed", reason=f"its server stopped; not taken up: {why_not}")
-                    if found.lost(time.time()) else found)
+                    if found.lost(time.time()) else None)
                 continue
             adopted = self.registry.adopt(record.id)
             if adopted is not None:

@@ -135,27 +135,26 @@ class RunRegistry:
     def put(self, record: RunRecord) -> None:
         self.store.put(f"{NAMESPACE}:{record.id}", record.to_bytes())
 
-    def update(self, run_id: str, change: Callable[[RunRecord], RunRecord]) -> RunRecord | None:
-        """The record changed by ``change``, read and written whole under its lock; None when there is none."""
+    def update(self, run_id: str, change: Callable[[RunRecord], RunRecord | None]) -> RunRecord | None:
+        """The record changed by ``change``, read and written whole under its lock; None when there is none, or
+        when ``change`` returns None (the record is left as it is)."""
         with self.store.lock(f"{NAMESPACE}:{run_id}"):
             record = self.get(run_id)
-            if record is None:
-                return None
-            changed = change(record)
-            self.put(changed)
+            changed = change(record) if record is not None else None
+            if changed is not None:
+                self.put(changed)
             return changed
 
     def adopt(self, run_id: str) -> RunRecord | None:
         """The lost run, now this process's (its heartbeat fresh), when it is still lost: of several processes
         taking up the same run, one gets it. None for the others, or when there is no such run."""
-        with self.store.lock(f"{NAMESPACE}:{run_id}"):
-            record = self.get(run_id)
+        def take(record: RunRecord) -> RunRecord | None:
             now = time.time()
-            if record is None or record.cancel or not record.lost(now):
+            if record.cancel or not record.lost(now):
                 return None
-            adopted = replace(record, owner=this_process(), heartbeat=now, state="running", reason="")
-            self.put(adopted)
-            return adopted
+            return replace(record, owner=this_process(), heartbeat=now, state="running", reason="")
+
+        return self.update(run_id, take)
 
     def request_cancel(self, run_id: str) -> RunRecord | None:
         """Ask the run to stop (its owner stops after the current batch); None when there is no such run."""
